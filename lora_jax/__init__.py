@@ -1,0 +1,31 @@
+"""lora_jax: LoRA for JAX and Flax as a pure functional transform."""
+
+from lora_jax._src.config import LoraConfig
+from lora_jax._src.lift import LoraParams, disable, lift
+from lora_jax._src.merge import merge, unmerge
+from lora_jax._src.optim import labels, optimizer
+from lora_jax._src.plan import Target, plan
+from lora_jax._src.summary import Summary, SummaryRow, summary
+from lora_jax._src.tree import PyTree, paths
+from lora_jax._src.wrap import wrap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoraConfig",
+    "LoraParams",
+    "PyTree",
+    "Summary",
+    "SummaryRow",
+    "Target",
+    "disable",
+    "labels",
+    "lift",
+    "merge",
+    "optimizer",
+    "paths",
+    "plan",
+    "summary",
+    "unmerge",
+    "wrap",
+]

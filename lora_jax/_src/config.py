@@ -1,0 +1,293 @@
+"""``LoraConfig``: the static, hashable description of a LoRA transform."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+_INITS = ("default", "gaussian")
+
+# Fields holding {regex: value} overrides, stored as tuples of pairs to stay hashable.
+_PATTERN_FIELDS = ("rank_pattern", "alpha_pattern", "in_axes", "stack_axes")
+# Fields holding one regex or several.
+_REGEX_FIELDS = ("targets", "exclude", "trainable")
+
+
+def _as_regex_tuple(name: str, value: Any) -> tuple[str, ...]:
+  if isinstance(value, str):
+    value = (value,)
+  if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+    raise TypeError(
+        f"LoraConfig.{name} must be a regular expression string or a sequence of them, "
+        f"got {value!r}. Example: {name}=(r'query/kernel$', r'value/kernel$').")
+  for pattern in value:
+    _compile(name, pattern)
+  return tuple(value)
+
+
+def _as_pattern_pairs(name: str, value: Any) -> tuple[tuple[str, Any], ...]:
+  if isinstance(value, Mapping):
+    value = tuple(value.items())
+  try:
+    pairs = tuple((str(k), v) for k, v in value)
+  except (TypeError, ValueError):
+    raise TypeError(
+        f"LoraConfig.{name} must map regular expressions to values, e.g. "
+        f"{{r'out/kernel$': 2}}, got {value!r}.") from None
+  for pattern, _ in pairs:
+    _compile(name, pattern)
+  return pairs
+
+
+def _compile(field: str, pattern: str) -> re.Pattern[str]:
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ValueError(
+        f"LoraConfig.{field}: {pattern!r} is not a valid regular expression ({e}). "
+        "Patterns are Python regular expressions matched with re.search against paths "
+        "like 'params/Dense_0/kernel'; escape special characters with re.escape.") from None
+
+
+def _first_match(pairs: tuple[tuple[str, Any], ...], path: str) -> Any:
+  for pattern, value in pairs:
+    if re.search(pattern, path):
+      return value
+  return None
+
+
+def _positive_int(field: str, value: Any, where: str = "") -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+    raise ValueError(
+        f"LoraConfig.{field}{where} must be a positive integer, got {value!r}. "
+        "Typical ranks are 4, 8, 16 or 64.")
+  return int(value)
+
+
+def _positive_float(field: str, value: Any, where: str = "") -> float:
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+    raise ValueError(f"LoraConfig.{field}{where} must be a positive number, got {value!r}.")
+  if not math.isfinite(value) or value <= 0:
+    raise ValueError(
+        f"LoraConfig.{field}{where} must be a positive finite number, got {value!r}. "
+        "A common choice is alpha = 2 * rank.")
+  return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Which parameters get low-rank adapters, and how.
+
+  A frozen weight ``W`` with input axes ``in`` and output axes ``out`` becomes
+  ``W + scale * A @ B`` with ``A.shape == stack + in + (r,)``,
+  ``B.shape == stack + (r,) + out`` and ``scale = alpha / r`` (``alpha / sqrt(r)``
+  with ``use_rslora``). ``B`` starts at zero, so the lifted model starts equal to
+  the base.
+
+  Patterns are Python regular expressions matched with ``re.search`` against
+  parameter paths such as ``params/Block_0/SelfAttention_0/query/kernel`` (see
+  ``lora_jax.paths``). Mapping fields (``rank_pattern``, ``alpha_pattern``,
+  ``in_axes``, ``stack_axes``) accept a dict and are stored as a tuple of
+  ``(regex, value)`` pairs; the first matching pattern wins. The config is
+  hashable, so it can be a static argument of ``jax.jit``.
+
+  Attributes:
+    rank: default adapter rank ``r``.
+    alpha: default scaling numerator.
+    targets: regex or regexes selecting the leaves that get adapters.
+    exclude: regexes of paths never adapted even when a target matches.
+    dropout: probability of dropping adapter-branch inputs while training
+      (factored execution with an rng; see ``lora_jax.wrap``).
+    rank_pattern: per-path rank overrides, ``{regex: rank}``.
+    alpha_pattern: per-path alpha overrides, ``{regex: alpha}``.
+    use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA).
+    trainable: regexes of base leaves trained in full (biases, norms, a head).
+    init: ``"default"`` (A he-uniform over its input axes) or ``"gaussian"``
+      (A normal with standard deviation ``1 / r``); B is zero in both.
+    in_axes: ``{regex: n}``, the number of input axes of matching kernels.
+    stack_axes: ``{regex: n}``, leading stacked-layer axes (1 for ``nn.scan``).
+    dtype: dtype of the adapter arrays.
+
+  Example:
+    >>> import lora_jax as lj
+    >>> config = lj.LoraConfig(rank=4, targets=r"(query|value)/kernel$",
+    ...                        rank_pattern={r"value": 2})
+    >>> config.rank_for("params/attn/value/kernel"), config.scale_for("params/attn/query/kernel")
+    (2, 4.0)
+  """
+
+  rank: int = 8
+  alpha: float = 16.0
+  targets: tuple[str, ...] | str = (r"kernel$",)
+  exclude: tuple[str, ...] | str = ()
+  dropout: float = 0.0
+  rank_pattern: tuple[tuple[str, int], ...] | Mapping[str, int] = ()
+  alpha_pattern: tuple[tuple[str, float], ...] | Mapping[str, float] = ()
+  use_rslora: bool = False
+  trainable: tuple[str, ...] | str = ()
+  init: str = "default"
+  in_axes: tuple[tuple[str, int], ...] | Mapping[str, int] = ()
+  stack_axes: tuple[tuple[str, int], ...] | Mapping[str, int] = ()
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+    set_("rank", _positive_int("rank", self.rank))
+    set_("alpha", _positive_float("alpha", self.alpha))
+    for name in _REGEX_FIELDS:
+      set_(name, _as_regex_tuple(name, getattr(self, name)))
+    if not self.targets:
+      raise ValueError("LoraConfig.targets is empty: give at least one regex, e.g. r'kernel$'.")
+    for name in _PATTERN_FIELDS:
+      set_(name, _as_pattern_pairs(name, getattr(self, name)))
+    set_("rank_pattern", tuple(
+        (p, _positive_int("rank_pattern", v, f"[{p!r}]")) for p, v in self.rank_pattern))
+    set_("alpha_pattern", tuple(
+        (p, _positive_float("alpha_pattern", v, f"[{p!r}]")) for p, v in self.alpha_pattern))
+    for name in ("in_axes", "stack_axes"):
+      for pattern, value in getattr(self, name):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+          raise ValueError(
+              f"LoraConfig.{name}[{pattern!r}] must be a non-negative integer number of "
+              f"axes, got {value!r}.")
+      set_(name, tuple((p, int(v)) for p, v in getattr(self, name)))
+    if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float, np.number))
+        or not 0.0 <= self.dropout < 1.0):
+      raise ValueError(
+          f"LoraConfig.dropout must be a probability in [0, 1), got {self.dropout!r}. "
+          "Use 0.0 to disable LoRA dropout; common values are 0.05 and 0.1.")
+    set_("dropout", float(self.dropout))
+    if not isinstance(self.use_rslora, bool):
+      raise TypeError(f"LoraConfig.use_rslora must be True or False, got {self.use_rslora!r}.")
+    if self.init not in _INITS:
+      raise ValueError(f"LoraConfig.init must be one of {_INITS}, got {self.init!r}.")
+    try:
+      dtype = jnp.dtype(self.dtype)
+    except TypeError:
+      dtype = None
+    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(
+          f"LoraConfig.dtype must name a floating dtype such as 'float32' or 'bfloat16', "
+          f"got {self.dtype!r}.")
+    set_("dtype", dtype.name)
+
+  # Presets --------------------------------------------------------------------------
+
+  @classmethod
+  def low_rank(cls, **overrides: Any) -> LoraConfig:
+    """Rank 4, alpha 8: the smallest adapters; ``overrides`` replace any field."""
+    return cls(**{"rank": 4, "alpha": 8.0, **overrides})
+
+  @classmethod
+  def medium_rank(cls, **overrides: Any) -> LoraConfig:
+    """Rank 16, alpha 32; ``overrides`` replace any field."""
+    return cls(**{"rank": 16, "alpha": 32.0, **overrides})
+
+  @classmethod
+  def high_rank(cls, **overrides: Any) -> LoraConfig:
+    """Rank 64, alpha 128; ``overrides`` replace any field."""
+    return cls(**{"rank": 64, "alpha": 128.0, **overrides})
+
+  # Per-path queries -----------------------------------------------------------------
+
+  def is_target(self, path: str) -> bool:
+    """Whether the leaf at ``path`` gets an adapter."""
+    return (any(re.search(p, path) for p in self.targets)
+            and not any(re.search(p, path) for p in self.exclude))
+
+  def is_trainable(self, path: str) -> bool:
+    """Whether the base leaf at ``path`` is trained in full."""
+    return any(re.search(p, path) for p in self.trainable)
+
+  def rank_for(self, path: str) -> int:
+    """The adapter rank at ``path`` (``rank_pattern`` first, then ``rank``)."""
+    found = _first_match(self.rank_pattern, path)
+    return self.rank if found is None else found
+
+  def alpha_for(self, path: str) -> float:
+    """The alpha at ``path`` (``alpha_pattern`` first, then ``alpha``)."""
+    found = _first_match(self.alpha_pattern, path)
+    return self.alpha if found is None else found
+
+  def scale_for(self, path: str) -> float:
+    """``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``, at ``path``."""
+    rank = self.rank_for(path)
+    return self.alpha_for(path) / (math.sqrt(rank) if self.use_rslora else rank)
+
+  def in_axes_for(self, path: str) -> int | None:
+    """The configured number of input axes at ``path``, or None for the default rule."""
+    return _first_match(self.in_axes, path)
+
+  def stack_axes_for(self, path: str) -> int:
+    """The number of leading stacked-layer axes at ``path`` (0 by default)."""
+    found = _first_match(self.stack_axes, path)
+    return 0 if found is None else found
+
+  # Serialization --------------------------------------------------------------------
+
+  def to_dict(self) -> dict[str, Any]:
+    """A JSON-ready dict; ``LoraConfig.from_dict`` inverts it."""
+    out: dict[str, Any] = {}
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if field.name in _PATTERN_FIELDS:
+        value = dict(value)
+      elif field.name in _REGEX_FIELDS:
+        value = list(value)
+      out[field.name] = value
+    return out
+
+  @classmethod
+  def from_dict(cls, data: Mapping[str, Any]) -> LoraConfig:
+    """Builds a config from a dict such as ``to_dict`` returns or a YAML file holds.
+
+    Raises:
+      ValueError: on a key that is not a ``LoraConfig`` field, naming the allowed ones.
+    """
+    if not isinstance(data, Mapping):
+      raise TypeError(f"A LoRA config must be a mapping of field names, got {type(data).__name__}.")
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+      raise ValueError(
+          f"Unknown LoraConfig key(s) {unknown}; allowed keys are {allowed}.")
+    return cls(**dict(data))
+
+  def to_json(self) -> str:
+    """The config as a JSON string."""
+    return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+  @classmethod
+  def from_json(cls, text: str) -> LoraConfig:
+    """Parses ``to_json`` output."""
+    return cls.from_dict(json.loads(text))
+
+  @classmethod
+  def from_yaml(cls, path: str | os.PathLike[str], *, key: str | None = None) -> LoraConfig:
+    """Loads a config from a YAML file, optionally from the mapping under ``key``.
+
+    Example:
+      >>> import lora_jax as lj
+      >>> lj.LoraConfig.from_yaml("configs/low_rank.yaml").rank  # doctest: +SKIP
+      4
+    """
+    import yaml  # pylint: disable=import-outside-toplevel
+
+    with open(path, encoding="utf-8") as f:
+      data = yaml.safe_load(f)
+    if key is not None:
+      if not isinstance(data, Mapping) or key not in data:
+        raise ValueError(f"{os.fspath(path)}: no top-level key {key!r} holding a LoRA config.")
+      data = data[key]
+    try:
+      return cls.from_dict(data)
+    except (TypeError, ValueError) as e:
+      raise type(e)(f"{os.fspath(path)}: {e}") from None

@@ -1,0 +1,134 @@
+"""``lift``: a frozen base plus freshly initialised low-rank adapters."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax._src.config import LoraConfig
+from lora_jax._src.plan import Target, plan, sharding_specs
+from lora_jax._src.tree import PyTree, leaves_with_paths, nest
+
+
+class LoraParams(NamedTuple):
+  """A parameter tree split into a frozen ``base`` and low-rank ``adapters``.
+
+  ``base`` has the structure of the lifted parameters. ``adapters`` is a nested
+  dict that mirrors ``base`` along each adapted path, ending in
+  ``{"a": A, "b": B}``; ``None`` means adapters are switched off (see
+  ``lora_jax.disable``). It is a pytree, so it passes through ``jax.jit``,
+  ``jax.grad`` and optax directly.
+  """
+
+  base: PyTree
+  adapters: dict[str, Any] | None
+
+
+def _is_abstract(leaf: Any) -> bool:
+  return isinstance(leaf, jax.ShapeDtypeStruct)
+
+
+def concrete_sharding(leaf: Any) -> Any:
+  """The sharding of a concrete array or ShapeDtypeStruct; None for tracers and numpy."""
+  if isinstance(leaf, jax.core.Tracer):
+    return None
+  return getattr(leaf, "sharding", None)
+
+
+@functools.partial(jax.jit, static_argnames=("target", "init", "dtype"))
+def _init_a(key: jax.Array, *, target: Target, init: str, dtype: str) -> jax.Array:
+  shape = target.a_shape
+  if init == "gaussian":
+    return (jax.random.normal(key, shape, jnp.float32) / target.rank).astype(dtype)
+  # he-uniform over the input axes: variance 2 / fan_in.
+  bound = math.sqrt(6.0 / math.prod(target.in_shape))
+  return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+def _as_key(key: Any) -> jax.Array:
+  if key is None:
+    raise TypeError("lift needs a PRNG key for the adapters: lift(params, config, "
+                    "key=jax.random.key(0)).")
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key
+  if key.dtype == jnp.uint32 and key.shape == (2,):
+    return jax.random.wrap_key_data(key)
+  raise TypeError(f"key must be a PRNG key from jax.random.key(seed), got dtype {key.dtype} "
+                  f"and shape {key.shape}.")
+
+
+def lift(params: PyTree, config: LoraConfig, *, key: jax.Array) -> LoraParams:
+  """Splits ``params`` into a frozen base and new low-rank adapters.
+
+  Every leaf selected by ``config`` gets ``A`` of shape ``stack + in + (r,)``
+  (he-uniform over the input axes, or normal with std ``1/r`` for
+  ``init="gaussian"``) and a zero ``B`` of shape ``stack + (r,) + out``, so the
+  lifted model starts exactly equal to the base. Leaves given as
+  ``jax.ShapeDtypeStruct`` give ``ShapeDtypeStruct`` adapters and allocate
+  nothing. Adapters follow the base leaf's ``NamedSharding``: A the input axes,
+  B the output axes, the rank axis replicated.
+
+  Args:
+    params: any parameter pytree (Linen variables, NNX state, nested dicts).
+    config: the ``LoraConfig``.
+    key: a PRNG key; one subkey per adapted leaf, in path order. The same key
+      gives the same adapters.
+
+  Returns:
+    ``LoraParams(base=params, adapters)``; ``base`` is ``params`` itself, not a copy.
+
+  Raises:
+    ValueError: when the config does not fit the tree (see ``lora_jax.paths``).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import lora_jax as lj
+    >>> params = {"dense": {"kernel": jnp.ones((16, 32))}}
+    >>> lp = lj.lift(params, lj.LoraConfig(rank=4), key=jax.random.key(0))
+    >>> jax.tree.map(jnp.shape, lp.adapters)
+    {'dense': {'kernel': {'a': (16, 4), 'b': (4, 32)}}}
+  """
+  targets = plan(params, config)
+  key = _as_key(key)
+  keys = jax.random.split(key, max(len(targets), 1))
+  leaves = dict(_target_leaves(params, targets))
+  flat: dict[str, Any] = {}
+  for target, subkey in zip(targets, keys):
+    leaf = leaves[target.path]
+    shardings = sharding_specs(target, concrete_sharding(leaf))
+    a_sharding, b_sharding = shardings if shardings else (None, None)
+    if _is_abstract(leaf):
+      a = jax.ShapeDtypeStruct(target.a_shape, config.dtype, sharding=a_sharding)
+      b = jax.ShapeDtypeStruct(target.b_shape, config.dtype, sharding=b_sharding)
+    else:
+      a = _init_a(subkey, target=target, init=config.init, dtype=config.dtype)
+      b = jnp.zeros(target.b_shape, config.dtype)
+      if a_sharding is not None:
+        a = jax.device_put(a, a_sharding)
+        b = jax.device_put(b, b_sharding)
+    flat[target.path] = {"a": a, "b": b}
+  return LoraParams(base=params, adapters=nest(flat))
+
+
+def _target_leaves(params: PyTree, targets: tuple[Target, ...]):
+  wanted = {t.path for t in targets}
+  return [(p, leaf) for p, leaf in leaves_with_paths(params) if p in wanted]
+
+
+def disable(lp: LoraParams) -> LoraParams:
+  """Switches adapters off: the wrapped model then computes the base output exactly.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import lora_jax as lj
+    >>> lp = lj.lift({"w": {"kernel": jnp.ones((4, 4))}}, lj.LoraConfig(rank=2),
+    ...              key=jax.random.key(0))
+    >>> lj.disable(lp).adapters is None
+    True
+  """
+  return LoraParams(lp.base, None)

@@ -1,0 +1,109 @@
+"""``summary``: parameter counts of a LoRA transform, printable as a table."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from lora_jax._src.config import LoraConfig
+from lora_jax._src.lift import LoraParams
+from lora_jax._src.plan import plan
+from lora_jax._src.tree import PyTree, leaves_with_paths
+
+
+class SummaryRow(NamedTuple):
+  """One adapted leaf."""
+
+  path: str
+  base_shape: tuple[int, ...]
+  rank: int
+  a_shape: tuple[int, ...]
+  b_shape: tuple[int, ...]
+  adapter_params: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+  """Parameter counts of a lifted model; ``str(summary)`` is a table.
+
+  Attributes:
+    rows: one ``SummaryRow`` per adapted leaf.
+    base_params: parameters in the base tree.
+    adapter_params: parameters in all adapters.
+    full_trainable_params: base parameters trained in full (``config.trainable``).
+    trainable_params: ``adapter_params + full_trainable_params``.
+    trainable_percent: ``trainable_params`` as a percent of ``base_params``.
+    adapter_bytes: bytes of the adapter arrays.
+  """
+
+  rows: tuple[SummaryRow, ...]
+  base_params: int
+  adapter_params: int
+  full_trainable_params: int
+  trainable_params: int
+  trainable_percent: float
+  adapter_bytes: int
+
+  def __str__(self) -> str:
+    header = ("path", "base shape", "rank", "A shape", "B shape", "params")
+    body = [(r.path, str(r.base_shape), str(r.rank), str(r.a_shape), str(r.b_shape),
+             f"{r.adapter_params:,}") for r in self.rows]
+    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
+    fmt = lambda row: "  ".join(  # noqa: E731
+        c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+    lines = [fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body), ""]
+    lines += [
+        f"base parameters:       {self.base_params:,}",
+        f"adapter parameters:    {self.adapter_params:,} ({self.adapter_bytes:,} bytes)",
+        f"trained in full:       {self.full_trainable_params:,}",
+        f"trainable parameters:  {self.trainable_params:,} "
+        f"({self.trainable_percent:.4f}% of base)",
+    ]
+    return "\n".join(lines)
+
+
+def _size(leaf: Any) -> int:
+  shape = getattr(leaf, "shape", None)
+  return math.prod(shape) if shape is not None else 0
+
+
+def summary(lp: LoraParams | PyTree, config: LoraConfig) -> Summary:
+  """Counts base, adapter and trainable parameters, one row per adapted leaf.
+
+  Works on concrete and abstract (``jax.ShapeDtypeStruct``) trees; given a plain
+  parameter tree instead of ``LoraParams`` it reports the adapters ``lift``
+  would create, without creating them.
+
+  Args:
+    lp: ``LoraParams`` from ``lift``, or a parameter tree.
+    config: the ``LoraConfig``.
+
+  Returns:
+    A ``Summary``; print it for a table.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import lora_jax as lj
+    >>> params = {"q": {"kernel": jax.ShapeDtypeStruct((768, 768), jnp.float32)}}
+    >>> lj.summary(params, lj.LoraConfig(rank=8)).adapter_params
+    12288
+  """
+  base = lp.base if isinstance(lp, LoraParams) else lp
+  targets = plan(base, config)
+  rows = tuple(SummaryRow(t.path, t.shape, t.rank, t.a_shape, t.b_shape, t.num_adapter_params)
+               for t in targets)
+  leaves = leaves_with_paths(base)
+  base_params = sum(_size(leaf) for _, leaf in leaves)
+  full = sum(_size(leaf) for path, leaf in leaves if config.is_trainable(path))
+  adapter_params = sum(r.adapter_params for r in rows)
+  if isinstance(lp, LoraParams) and lp.adapters is not None:
+    adapter_bytes = sum(_size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(lp.adapters))
+  else:
+    adapter_bytes = adapter_params * np.dtype(config.dtype).itemsize
+  trainable = adapter_params + full
+  return Summary(rows, base_params, adapter_params, full, trainable,
+                 100.0 * trainable / base_params if base_params else 0.0, adapter_bytes)

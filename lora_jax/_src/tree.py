@@ -1,0 +1,135 @@
+"""Parameter paths: naming the leaves of any pytree with ``/``-joined strings.
+
+A path joins the keys that lead to a leaf: dict keys as they are, sequence
+indices as numbers, attribute names for dataclasses and Flax NNX nodes. The
+``value`` attribute of an NNX ``Variable`` is not part of its path, so the
+kernel of ``nnx.Linear`` in ``model.linear`` is ``linear/kernel``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import jax
+
+PyTree = Any
+"""Any JAX pytree: nested dicts, Flax ``FrozenDict`` or NNX ``State``, dataclasses."""
+
+
+def _is_nnx_variable(node: Any) -> bool:
+  # Imported lazily: flax.nnx is heavy and only needed when NNX trees appear.
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+
+  return isinstance(node, nnx.Variable)
+
+
+def _key_str(key: Any) -> str:
+  if isinstance(key, jax.tree_util.DictKey):
+    return str(key.key)
+  if isinstance(key, jax.tree_util.SequenceKey):
+    return str(key.idx)
+  if isinstance(key, jax.tree_util.GetAttrKey):
+    return key.name
+  if isinstance(key, jax.tree_util.FlattenedIndexKey):
+    return str(key.key)
+  return str(key)
+
+
+def _variable_key_paths(tree: PyTree) -> set[tuple[Any, ...]]:
+  """Key paths of the NNX ``Variable`` nodes in ``tree`` (empty for other trees)."""
+  found: set[tuple[Any, ...]] = set()
+
+  def visit(key_path, node):
+    if _is_nnx_variable(node):
+      found.add(tuple(key_path))
+
+  jax.tree_util.tree_map_with_path(visit, tree, is_leaf=_is_nnx_variable)
+  return found
+
+
+def _path_strings(key_paths: Iterable[tuple[Any, ...]], tree: PyTree) -> list[str]:
+  variables = _variable_key_paths(tree)
+  names = []
+  for key_path in key_paths:
+    keys = list(key_path)
+    if (variables and keys and isinstance(keys[-1], jax.tree_util.GetAttrKey)
+        and tuple(keys[:-1]) in variables):
+      keys = keys[:-1]
+    names.append("/".join(_key_str(k) for k in keys))
+  return names
+
+
+def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
+  """Returns ``(path, leaf)`` for every leaf of ``tree``, in flattening order."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  names = _path_strings((kp for kp, _ in flat), tree)
+  return [(name, leaf) for name, (_, leaf) in zip(names, flat)]
+
+
+def map_with_paths(fn: Callable[[str, Any], Any], tree: PyTree) -> PyTree:
+  """Like ``jax.tree.map`` but ``fn`` also receives each leaf's path string."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  names = _path_strings((kp for kp, _ in flat), tree)
+  return jax.tree_util.tree_unflatten(
+      treedef, [fn(name, leaf) for name, (_, leaf) in zip(names, flat)])
+
+
+def paths(tree: PyTree) -> list[str]:
+  """Lists the path of every leaf of a parameter tree.
+
+  These are the strings that ``LoraConfig`` patterns are matched against with
+  ``re.search``.
+
+  Args:
+    tree: any pytree (Linen variables, NNX state, nested dicts, abstract trees).
+
+  Returns:
+    The paths in flattening order.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import lora_jax as lj
+    >>> lj.paths({"params": {"Dense_0": {"kernel": jnp.zeros((2, 3)),
+    ...                                  "bias": jnp.zeros(3)}}})
+    ['params/Dense_0/bias', 'params/Dense_0/kernel']
+  """
+  return [name for name, _ in leaves_with_paths(tree)]
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+  """Builds a nested dict from ``{"a/b/c": value}`` entries."""
+  root: dict[str, Any] = {}
+  for path, value in flat.items():
+    node = root
+    *parents, last = path.split("/")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[last] = value
+  return root
+
+
+def lookup(tree: Mapping[str, Any] | None, path: str) -> Any:
+  """Returns the entry of a nested dict at ``path``, or None when absent."""
+  node: Any = tree
+  for part in path.split("/"):
+    if not isinstance(node, Mapping) or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def adapter_paths(adapters: Mapping[str, Any] | None) -> list[str]:
+  """Paths of the ``{"a": A, "b": B}`` entries of an adapter tree."""
+  found: list[str] = []
+
+  def visit(node: Any, prefix: str) -> None:
+    if isinstance(node, Mapping):
+      if set(node) == {"a", "b"} and not any(isinstance(v, Mapping) for v in node.values()):
+        found.append(prefix)
+        return
+      for key, child in node.items():
+        visit(child, f"{prefix}/{key}" if prefix else str(key))
+
+  visit(adapters, "")
+  return found
