@@ -94,7 +94,8 @@ def plan(base: PyTree, config: LoraConfig) -> tuple[Target, ...]:
       if not any(re.search(pattern, n) for n in names):
         errors.append(
             f"LoraConfig.{field} pattern {pattern!r} matches no parameter path. "
-            f"Existing paths include {_examples(names)}; list them all with lora_jax.paths(params).")
+            f"Existing paths include {_examples(names)}; list them all with "
+            "lora_jax.paths(params).")
 
   targets: list[Target] = []
   for path, leaf in leaves:

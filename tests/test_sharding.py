@@ -1,0 +1,76 @@
+"""Adapters follow the base's shardings on an 8-device CPU mesh; merge keeps them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lora_jax as lj
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  if jax.device_count() < 8:
+    pytest.fail("tests need XLA_FLAGS=--xla_force_host_platform_device_count=8 (conftest.py)")
+  return jax.make_mesh((2, 4), ("data", "model"))
+
+
+def _params(mesh):
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+  return {
+      "up": {"kernel": put(jax.random.normal(k1, (16, 32)), P("data", "model")),
+             "bias": put(jnp.zeros(32), P("model"))},
+      "qkv": {"kernel": put(jax.random.normal(k2, (16, 4, 8)), P(None, "model", "data")),
+              "bias": put(jnp.zeros((4, 8)), P("model", "data"))},
+      "stack": {"kernel": put(jax.random.normal(k3, (4, 16, 8)), P("data", None, "model"))},
+  }
+
+
+CONFIG = lj.LoraConfig(rank=4, targets=r"kernel$", stack_axes={r"^stack/": 1})
+
+
+def test_adapters_follow_base_sharding(mesh):
+  lp = lj.lift(_params(mesh), CONFIG, key=jax.random.key(1))
+  ad = lp.adapters
+  assert ad["up"]["kernel"]["a"].sharding.spec == P("data", None)
+  assert ad["up"]["kernel"]["b"].sharding.spec == P(None, "model")
+  assert ad["qkv"]["kernel"]["a"].sharding.spec == P(None, None)
+  assert ad["qkv"]["kernel"]["b"].sharding.spec == P(None, "model", "data")
+  assert ad["stack"]["kernel"]["a"].sharding.spec == P("data", None, None)
+  assert ad["stack"]["kernel"]["b"].sharding.spec == P("data", None, "model")
+
+
+def test_abstract_lift_carries_shardings(mesh):
+  abstract = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _params(mesh))
+  lp = lj.lift(abstract, CONFIG, key=jax.random.key(1))
+  b = lp.adapters["up"]["kernel"]["b"]
+  assert isinstance(b, jax.ShapeDtypeStruct)
+  assert b.sharding == NamedSharding(mesh, P(None, "model"))
+
+
+def test_merge_keeps_base_shardings_and_values(mesh):
+  params = _params(mesh)
+  lp = lj.lift(params, CONFIG, key=jax.random.key(1))
+  lp = lj.LoraParams(lp.base, jax.tree.map(lambda x: x + 0.01, lp.adapters))
+  merged = lj.merge(lp, CONFIG)
+  for m, p in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
+    assert m.sharding.is_equivalent_to(p.sharding, m.ndim), (m.sharding, p.sharding)
+  host = jax.device_get(lp)
+  ref = lj.merge(host, CONFIG)
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6), merged, ref)
+
+
+def test_sharded_forward_and_grad(mesh):
+  params = _params(mesh)
+  lp = lj.lift(params, CONFIG, key=jax.random.key(1))
+  x = jax.device_put(jnp.ones((8, 16)), NamedSharding(mesh, P("data", None)))
+  apply = lj.wrap(lambda p, x: jnp.tanh(x @ p["up"]["kernel"] + p["up"]["bias"]), CONFIG)
+  loss = lambda lp, x: jnp.sum(apply(lp, x) ** 2)  # noqa: E731
+  grads = jax.jit(jax.grad(loss))(lp, x)
+  assert grads.adapters["up"]["kernel"]["a"].shape == (16, 4)
+  np.testing.assert_allclose(jax.jit(apply)(lp, x), apply(jax.device_get(lp), np.ones((8, 16))),
+                             rtol=1e-5, atol=1e-5)
