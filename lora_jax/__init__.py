@@ -1,6 +1,7 @@
 """lora_jax: LoRA for JAX and Flax as a pure functional transform."""
 
 from lora_jax._src.config import LoraConfig
+from lora_jax._src.factored import FallbackWarning
 from lora_jax._src.lift import LoraParams, disable, lift
 from lora_jax._src.merge import merge, unmerge
 from lora_jax._src.optim import labels, optimizer
@@ -12,6 +13,7 @@ from lora_jax._src.wrap import wrap
 __version__ = "0.1.0"
 
 __all__ = [
+    "FallbackWarning",
     "LoraConfig",
     "LoraParams",
     "PyTree",

@@ -10,11 +10,14 @@ import jax
 import numpy as np
 
 from lora_jax._src.config import LoraConfig
+from lora_jax._src.factored import Context, run_factored
 from lora_jax._src.lift import LoraParams
-from lora_jax._src.merge import _fold
-from lora_jax._src.tree import PyTree, map_with_paths
+from lora_jax._src.lowrank import LowRank
+from lora_jax._src.merge import _fold, check_adapters
+from lora_jax._src.plan import plan
+from lora_jax._src.tree import PyTree, leaves_with_paths, map_with_paths
 
-_MODES = ("merge",)
+_MODES = ("factored", "merge")
 
 
 def freeze(base: PyTree, config: LoraConfig) -> PyTree:
@@ -28,7 +31,7 @@ def freeze(base: PyTree, config: LoraConfig) -> PyTree:
   return map_with_paths(one, base)
 
 
-def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *, mode: str = "merge"
+def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *, mode: str = "factored"
          ) -> Callable[..., Any]:
   """Makes ``apply_fn(params, *args, **kwargs)`` take ``LoraParams`` instead.
 
@@ -38,14 +41,29 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *, mode: str = "merge
   with respect to ``lp`` reaches only the adapters and ``trainable`` leaves.
   Pass ``lora_jax.disable(lp)`` to run the base model exactly.
 
+  In the default ``"factored"`` mode every use of an adapted weight computes
+  ``x·W + scale·(x·A)·B`` (or the transposed, convolution or embedding-lookup
+  form) without forming ``W + scale·A·B``, and no gradient for ``W`` is
+  computed. It works for any JAX function of the parameters (Linen ``apply``,
+  NNX ``merge`` + call, plain ``jnp`` code). A use that cannot stay factored
+  forms the weight for that use and emits one ``FallbackWarning`` per
+  (primitive, path). ``mode="merge"`` forms every adapted weight up front.
+
+  LoRA dropout (``config.dropout``) applies to the input of each adapter branch
+  in factored mode when the call passes ``lora_rng=key``; without it dropout is
+  off (evaluation).
+
   Args:
     apply_fn: any function whose first argument is the parameter tree, such as
       a Flax ``model.apply``.
     config: the ``LoraConfig`` used to lift.
-    mode: ``"merge"`` forms ``W + scale * A @ B`` inside the traced function.
+    mode: ``"factored"`` (default) or ``"merge"``.
 
   Returns:
-    ``fn(lp, *args, **kwargs)``.
+    ``fn(lp, *args, lora_rng=None, **kwargs)``.
+
+  Raises:
+    ValueError: for an unknown mode, or ``lora_rng`` with ``mode="merge"`` and dropout.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -58,15 +76,37 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *, mode: str = "merge
   """
   if mode not in _MODES:
     raise ValueError(f"wrap: mode must be one of {_MODES}, got {mode!r}.")
+  warned: set[tuple[str, str]] = set()
 
   @functools.wraps(apply_fn)
-  def wrapped(lp: LoraParams, *args: Any, **kwargs: Any) -> Any:
+  def wrapped(lp: LoraParams, *args: Any, lora_rng: jax.Array | None = None,
+              **kwargs: Any) -> Any:
     if not isinstance(lp, LoraParams):
       raise TypeError(
           f"The wrapped function takes lora_jax.LoraParams as its first argument, got "
           f"{type(lp).__name__}. Lift the parameters first: lp = lora_jax.lift(params, config, "
           "key=...).")
     base = freeze(lp.base, config)
-    return apply_fn(_fold(base, lp.adapters, config, 1.0), *args, **kwargs)
+    if lp.adapters is None:
+      return apply_fn(base, *args, **kwargs)
+    if mode == "merge":
+      if lora_rng is not None and config.dropout > 0:
+        raise ValueError("LoRA dropout needs mode='factored': a merged weight has no separate "
+                         "adapter branch to drop inputs from. Drop lora_rng or use the default "
+                         "mode.")
+      return apply_fn(_fold(base, lp.adapters, config, 1.0), *args, **kwargs)
+    leaves = leaves_with_paths(base)
+    by_path = dict(leaves)
+    lowranks = {}
+    for target, a, b in check_adapters(plan(base, config), lp.adapters):
+      ns, split = target.n_stack, target.n_stack + target.n_in
+      w = by_path[target.path]
+      lowranks[target.path] = LowRank(
+          w, a, b, ins=tuple(range(ns, split)), outs=tuple(range(split, len(target.shape))),
+          stack=tuple(range(ns)), scale=target.scale, path=target.path)
+    paths = [p for p, _ in leaves]
+    ctx = Context(warned, lora_rng, config.dropout)
+    return run_factored(apply_fn, base, lowranks, paths, args, kwargs, ctx)
 
   return wrapped
+

@@ -1,0 +1,282 @@
+"""Factored execution: run any function of the parameters with adapted weights kept low rank.
+
+The function is traced to a jaxpr once per outer trace, then evaluated with each
+adapted weight bound to a ``LowRank`` value. Primitives that consume a
+``LowRank`` stay factored where the math allows (``dot_general``, convolution,
+embedding ``gather``, ``transpose``, dtype conversion) and pass it through
+nested calls (``jit``, ``closed_call``, custom derivatives, ``remat``, ``scan``,
+``cond``, ``while``). Any other use materializes ``W + scale * A @ B`` for that
+use only, with one ``FallbackWarning`` per (primitive, path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax import lax
+from jax.extend import core as jcore
+
+from lora_jax._src import lowrank as lr_ops
+from lora_jax._src.lowrank import LowRank
+
+
+class FallbackWarning(UserWarning):
+  """An adapted weight was used by an operation that cannot stay factored.
+
+  The result is still exact: the weight ``W + scale * A @ B`` was formed for that
+  use. The message names the primitive, the parameter path and the reason.
+  """
+
+
+@dataclasses.dataclass
+class Context:
+  """Per-call state of the interpreter: dropout randomness and warnings issued."""
+
+  warned: set[tuple[str, str]]
+  rng: jax.Array | None = None
+  rate: float = 0.0
+  uses: int = 0
+
+  def with_rng(self, rng: jax.Array | None) -> Context:
+    return Context(self.warned, rng, self.rate)
+
+  def dropout_mask(self, x: jax.Array) -> jax.Array | None:
+    """A fresh inverted-dropout mask for one adapter-branch input, or None when off."""
+    if self.rng is None or self.rate == 0.0:
+      return None
+    key = jax.random.fold_in(self.rng, self.uses)
+    self.uses += 1
+    keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
+    return keep.astype(x.dtype) / np.asarray(1.0 - self.rate, x.dtype)
+
+  def materialize(self, value: Any, primitive: str, reason: str) -> Any:
+    if not isinstance(value, LowRank):
+      return value
+    if (primitive, value.path) not in self.warned:
+      self.warned.add((primitive, value.path))
+      warnings.warn(
+          f"lora_jax: {value.path} is used by `{primitive}`, which cannot run in factored form "
+          f"({reason}); forming W + scale * A @ B for this use. The result is exact but costs "
+          "a weight-sized product and gradient. Use wrap(..., mode='merge') to silence this, "
+          "or report the model pattern.", FallbackWarning, stacklevel=2)
+    return value.materialize()
+
+
+def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
+  bind_params = eqn.primitive.get_bind_params(eqn.params)
+  subfuns: Sequence[Any] = ()
+  if isinstance(bind_params, tuple):  # JAX < 0.7 returns (subfuns, params)
+    subfuns, bind_params = bind_params
+  with eqn.ctx.manager:
+    out = eqn.primitive.bind(*subfuns, *invals, **bind_params)
+  return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def interpret(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Context) -> list[Any]:
+  """Evaluates ``jaxpr`` where some inputs may be ``LowRank``; outputs may be too."""
+  env: dict[Any, Any] = {}
+
+  def read(v: Any) -> Any:
+    return v.val if isinstance(v, jcore.Literal) else env[v]
+
+  for var, val in zip(jaxpr.constvars, consts):
+    env[var] = val
+  for var, val in zip(jaxpr.invars, args):
+    env[var] = val
+  for eqn in jaxpr.eqns:
+    invals = [read(v) for v in eqn.invars]
+    if any(isinstance(v, LowRank) for v in invals):
+      outs = _lowrank_eqn(eqn, invals, ctx)
+    else:
+      outs = _bind(eqn, invals)
+    for var, val in zip(eqn.outvars, outs):
+      if not isinstance(var, jcore.DropVar):
+        env[var] = val
+  return [read(v) for v in jaxpr.outvars]
+
+
+def _materialized(values: Sequence[Any], ctx: Context, primitive: str, reason: str) -> list[Any]:
+  return [ctx.materialize(v, primitive, reason) for v in values]
+
+
+def _fallback(eqn: Any, invals: Sequence[Any], ctx: Context, reason: str) -> list[Any]:
+  return _bind(eqn, _materialized(invals, ctx, eqn.primitive.name, reason))
+
+
+_CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
+          "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
+          "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"}
+
+
+def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context) -> list[Any]:
+  name, params = eqn.primitive.name, eqn.params
+  if name == "dot_general":
+    x, w = invals
+    if isinstance(x, LowRank) and isinstance(w, LowRank):
+      return _fallback(eqn, invals, ctx, "both operands are adapted weights")
+    rhs = isinstance(w, LowRank)
+    lr, x = (w, x) if rhs else (x, w)
+    out = lr_ops.dot_general_apply(x, lr, rhs, params, ctx.dropout_mask(x))
+    if out is None:
+      return _fallback(eqn, invals, ctx, "the contraction is neither over all input axes nor "
+                       "over all output axes of the weight, or uses batch dimensions")
+    return [out]
+  if name == "conv_general_dilated":
+    x, w = invals
+    if isinstance(w, LowRank) and not isinstance(x, LowRank):
+      out = lr_ops.conv_apply(x, w, params, ctx.dropout_mask(x))
+      if out is not None:
+        return [out]
+    return _fallback(eqn, invals, ctx, "only an ungrouped convolution whose kernel's last axis "
+                     "is its output-feature axis stays factored")
+  if name == "gather" and isinstance(invals[0], LowRank) and not isinstance(invals[1], LowRank):
+    out = lr_ops.gather_apply(invals[0], invals[1], params)
+    if out is not None:
+      return [out]
+    return _fallback(eqn, invals, ctx, "only row lookups over the input axes stay factored")
+  if name == "transpose":
+    return [lr_ops.transpose_apply(invals[0], tuple(params["permutation"]))]
+  if name in ("convert_element_type", "sharding_constraint", "copy", "copy_p"):
+    (lr,) = invals
+    return [lr.replace(w=eqn.primitive.bind(lr.w, **params))]
+  if name in _CALLS and _CALLS[name] in params:
+    inner = params[_CALLS[name]]
+    return interpret(inner.jaxpr, inner.consts, invals, ctx)
+  if name in ("remat", "remat2", "checkpoint"):
+    return _remat(eqn, invals, ctx)
+  if name == "scan":
+    return _scan(eqn, invals, ctx)
+  if name == "cond":
+    return _cond(eqn, invals, ctx)
+  if name == "while":
+    return _while(eqn, invals, ctx)
+  return _fallback(eqn, invals, ctx, "no factored rule for this primitive")
+
+
+def _flatten(values: Sequence[Any]) -> tuple[list[Any], Callable[[Sequence[Any]], list[Any]]]:
+  """Splits ``LowRank`` values into their arrays, with the inverse."""
+  flat: list[Any] = []
+  layout: list[LowRank | None] = []
+  for v in values:
+    layout.append(v if isinstance(v, LowRank) else None)
+    flat.extend((v.w, v.a, v.b) if isinstance(v, LowRank) else (v,))
+
+  def rebuild(arrays: Sequence[Any], transform: Callable[[LowRank], LowRank] = lambda x: x
+              ) -> list[Any]:
+    out, i = [], 0
+    for meta in layout:
+      if meta is None:
+        out.append(arrays[i])
+        i += 1
+      else:
+        w, a, b = arrays[i:i + 3]
+        out.append(transform(meta.replace(w=w, a=a, b=b)))
+        i += 3
+    return out
+
+  return flat, rebuild
+
+
+def _remat(eqn: Any, invals: list[Any], ctx: Context) -> list[Any]:
+  params = eqn.params
+  flat, rebuild = _flatten(invals)
+
+  def body(*arrays):
+    outs = interpret(params["jaxpr"], (), rebuild(arrays), ctx)
+    return _materialized(outs, ctx, "remat", "a checkpointed function returned the weight")
+
+  return list(jax.checkpoint(body, prevent_cse=params["prevent_cse"],
+                             policy=params["policy"])(*flat))
+
+
+def _scan(eqn: Any, invals: list[Any], ctx: Context) -> list[Any]:
+  params = eqn.params
+  n_consts, n_carry = params["num_consts"], params["num_carry"]
+  consts = invals[:n_consts]
+  init = _materialized(invals[n_consts:n_consts + n_carry], ctx, "scan",
+                       "an adapted weight in a scan carry")
+  xs = [v if not isinstance(v, LowRank) or v.drop_leading_axis() is not None
+        else ctx.materialize(v, "scan", "scanned over an axis that is not a stacked-layer axis")
+        for v in invals[n_consts + n_carry:]]
+  xs_flat, rebuild = _flatten(xs)
+  keys = None if ctx.rng is None else jax.random.split(ctx.rng, params["length"])
+  closed = params["jaxpr"]
+
+  def body(carry, sliced):
+    arrays, key = sliced
+    x_vals = rebuild(arrays, lambda v: v.drop_leading_axis())
+    outs = interpret(closed.jaxpr, closed.consts, [*consts, *carry, *x_vals],
+                     ctx.with_rng(key) if key is not None else ctx)
+    outs = _materialized(outs, ctx, "scan", "a scan body returned the weight")
+    return outs[:n_carry], outs[n_carry:]
+
+  carry, ys = lax.scan(body, init, (xs_flat, keys), length=params["length"],
+                       reverse=params["reverse"], unroll=params["unroll"],
+                       _split_transpose=params.get("_split_transpose", False))
+  return [*carry, *ys]
+
+
+def _cond(eqn: Any, invals: list[Any], ctx: Context) -> list[Any]:
+  index, operands = invals[0], invals[1:]
+  flat, rebuild = _flatten(operands)
+
+  def branch(closed):
+    def run(*arrays):
+      outs = interpret(closed.jaxpr, closed.consts, rebuild(arrays), ctx)
+      return _materialized(outs, ctx, "cond", "a branch returned the weight")
+    return run
+
+  return list(lax.switch(index, [branch(b) for b in eqn.params["branches"]], *flat))
+
+
+def _while(eqn: Any, invals: list[Any], ctx: Context) -> list[Any]:
+  params = eqn.params
+  nc, nb = params["cond_nconsts"], params["body_nconsts"]
+  cond_consts, body_consts = invals[:nc], invals[nc:nc + nb]
+  init = _materialized(invals[nc + nb:], ctx, "while", "an adapted weight in a loop carry")
+  cond_jaxpr, body_jaxpr = params["cond_jaxpr"], params["body_jaxpr"]
+
+  def cond_fn(carry):
+    return interpret(cond_jaxpr.jaxpr, cond_jaxpr.consts, [*cond_consts, *carry], ctx)[0]
+
+  def body_fn(carry):
+    outs = interpret(body_jaxpr.jaxpr, body_jaxpr.consts, [*body_consts, *carry], ctx)
+    return _materialized(outs, ctx, "while", "a loop body returned the weight")
+
+  return list(lax.while_loop(cond_fn, body_fn, init))
+
+
+def _is_dynamic(leaf: Any) -> bool:
+  return isinstance(leaf, (jax.Array, np.ndarray, np.generic))
+
+
+def run_factored(apply_fn: Callable[..., Any], base: Any, lowranks: dict[str, LowRank],
+                 leaf_paths: Sequence[str], args: tuple[Any, ...], kwargs: dict[str, Any],
+                 ctx: Context) -> Any:
+  """Calls ``apply_fn(base, *args, **kwargs)`` with the leaves at ``lowranks`` factored."""
+  base_leaves, base_tree = jax.tree.flatten(base)
+  arg_leaves, arg_tree = jax.tree.flatten((args, kwargs))
+  dynamic = [i for i, leaf in enumerate(arg_leaves) if _is_dynamic(leaf)]
+  out_tree: list[Any] = []
+
+  def traced(base_leaves, dynamic_leaves):
+    leaves = list(arg_leaves)
+    for i, leaf in zip(dynamic, dynamic_leaves):
+      leaves[i] = leaf
+    call_args, call_kwargs = jax.tree.unflatten(arg_tree, leaves)
+    out = apply_fn(jax.tree.unflatten(base_tree, base_leaves), *call_args, **call_kwargs)
+    flat, tree = jax.tree.flatten(out)
+    out_tree.append(tree)
+    return flat
+
+  dynamic_leaves = [arg_leaves[i] for i in dynamic]
+  closed = jax.make_jaxpr(traced)(base_leaves, dynamic_leaves)
+  inputs = [lowranks.get(path, leaf) for path, leaf in zip(leaf_paths, base_leaves)]
+  outs = interpret(closed.jaxpr, closed.consts, [*inputs, *dynamic_leaves], ctx)
+  outs = _materialized(outs, ctx, "return", "the function returned the adapted weight")
+  return jax.tree.unflatten(out_tree[0], outs)

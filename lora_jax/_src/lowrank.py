@@ -1,0 +1,138 @@
+"""``LowRank``: an adapted weight kept in factored form, and the ops that stay factored.
+
+A ``LowRank`` stands for ``W + scale * A @ B`` without forming it. ``ins``,
+``outs`` and ``stack`` give the positions in ``W`` of A's input axes (in A's
+order), B's output axes (in B's order) and the stacked-layer axes, so a
+transposed or sliced weight stays factored. Each ``*_apply`` function computes
+one primitive's result from the factors, or returns None when the use does not
+fit, in which case the caller falls back to ``materialize``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lora_jax._src.lowrank_dot import ascending, lowrank_dot
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRank:
+  """The value ``W + scale * A @ B``, kept as its factors."""
+
+  w: jax.Array
+  a: jax.Array
+  b: jax.Array
+  ins: tuple[int, ...]
+  outs: tuple[int, ...]
+  stack: tuple[int, ...]
+  scale: float
+  path: str
+
+  def materialize(self) -> jax.Array:
+    """Forms the adapted weight in ``W``'s dtype, accumulating in float32."""
+    letters = string.ascii_letters.replace("z", "")
+    names = letters[:self.w.ndim]
+    pick = lambda axes: "".join(names[p] for p in axes)  # noqa: E731
+    spec = (f"{pick(self.stack)}{pick(self.ins)}z,{pick(self.stack)}z{pick(self.outs)}"
+            f"->{names}")
+    delta = jnp.einsum(spec, self.a, self.b, preferred_element_type=jnp.float32)
+    return (self.w.astype(jnp.float32) + self.scale * delta).astype(self.w.dtype)
+
+  def replace(self, **changes: Any) -> LowRank:
+    return dataclasses.replace(self, **changes)
+
+  def factors(self) -> tuple[jax.Array, jax.Array]:
+    """A and B in the weight's current dtype."""
+    return self.a.astype(self.w.dtype), self.b.astype(self.w.dtype)
+
+  def drop_leading_axis(self) -> LowRank | None:
+    """The factored value of ``W[i]`` for a slice along a leading stacked axis."""
+    if not self.stack or self.stack[0] != 0:
+      return None
+    shift = lambda axes: tuple(p - 1 for p in axes)  # noqa: E731
+    return LowRank(self.w, self.a, self.b, shift(self.ins), shift(self.outs),
+                   shift(self.stack[1:]), self.scale, self.path)
+
+
+def transpose_apply(lr: LowRank, permutation: tuple[int, ...]) -> LowRank:
+  new = lambda axes: tuple(permutation.index(p) for p in axes)  # noqa: E731
+  return lr.replace(w=jnp.transpose(lr.w, permutation), ins=new(lr.ins), outs=new(lr.outs),
+                    stack=new(lr.stack))
+
+
+def dot_general_apply(x: jax.Array, lr: LowRank, weight_is_rhs: bool, params: dict[str, Any],
+                      dropout_mask: jax.Array | None) -> jax.Array | None:
+  """``dot_general`` of an input with an adapted weight, in factored form."""
+  (lc, rc), (lb, rb) = params["dimension_numbers"]
+  if not weight_is_rhs:
+    lc, rc, lb, rb = rc, lc, rb, lb
+  if lb or rb or lr.stack:
+    return None
+  if set(rc) == set(lr.ins):
+    contract_in = True
+  elif set(rc) == set(lr.outs):
+    contract_in = False
+  else:
+    return None
+  free = tuple(sorted(set(range(lr.w.ndim)) - set(rc)))
+  y = lowrank_dot(x, lr.w, *lr.factors(), dropout_mask, lhs_contract=tuple(lc),
+                  w_contract=tuple(rc), ins=lr.ins, outs=lr.outs, contract_in=contract_in,
+                  scale=lr.scale, precision=params.get("precision"),
+                  preferred=params.get("preferred_element_type"))
+  if weight_is_rhs:
+    return y
+  n_x = x.ndim - len(lc)
+  return jnp.transpose(y, tuple(range(n_x, n_x + len(free))) + tuple(range(n_x)))
+
+
+def conv_apply(x: jax.Array, lr: LowRank, params: dict[str, Any],
+               dropout_mask: jax.Array | None) -> jax.Array | None:
+  """``conv_general_dilated`` with an adapted kernel: A as a conv, B as a 1x1 projection."""
+  dn = params["dimension_numbers"]
+  out_dim, in_dim, *spatial = dn.rhs_spec
+  if (params["feature_group_count"] != 1 or params["batch_group_count"] != 1 or lr.stack
+      or lr.outs != (out_dim,) or set(lr.ins) != {in_dim, *spatial}):
+    return None
+  a, b = lr.factors()
+  # A in the kernel's layout, its output-feature axis holding the rank.
+  perm = tuple(len(lr.ins) if p == out_dim else lr.ins.index(p) for p in range(lr.w.ndim))
+  a_kernel = jnp.transpose(a, perm)
+  base = lax.conv_general_dilated_p.bind(x, lr.w, **params)
+  xa = lax.conv_general_dilated_p.bind(
+      x if dropout_mask is None else x * dropout_mask, a_kernel, **params)
+  feature = dn.out_spec[1]
+  xa = jnp.moveaxis(xa, feature, -1) * jnp.asarray(lr.scale, xa.dtype)
+  y = lax.dot_general(xa, b, (((xa.ndim - 1,), (0,)), ((), ())),
+                      precision=params.get("precision"), preferred_element_type=base.dtype)
+  return base + jnp.moveaxis(y, -1, feature).astype(base.dtype)
+
+
+def gather_apply(lr: LowRank, indices: jax.Array, params: dict[str, Any]) -> jax.Array | None:
+  """An embedding lookup: rows of A, then a product with B."""
+  dn = params["dimension_numbers"]
+  sizes = params["slice_sizes"]
+  out_rank = indices.ndim - 1 + len(dn.offset_dims)
+  n_batch = out_rank - len(lr.outs)
+  if (lr.stack or getattr(dn, "operand_batching_dims", ()) or set(dn.collapsed_slice_dims)
+      != set(lr.ins) or not set(dn.start_index_map) <= set(lr.ins)
+      or any(sizes[p] != 1 for p in lr.ins)
+      or any(sizes[p] != lr.w.shape[p] for p in lr.outs)
+      or tuple(dn.offset_dims) != tuple(range(n_batch, out_rank))):
+    return None
+  a, b = lr.factors()
+  n_in = len(lr.ins)
+  a_dn = lax.GatherDimensionNumbers(
+      offset_dims=(n_batch,), collapsed_slice_dims=tuple(range(n_in)),
+      start_index_map=tuple(lr.ins.index(p) for p in dn.start_index_map),
+      operand_batching_dims=(), start_indices_batching_dims=())
+  a_params = dict(params, dimension_numbers=a_dn, slice_sizes=(1,) * n_in + (a.shape[-1],))
+  base = lax.gather_p.bind(lr.w, indices, **params)
+  rows = lax.gather_p.bind(a, indices, **a_params) * jnp.asarray(lr.scale, a.dtype)
+  y = lax.dot_general(rows, b, (((rows.ndim - 1,), (0,)), ((), ())))
+  return base + ascending(y, n_batch, lr.outs).astype(base.dtype)

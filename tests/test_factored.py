@@ -1,0 +1,210 @@
+"""Factored execution: equal to merged outputs and gradients, fallbacks, no weight gradients."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import zoo
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lora_jax as lj
+
+CASES = {c.name: c for c in zoo.cases()}
+F32 = dict(rtol=1e-4, atol=1e-5)
+
+
+def _loss(apply):
+  return lambda lp, x: jnp.mean(jnp.sin(apply(lp, x)))
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_factored_equals_merged_outputs_and_grads(key, name):
+  case = CASES[name]
+  lp = zoo.randomize(lj.lift(case.params, case.config, key=key))
+  factored = lj.wrap(case.apply, case.config)
+  merged = lj.wrap(case.apply, case.config, mode="merge")
+  np.testing.assert_allclose(jax.jit(factored)(lp, case.x), jax.jit(merged)(lp, case.x), **F32)
+  g_f = jax.jit(jax.grad(_loss(factored)))(lp, case.x)
+  g_m = jax.jit(jax.grad(_loss(merged)))(lp, case.x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **F32), g_f, g_m)
+
+
+def _plain(params, x):
+  """Plain jnp code exercising nested calls: jit, custom_jvp, custom_vjp, cond, while, scan."""
+
+  @jax.custom_jvp
+  def twice(w):
+    return 2.0 * w
+
+  twice.defjvp(lambda primals, tangents: (twice(primals[0]), 2.0 * tangents[0]))
+
+  @jax.custom_vjp
+  def project(x, w):
+    return x @ w
+
+  project.defvjp(lambda x, w: (x @ w, (x, w)), lambda res, g: (g @ res[1].T, res[0].T @ g))
+
+  w1, w2, stack = params["w1"], params["w2"], params["stack"]
+  h = jax.jit(lambda x, w: jnp.tanh(x @ w))(x, w1)                     # pjit
+  h = project(h, w2)                                                  # custom_vjp
+  h = jax.lax.cond(h.sum() > 0, lambda h: h @ w2.T, lambda h: -(h @ w2.T), h)  # cond, x @ W.T
+  h = jax.lax.fori_loop(0, 2, lambda i, h: jnp.tanh(h @ w1), h)        # while
+  h, _ = jax.lax.scan(lambda c, w: (jnp.tanh(c @ w), None), h, stack)  # scan over stacked W
+  return h @ twice(w1)[:, :4]                                          # custom_jvp, slice
+
+
+def _plain_params():
+  k = jax.random.split(jax.random.key(5), 3)
+  return {"w1": jax.random.normal(k[0], (8, 8)) / 3, "w2": jax.random.normal(k[1], (8, 6)) / 3,
+          "stack": jax.random.normal(k[2], (3, 8, 8)) / 3}
+
+
+def test_nested_calls_in_plain_jnp(key):
+  config = lj.LoraConfig(rank=2, targets=r"^(w1|w2|stack)$", stack_axes={"stack": 1})
+  params = _plain_params()
+  lp = zoo.randomize(lj.lift(params, config, key=key))
+  x = jax.random.normal(key, (4, 8))
+  factored, merged = lj.wrap(_plain, config), lj.wrap(_plain, config, mode="merge")
+  # Only the custom_jvp function's elementwise use of w1 and the slice fall back.
+  with pytest.warns(lj.FallbackWarning) as record:
+    out = jax.jit(factored)(lp, x)
+  fallen = {str(w.message).split(" is used by ")[1].split("`")[1] for w in record}
+  assert fallen <= {"mul", "slice"}, fallen
+  np.testing.assert_allclose(out, merged(lp, x), **F32)
+  g_f = jax.grad(lambda lp: factored(lp, x).sum())(lp)  # already warned: silent
+  g_m = jax.grad(lambda lp: merged(lp, x).sum())(lp)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **F32), g_f, g_m)
+
+
+def test_fallback_warns_once_per_primitive_and_path_and_stays_exact(key):
+  config = lj.LoraConfig(rank=2, targets=r"kernel$")
+  params = {"kernel": jax.random.normal(key, (6, 6))}
+  lp = zoo.randomize(lj.lift(params, config, key=key))
+  fn = lambda p, x: x @ p["kernel"] + jnp.sum(p["kernel"] ** 2)  # noqa: E731
+  apply = lj.wrap(fn, config)
+  x = jnp.ones((2, 6))
+  with pytest.warns(lj.FallbackWarning, match=r"kernel is used by `integer_pow`.*exact") as rec:
+    out = apply(lp, x)
+    apply(lp, x)
+  assert len(rec) == 1
+  np.testing.assert_allclose(out, fn(lj.merge(lp, config), x), **F32)
+
+
+def test_vmap(key):
+  case = CASES["attention"]
+  lp = zoo.randomize(lj.lift(case.params, case.config, key=key))
+  apply = lj.wrap(case.apply, case.config)
+  batched = jax.vmap(apply, in_axes=(None, 0))(lp, case.x[:, None])
+  np.testing.assert_allclose(batched[:, 0], apply(lp, case.x), **F32)
+
+
+def test_sharded_inputs_on_mesh(key):
+  mesh = jax.make_mesh((8,), ("data",))
+  case = CASES["dense"]
+  lp = zoo.randomize(lj.lift(case.params, case.config, key=key))
+  x = jnp.tile(case.x, (2, 1))
+  xs = jax.device_put(x, NamedSharding(mesh, P("data", None)))
+  apply = jax.jit(lj.wrap(case.apply, case.config))
+  out = apply(lp, xs)
+  assert out.sharding.spec[0] == "data"
+  np.testing.assert_allclose(out, lj.wrap(case.apply, case.config, mode="merge")(lp, x), **F32)
+
+
+def test_dropout_uses_rng_and_is_off_without_it(key):
+  case = CASES["dense"]
+  config = lj.LoraConfig(rank=4, dropout=0.5)
+  lp = zoo.randomize(lj.lift(case.params, config, key=key))
+  apply = jax.jit(lj.wrap(case.apply, config))
+  merged_out = case.apply(lj.merge(lp, config), case.x)
+  np.testing.assert_allclose(apply(lp, case.x), merged_out, **F32)  # no rng: no dropout
+  a = apply(lp, case.x, lora_rng=jax.random.key(1))
+  b = apply(lp, case.x, lora_rng=jax.random.key(1))
+  c = apply(lp, case.x, lora_rng=jax.random.key(2))
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c) and not np.allclose(a, merged_out)
+  # Dropout touches only the adapter branch: with B = 0 the output is the base's.
+  fresh = lj.lift(case.params, config, key=key)
+  np.testing.assert_allclose(apply(fresh, case.x, lora_rng=jax.random.key(1)),
+                             case.apply(case.params, case.x), **F32)
+  with pytest.raises(ValueError, match=r"LoRA dropout needs mode='factored'"):
+    lj.wrap(case.apply, config, mode="merge")(lp, case.x, lora_rng=jax.random.key(1))
+
+
+def test_dropout_in_scan_differs_per_layer(key):
+  """Each scanned layer draws its own dropout mask."""
+  config = lj.LoraConfig(rank=2, targets="stack", stack_axes={"stack": 1}, dropout=0.5)
+  stack = jnp.stack([jnp.eye(8)] * 2)
+  lp = lj.lift({"stack": stack}, config, key=key)
+  lp = lj.LoraParams(lp.base, {"stack": {"a": jnp.ones((2, 8, 2)), "b": jnp.ones((2, 2, 8))}})
+  def fn(p, x):
+    def body(c, w):
+      y = c @ w
+      return c, y
+    return jax.lax.scan(body, x, p["stack"])[1]
+
+  x = jax.random.normal(key, (1, 8))
+  out = lj.wrap(fn, config)(lp, x, lora_rng=jax.random.key(3))
+  assert not np.allclose(out[0], out[1])
+
+
+def _cost(fn, *args):
+  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+  analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
+  return analysis["flops"]
+
+
+class _Wide(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for _ in range(3):
+      x = nn.gelu(nn.Dense(512)(x))
+    return x
+
+
+def test_factored_gradient_computes_no_weight_gradient():
+  """Structural: a factored LoRA gradient costs the frozen-weight floor, not full fine-tuning."""
+  model = _Wide()
+  x = jax.random.normal(jax.random.key(0), (64, 512))
+  params = jax.jit(model.init)(jax.random.key(1), x)
+  config = lj.LoraConfig(rank=8, targets=r"kernel$")
+  lp = lj.lift(params, config, key=jax.random.key(2))
+  loss = lambda out: jnp.mean(out ** 2)  # noqa: E731
+
+  def floor(biases, kernels):  # gradient for the biases only: forward + input-gradient backward
+    p = {"params": {k: {"kernel": kernels[k], "bias": biases[k]} for k in kernels}}
+    return jax.grad(lambda b: loss(model.apply(
+        {"params": {k: {"kernel": kernels[k], "bias": b[k]} for k in kernels}}, x)))(biases), p
+
+  biases = {k: v["bias"] for k, v in params["params"].items()}
+  kernels = {k: v["kernel"] for k, v in params["params"].items()}
+  floor_flops = _cost(lambda b, k: floor(b, k)[0], biases, kernels)
+  full_flops = _cost(jax.grad(lambda p: loss(model.apply(p, x))), params)
+  lora = lambda mode: jax.grad(lambda lp: loss(lj.wrap(model.apply, config, mode=mode)(lp, x)))  # noqa: E731
+  factored_flops = _cost(lora("factored"), lp)
+  merged_flops = _cost(lora("merge"), lp)
+  assert factored_flops <= 1.06 * floor_flops, (factored_flops, floor_flops)
+  assert merged_flops >= 1.3 * floor_flops, (merged_flops, floor_flops)
+  assert full_flops >= 1.3 * floor_flops, (full_flops, floor_flops)
+
+
+def test_wrapped_step_does_not_retrace(key):
+  case = CASES["attention"]
+  traces = []
+  apply = lj.wrap(case.apply, case.config)
+
+  @jax.jit
+  def step(lp, x):
+    traces.append(1)
+    return jax.grad(_loss(apply))(lp, x)
+
+  lp = lj.lift(case.params, case.config, key=key)
+  step(lp, case.x)
+  step(zoo.randomize(lp), case.x + 1.0)
+  assert len(traces) == 1
+
+
+def test_unknown_mode():
+  with pytest.raises(ValueError, match=r"mode must be one of \('factored', 'merge'\)"):
+    lj.wrap(lambda p, x: x, lj.LoraConfig(), mode="fast")
