@@ -1,92 +1,109 @@
 """The adapted matmul ``x·W + scale·(x·A)·B`` with a lean custom VJP.
 
-The backward pass keeps only what it needs: the input ``x``, the r-wide
-``x·A`` (or ``x·Bᵀ``) and the factors. Every cotangent is the transpose of a
-linear map (``jax.linear_transpose``), so no weight-sized product is formed
-unless the caller actually asks for ``dW``; for a frozen weight the ``dW``
-branch is dead code that XLA removes.
+Any ``dot_general`` against an adapted weight is first brought to 2-D
+matrices (``x`` as ``(M, K)``, the weight as ``(K_in, N_out)``) by transposes
+and reshapes that are free for Flax's layouts: XLA lowers 2-D products to its
+fast fused matmuls, while the same products over several batch axes can cost a
+weight-sized transpose copy. The custom VJP then saves only the input, the
+r-wide ``s·x·A`` and the factors, and computes
+
+* ``dx = dy·Wᵀ + s·(dy·Bᵀ)·Aᵀ``, ``dA = s·xᵀ·(dy·Bᵀ)``, ``dB = (s·x·A)ᵀ·dy``;
+* ``dW = xᵀ·dy`` only if something uses it: for a frozen weight it is dead code
+  that XLA removes, so no weight-sized gradient is formed.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-_NO_BATCH = ((), ())
-
 
 def ascending(y: jax.Array, n_lead: int, order: tuple[int, ...]) -> jax.Array:
+  """Moves trailing axes listed in ``order`` (weight positions) into ascending order."""
   ranks = sorted(range(len(order)), key=lambda i: order[i])
   if ranks == list(range(len(order))):
     return y
   return jnp.transpose(y, tuple(range(n_lead)) + tuple(n_lead + i for i in ranks))
 
 
+def _explicit_spec(v: jax.Array) -> tuple[Any, Any] | None:
+  """``(mesh, spec)`` of an array typed with explicitly sharded mesh axes, else None."""
+  sharding = getattr(jax.typeof(v), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or jax.sharding.AxisType.Explicit not in getattr(mesh, "axis_types", ()):
+    return None
+  return mesh, tuple(sharding.spec) + (None,) * (v.ndim - len(sharding.spec))
+
+
+def _axes(entry: Any) -> set[str]:
+  if entry is None:
+    return set()
+  return set(entry) if isinstance(entry, tuple) else {entry}
+
+
+def _mm(x, y, x_axis, y_axis, precision=None, out=None, like=None):
+  """A 2-D product contracting ``x[x_axis]`` with ``y[y_axis]``.
+
+  Under explicit sharding the result takes the sharding of ``like`` (a
+  cotangent must match its primal's type) or else keeps the free axes'
+  shardings; a partial sum over a sharded contraction is reduced, as in JAX's
+  own transpose rules.
+  """
+  kwargs = {}
+  found = [_explicit_spec(v) for v in (x, y)]
+  target = _explicit_spec(like) if like is not None else None
+  if target is not None:
+    kwargs["out_sharding"] = jax.sharding.NamedSharding(
+        target[0], jax.sharding.PartitionSpec(*target[1]))
+  elif any(found):
+    mesh = next(f[0] for f in found if f)
+    x_free = found[0][1][1 - x_axis] if found[0] else None
+    y_free = found[1][1][1 - y_axis] if found[1] else None
+    if _axes(x_free) & _axes(y_free):
+      y_free = None
+    kwargs["out_sharding"] = jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec(x_free, y_free))
+  return lax.dot_general(x, y, (((x_axis,), (y_axis,)), ((), ())), precision=precision,
+                         preferred_element_type=out, **kwargs)
+
+
 @functools.cache
-def _make(lhs_contract, w_contract, ins, outs, contract_in, scale, precision, preferred):
-  """Builds the custom-VJP function for one static configuration."""
+def _matmul(w_transposed: bool, scale: float, precision: Any, preferred: Any):
+  """``y = x·W (or x·Wᵀ) + s·(x·P)·Q`` on 2-D operands, with the lean VJP above."""
+  w_axis = 1 if w_transposed else 0
 
-  def dot(x, y, x_axes, y_axes, out_dtype=None):
-    return lax.dot_general(x, y, ((x_axes, y_axes), _NO_BATCH), precision=precision,
-                           preferred_element_type=out_dtype)
-
-  def base_product(x, w):
-    return dot(x, w, lhs_contract, w_contract, preferred)
-
-  def small(xd, a, b):
-    """The r-wide product, scaled: ``s·x·A`` or ``s·x·Bᵀ``."""
-    if contract_in:
-      factor, axes = a, tuple(ins.index(c) for c in w_contract)
-    else:
-      factor, axes = b, tuple(1 + outs.index(c) for c in w_contract)
-    t = dot(xd, factor, lhs_contract, axes)
-    return t * jnp.asarray(scale, t.dtype)
-
-  def expand(t, a, b, out_dtype):
-    """``t·B`` (or ``t·Aᵀ``) with the weight's free axes in ascending order."""
-    if contract_in:
-      y, order = dot(t, b, (t.ndim - 1,), (0,), out_dtype), outs
-    else:
-      y, order = dot(t, a, (t.ndim - 1,), (a.ndim - 1,), out_dtype), ins
-    return ascending(y, t.ndim - 1, order)
-
-  def forward(x, w, a, b, mask):
+  def forward(x, w, p, q, mask):
     xd = x if mask is None else x * mask
-    base = base_product(x, w)
-    t = small(xd, a, b)
-    return base + expand(t, a, b, base.dtype), t
+    base = _mm(x, w, 1, w_axis, precision, preferred)
+    t = _mm(xd, p, 1, 0, precision) * jnp.asarray(scale, p.dtype)
+    return base + _mm(t, q, 1, 0, precision, base.dtype), t
 
   @jax.custom_vjp
-  def f(x, w, a, b, mask):
-    return forward(x, w, a, b, mask)[0]
+  def f(x, w, p, q, mask):
+    return forward(x, w, p, q, mask)[0]
 
-  def f_fwd(x, w, a, b, mask):
-    y, t = forward(x, w, a, b, mask)
-    return y, (x, w, a, b, mask, t)
+  def f_fwd(x, w, p, q, mask):
+    y, t = forward(x, w, p, q, mask)
+    return y, (x, w, p, q, mask, t)
 
   def f_bwd(res, dy):
-    x, w, a, b, mask, t = res
+    x, w, p, q, mask, t = res
     xd = x if mask is None else x * mask
-    out_dtype = dy.dtype
-
-    def through_x(x_):
-      xd_ = x_ if mask is None else x_ * mask
-      return base_product(x_, w) + expand(small(xd_, a, b), a, b, out_dtype)
-
-    (dx,) = jax.linear_transpose(through_x, x)(dy)
-    (dw,) = jax.linear_transpose(lambda w_: base_product(x, w_), w)(dy)
-    if contract_in:
-      (da,) = jax.linear_transpose(lambda a_: expand(small(xd, a_, b), a_, b, out_dtype), a)(dy)
-      (db,) = jax.linear_transpose(lambda b_: expand(t, a, b_, out_dtype), b)(dy)
-    else:
-      (db,) = jax.linear_transpose(lambda b_: expand(small(xd, a, b_), a, b_, out_dtype), b)(dy)
-      (da,) = jax.linear_transpose(lambda a_: expand(t, a_, b, out_dtype), a)(dy)
-    dmask = None if mask is None else jnp.zeros_like(mask)
-    return dx, dw, da.astype(a.dtype), db.astype(b.dtype), dmask
+    g = _mm(dy, q, 1, 1, precision, q.dtype) * jnp.asarray(scale, q.dtype)  # s·dy·Qᵀ: (M, r)
+    dx_low = _mm(g, p, 1, 1, precision, x.dtype, like=x)
+    if mask is not None:
+      dx_low = dx_low * mask
+    dx = _mm(dy, w, 1, 1 - w_axis, precision, x.dtype, like=x) + dx_low
+    dw = (_mm(dy, x, 0, 0, precision, w.dtype, like=w) if w_transposed
+          else _mm(x, dy, 0, 0, precision, w.dtype, like=w))
+    dp = _mm(xd, g, 0, 0, precision, p.dtype, like=p)
+    dq = _mm(t, dy, 0, 0, precision, q.dtype, like=q)
+    return dx, dw, dp, dq, None if mask is None else jnp.zeros_like(mask)
 
   f.defvjp(f_fwd, f_bwd)
   return f
@@ -103,6 +120,19 @@ def lowrank_dot(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array,
   transposed use such as ``x @ W.T``). The result has ``x``'s free axes, then
   the weight's free axes in ascending order, like ``lax.dot_general``.
   """
-  fn = _make(lhs_contract, w_contract, ins, outs, contract_in, float(scale), precision,
-             preferred)
-  return fn(x, w, a, b, mask)
+  side, other = (ins, outs) if contract_in else (outs, ins)
+  x_contract = [lhs_contract[w_contract.index(p)] for p in side]
+  x_free = [d for d in range(x.ndim) if d not in lhs_contract]
+  perm = tuple(x_free + x_contract)
+  k = math.prod(x.shape[d] for d in x_contract)
+  m = math.prod(x.shape[d] for d in x_free)
+  to_rows = lambda v: jnp.transpose(v, perm).reshape(m, k)  # noqa: E731
+  k_in = math.prod(w.shape[p] for p in ins)
+  n_out = math.prod(w.shape[p] for p in outs)
+  w2 = jnp.transpose(w, ins + outs).reshape(k_in, n_out)
+  a2, b2 = a.reshape(k_in, -1), b.reshape(-1, n_out)
+  p, q = (a2, b2) if contract_in else (b2.T, a2.T)
+  fn = _matmul(not contract_in, float(scale), precision, preferred)
+  y = fn(to_rows(x), w2, p, q, None if mask is None else to_rows(mask))
+  y = y.reshape(tuple(x.shape[d] for d in x_free) + tuple(w.shape[p] for p in other))
+  return ascending(y, len(x_free), other)

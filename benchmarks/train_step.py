@@ -1,0 +1,207 @@
+"""Training-step cost of LoRA variants on a fixed decoder LM, as ratios to the frozen floor.
+
+Model: decoder LM, vocabulary 1024, d_model 512, 8 heads (Flax SelfAttention, DenseGeneral
+kernels), 4 blocks with a 2048-wide GELU MLP, LayerNorm, sequence 128, batch 8, float32.
+LoRA r=8 on query, key, value, out, both MLP kernels and the LM head.
+
+Variants, each a jitted step (loss, gradient, Adam update of what it trains):
+  floor     gradient for biases and LayerNorm parameters only (forward + input-gradient backward)
+  full      full fine-tuning (gradient for every parameter)
+  merge     lora_jax, mode="merge" (W + s*A*B formed inside the step)
+  factored  lora_jax, default factored mode
+  qwix      qwix.LoraProvider on the same model and targets (skipped if qwix is not installed)
+
+Reports medians over interleaved repeats of wall time, XLA cost-analysis FLOPs and XLA
+temporary memory, all as ratios to the floor, plus compile time and forward-only inference
+time (factored vs merged weights).
+
+Run: python benchmarks/train_step.py [--repeats 7] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+import lora_jax as lj
+
+VOCAB, D, HEADS, LAYERS, MLP, SEQ, BATCH, RANK = 1024, 512, 8, 4, 2048, 128, 8, 8
+TARGETS = r"(query|key|value|out|mlp_in|mlp_out|lm_head)/kernel$"
+QWIX_MODULES = r".*(query|key|value|out|mlp_in|mlp_out|lm_head)$"
+
+
+class Block(nn.Module):
+  @nn.compact
+  def __call__(self, x, mask):
+    x = x + nn.SelfAttention(num_heads=HEADS, name="attn")(nn.LayerNorm()(x), mask=mask)
+    h = nn.gelu(nn.Dense(MLP, name="mlp_in")(nn.LayerNorm()(x)))
+    return x + nn.Dense(D, name="mlp_out")(h)
+
+
+class DecoderLM(nn.Module):
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(VOCAB, D)(tokens)
+    x = x + self.param("pos", nn.initializers.normal(0.02), (SEQ, D))
+    mask = nn.make_causal_mask(tokens)
+    for i in range(LAYERS):
+      x = Block(name=f"block_{i}")(x, mask)
+    return nn.Dense(VOCAB, name="lm_head")(nn.LayerNorm()(x))
+
+
+def lm_loss(logits, tokens):
+  logp = jax.nn.log_softmax(logits[:, :-1])
+  return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+
+def split(tree, predicate):
+  """(trainable {path: leaf}, frozen {path: leaf}) and a function joining them back."""
+  leaves, treedef = jax.tree.flatten(tree)
+  names = lj.paths(tree)
+  train = {n: x for n, x in zip(names, leaves) if predicate(n)}
+  frozen = {n: x for n, x in zip(names, leaves) if not predicate(n)}
+
+  def join(train, frozen):
+    return jax.tree.unflatten(treedef, [train[n] if n in train else frozen[n] for n in names])
+
+  return train, frozen, join
+
+
+def joined_loss(apply_fn, join):
+  """loss(trainable, frozen, tokens) for a model applied to the joined parameter tree."""
+  return lambda t, f, x: lm_loss(apply_fn(join(t, f), x), x)
+
+
+def make_step(loss_fn, tx):
+  """loss_fn(trainable, frozen, tokens) -> scalar; returns the jitted training step."""
+
+  def step(trainable, frozen, opt_state, tokens):
+    loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, tokens)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 2))
+
+
+def variants(params, tokens):
+  model = DecoderLM()
+  tx = optax.adam(1e-4)
+  out = {}
+
+  is_floor = lambda n: n.endswith("/bias") or re.search(r"LayerNorm_\d+/scale$", n)  # noqa: E731
+  train, frozen, join = split(params, is_floor)
+  out["floor"] = (make_step(joined_loss(model.apply, join), tx), train, frozen)
+
+  train, frozen, join = split(params, lambda n: True)
+  out["full"] = (make_step(joined_loss(model.apply, join), tx), train, frozen)
+
+  config = lj.LoraConfig(rank=RANK, alpha=16.0, targets=TARGETS)
+  lp = lj.lift(params, config, key=jax.random.key(1))
+  for mode in ("merge", "factored"):
+    apply = lj.wrap(model.apply, config, mode=mode)
+    join = lambda adapters, base: lj.LoraParams(base, adapters)  # noqa: E731
+    out[mode] = (make_step(joined_loss(apply, join), tx), lp.adapters, lp.base)
+
+  try:
+    import qwix  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    print("qwix not installed: skipping it (pip install qwix)")
+  else:
+    rule = qwix.LoraRule(module_path=QWIX_MODULES, rank=RANK, alpha=16.0)
+    qmodel = qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]))
+    qparams = jax.jit(qmodel.init)(jax.random.key(0), tokens)
+    is_lora = lambda n: "lora_" in n  # noqa: E731
+    train, frozen, join = split(qparams, is_lora)
+    out["qwix"] = (make_step(joined_loss(qmodel.apply, join), tx), train, frozen)
+  return out, lp, config
+
+
+def compiled_stats(step, trainable, frozen, opt_state, tokens):
+  t0 = time.perf_counter()
+  compiled = step.lower(trainable, frozen, opt_state, tokens).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  memory = compiled.memory_analysis()
+  return {"flops": float(cost["flops"]), "temp_bytes": int(memory.temp_size_in_bytes),
+          "compile_s": compile_s}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--json", default=None, help="also write the results here")
+  args = parser.parse_args()
+
+  tokens = jax.random.randint(jax.random.key(0), (BATCH, SEQ), 0, VOCAB)
+  params = jax.jit(DecoderLM().init)(jax.random.key(0), tokens)
+  steps, lp, config = variants(params, tokens)
+  tx = optax.adam(1e-4)
+
+  state, stats = {}, {}
+  for name, (step, trainable, frozen) in steps.items():
+    trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it; variants share leaves
+    opt_state = tx.init(trainable)
+    stats[name] = compiled_stats(step, trainable, frozen, opt_state, tokens)
+    trainable, opt_state, loss = step(trainable, frozen, opt_state, tokens)  # warm up
+    jax.block_until_ready(loss)
+    state[name] = [step, trainable, frozen, opt_state]
+
+  times = {name: [] for name in steps}
+  for _ in range(args.repeats):  # interleaved, so machine noise hits every variant alike
+    for name, entry in state.items():
+      step, trainable, frozen, opt_state = entry
+      t0 = time.perf_counter()
+      trainable, opt_state, loss = step(trainable, frozen, opt_state, tokens)
+      jax.block_until_ready((trainable, loss))
+      times[name].append(time.perf_counter() - t0)
+      entry[1], entry[3] = trainable, opt_state
+
+  # Forward-only inference: factored adapters vs the merged weights.
+  model = DecoderLM()
+  lp = lj.LoraParams(lp.base, jax.tree.map(lambda x: x + 0.01, lp.adapters))
+  forward_factored = jax.jit(lj.wrap(model.apply, config))
+  merged = lj.merge(lp, config)
+  forward_merged = jax.jit(model.apply)
+  jax.block_until_ready((forward_factored(lp, tokens), forward_merged(merged, tokens)))
+  fwd = {"factored": [], "merged": []}
+  for _ in range(args.repeats):
+    for name, fn, p in (("factored", forward_factored, lp), ("merged", forward_merged, merged)):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(p, tokens))
+      fwd[name].append(time.perf_counter() - t0)
+
+  floor = stats["floor"]
+  floor_wall = statistics.median(times["floor"])
+  results = {"device": str(jax.devices()[0].device_kind), "repeats": args.repeats, "variants": {}}
+  print(f"device: {results['device']}, {args.repeats} interleaved repeats, medians\n")
+  print(f"{'variant':10} {'wall ms':>9} {'wall/floor':>10} {'FLOPs/floor':>11} "
+        f"{'temp mem/floor':>14} {'compile s':>9}")
+  for name in steps:
+    wall = statistics.median(times[name])
+    row = {"wall_ms": 1e3 * wall, "wall_ratio": wall / floor_wall,
+           "flops_ratio": stats[name]["flops"] / floor["flops"],
+           "temp_ratio": stats[name]["temp_bytes"] / floor["temp_bytes"],
+           "compile_s": stats[name]["compile_s"], "flops": stats[name]["flops"],
+           "temp_bytes": stats[name]["temp_bytes"]}
+    results["variants"][name] = row
+    print(f"{name:10} {row['wall_ms']:9.1f} {row['wall_ratio']:10.3f} {row['flops_ratio']:11.3f} "
+          f"{row['temp_ratio']:14.3f} {row['compile_s']:9.2f}")
+  ratio = statistics.median(fwd["factored"]) / statistics.median(fwd["merged"])
+  results["forward_factored_over_merged"] = ratio
+  print(f"\nforward-only inference, factored / merged weights: {ratio:.3f}")
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
