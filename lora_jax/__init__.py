@@ -1,5 +1,11 @@
 """lora_jax: LoRA for JAX and Flax as a pure functional transform."""
 
+from lora_jax._src.checkpoint import (
+    load_adapters,
+    restore_train_state,
+    save_adapters,
+    save_train_state,
+)
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.factored import FallbackWarning
 from lora_jax._src.lift import LoraParams, disable, lift
@@ -13,6 +19,10 @@ from lora_jax._src.wrap import wrap
 __version__ = "0.1.0"
 
 __all__ = [
+    "save_train_state",
+    "save_adapters",
+    "restore_train_state",
+    "load_adapters",
     "FallbackWarning",
     "LoraConfig",
     "LoraParams",

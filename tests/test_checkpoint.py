@@ -1,0 +1,143 @@
+"""Adapter checkpoints, strict restore, sharded restore and exact resume after SIGKILL."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import lora_jax as lj
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def _lifted():
+  config = lj.LoraConfig(rank=4, targets=r"kernel$", trainable=r"bias$", rank_pattern={"h": 2})
+  params = {"d": {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros(8)},
+            "h": {"kernel": jnp.ones((8, 4))}}
+  lp = lj.lift(params, config, key=jax.random.key(0))
+  return lj.LoraParams(lp.base, jax.tree.map(lambda x: x + 0.5, lp.adapters)), config
+
+
+def test_round_trip_with_config(tmp_path):
+  lp, config = _lifted()
+  path = lj.save_adapters(tmp_path / "ckpt", lp.adapters, config)
+  adapters, restored = lj.load_adapters(path, target=lp.adapters)
+  assert restored == config
+  jax.tree.map(np.testing.assert_array_equal, adapters, lp.adapters)
+  adapters, _ = lj.load_adapters(path)  # no target: the saved structure
+  jax.tree.map(np.testing.assert_array_equal, adapters, lp.adapters)
+  with pytest.raises(FileExistsError, match=r"already exists; pass overwrite=True"):
+    lj.save_adapters(tmp_path / "ckpt", lp.adapters, config)
+  lj.save_adapters(tmp_path / "ckpt", lp.adapters, config, overwrite=True)
+
+
+def test_steps_and_latest(tmp_path):
+  lp, config = _lifted()
+  for step in (10, 20):
+    lj.save_adapters(tmp_path / "run", jax.tree.map(lambda x, s=step: x + s, lp.adapters),
+                     config, step=step)
+  latest, _ = lj.load_adapters(tmp_path / "run")
+  first, _ = lj.load_adapters(tmp_path / "run", step=10)
+  np.testing.assert_array_equal(latest["h"]["kernel"]["b"], lp.adapters["h"]["kernel"]["b"] + 20)
+  np.testing.assert_array_equal(first["h"]["kernel"]["b"], lp.adapters["h"]["kernel"]["b"] + 10)
+  with pytest.raises(FileNotFoundError,
+                     match=r"No checkpoint for step 30 .* found steps \[10, 20\]"):
+    lj.load_adapters(tmp_path / "run", step=30)
+
+
+def test_strict_restore_lists_all_mismatches(tmp_path):
+  lp, config = _lifted()
+  path = lj.save_adapters(tmp_path / "ckpt", lp.adapters, config)
+  target = {"d": {"kernel": {"a": jnp.ones((16, 3)), "b": jnp.ones((4, 8))}},
+            "q": {"kernel": {"a": jnp.ones((8, 4)), "b": jnp.ones((4, 8))}}}
+  with pytest.raises(ValueError) as info:
+    lj.load_adapters(path, target=target)
+  message = str(info.value)
+  assert "missing q/kernel/a: expected shape (8, 4)" in message
+  assert "unexpected h/kernel/a: shape (8, 2)" in message
+  assert "d/kernel/a: shape (16, 4) in the checkpoint, expected (16, 3)" in message
+
+
+def test_missing_and_damaged_checkpoints(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r"No adapter checkpoint at .*nothing"):
+    lj.load_adapters(tmp_path / "nothing")
+  lp, config = _lifted()
+  path = lj.save_adapters(tmp_path / "ckpt", lp.adapters, config)
+  for f in (path / "adapters").rglob("*"):
+    if f.is_file() and "manifest" in f.name:
+      f.write_bytes(b"\x00garbage")
+  with pytest.raises(ValueError, match=r"Cannot read the adapter checkpoint at .*ckpt"):
+    lj.load_adapters(path, target=lp.adapters)
+
+
+def test_restore_onto_a_different_sharding(tmp_path):
+  mesh = jax.make_mesh((2, 4), ("data", "model"))
+  kernel = jax.device_put(jnp.ones((16, 8)), NamedSharding(mesh, P("data", "model")))
+  params = {"d": {"kernel": kernel}}
+  config = lj.LoraConfig(rank=4)
+  lp = lj.lift(params, config, key=jax.random.key(0))
+  path = lj.save_adapters(tmp_path / "ckpt", lp.adapters, config)
+  # Restore onto another layout: A sharded over "model" instead of "data", B replicated.
+  target = {"d": {"kernel": {
+      "a": jax.ShapeDtypeStruct((16, 4), jnp.float32, sharding=NamedSharding(mesh, P("model"))),
+      "b": jax.ShapeDtypeStruct((4, 8), jnp.float32, sharding=NamedSharding(mesh, P()))}}}
+  adapters, _ = lj.load_adapters(path, target=target)
+  assert adapters["d"]["kernel"]["a"].sharding.spec == P("model")
+  assert adapters["d"]["kernel"]["b"].sharding.spec == P()
+  jax.tree.map(np.testing.assert_array_equal, adapters, lp.adapters)
+
+
+def _job(ckpt, out, total=12, every=3, pause=0.0):
+  return [sys.executable, str(HERE / "resume_job.py"), str(ckpt), str(out), str(total),
+          str(every), str(pause)]
+
+
+def _env():
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
+  env["JAX_PLATFORMS"] = "cpu"
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
+  subprocess.run(_job(tmp_path / "a", tmp_path / "a.npz"), check=True, env=_env(),
+                 capture_output=True)
+  with subprocess.Popen(_job(tmp_path / "b", tmp_path / "b.npz", pause=0.3), env=_env(),
+                        stdout=subprocess.PIPE, text=True) as proc:
+    for line in proc.stdout:
+      if line.strip() == "saved 6":
+        proc.send_signal(signal.SIGKILL)  # no clean-up: as a preemption
+        break
+    proc.wait()
+  assert proc.returncode == -signal.SIGKILL
+  assert not (tmp_path / "b.npz").exists()
+  resumed = subprocess.run(_job(tmp_path / "b", tmp_path / "b.npz"), check=True, env=_env(),
+                           capture_output=True, text=True)
+  assert "resumed" in resumed.stdout
+  a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+  assert sorted(a.files) == sorted(b.files)
+  for name in a.files:
+    np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
+  lp, config = _lifted()
+  state = {"adapters": lp.adapters}
+  lj.save_train_state(tmp_path / "run", 4, state, config)
+  # What a save killed halfway leaves behind: orbax's temporary folder, never renamed.
+  partial = tmp_path / "run" / "8.orbax-checkpoint-tmp-1234567890"
+  (partial / "state").mkdir(parents=True)
+  (partial / "state" / "_METADATA").write_text("{truncated")
+  step, restored = lj.restore_train_state(tmp_path / "run", state)
+  assert step == 4
+  jax.tree.map(np.testing.assert_array_equal, restored, state)
+  assert lj.restore_train_state(tmp_path / "empty", state) is None
