@@ -12,6 +12,7 @@ from lora_jax._src.lift import LoraParams, disable, lift
 from lora_jax._src.merge import merge, unmerge
 from lora_jax._src.optim import labels, optimizer
 from lora_jax._src.plan import Target, plan
+from lora_jax._src.streaming import merge_checkpoint
 from lora_jax._src.summary import Summary, SummaryRow, summary
 from lora_jax._src.tree import PyTree, paths
 from lora_jax._src.wrap import wrap
@@ -34,6 +35,7 @@ __all__ = [
     "labels",
     "lift",
     "merge",
+    "merge_checkpoint",
     "optimizer",
     "paths",
     "plan",

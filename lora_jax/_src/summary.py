@@ -15,6 +15,18 @@ from lora_jax._src.plan import plan
 from lora_jax._src.tree import PyTree, leaves_with_paths
 
 
+def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]], right_from: int = 2
+                 ) -> str:
+  """A plain-text table; columns from ``right_from`` on are right-aligned."""
+  widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+  def fmt(row):
+    return "  ".join(c.rjust(w) if i >= right_from else c.ljust(w)
+                     for i, (c, w) in enumerate(zip(row, widths)))
+
+  return "\n".join([fmt(header), "  ".join("-" * w for w in widths), *map(fmt, rows)])
+
+
 class SummaryRow(NamedTuple):
   """One adapted leaf."""
 
@@ -52,10 +64,7 @@ class Summary:
     header = ("path", "base shape", "rank", "A shape", "B shape", "params")
     body = [(r.path, str(r.base_shape), str(r.rank), str(r.a_shape), str(r.b_shape),
              f"{r.adapter_params:,}") for r in self.rows]
-    widths = [max(len(row[i]) for row in [header, *body]) for i in range(len(header))]
-    fmt = lambda row: "  ".join(  # noqa: E731
-        c.rjust(w) if i >= 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-    lines = [fmt(header), "  ".join("-" * w for w in widths), *map(fmt, body), ""]
+    lines = [format_table(header, body), ""]
     lines += [
         f"base parameters:       {self.base_params:,}",
         f"adapter parameters:    {self.adapter_params:,} ({self.adapter_bytes:,} bytes)",

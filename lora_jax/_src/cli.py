@@ -1,0 +1,85 @@
+"""The ``lora-jax`` command line: ``merge`` and ``inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+
+from lora_jax._src.summary import format_table
+
+
+def _merge(args: argparse.Namespace) -> int:
+  from lora_jax._src.streaming import merge_checkpoint  # pylint: disable=import-outside-toplevel
+
+  start = time.perf_counter()
+  report = merge_checkpoint(args.base, args.adapters, args.out, dtype=args.dtype, safe=args.safe,
+                            output_format=args.format, group_bytes=args.group_mb << 20,
+                            overwrite=args.overwrite)
+  print(f"merged {report['merged']} of {report['leaves']} leaves, wrote "
+        f"{report['bytes'] / 2**20:.1f} MiB to {report['out']} in "
+        f"{time.perf_counter() - start:.1f} s")
+  return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from lora_jax._src.checkpoint import load_adapters  # pylint: disable=import-outside-toplevel
+  from lora_jax._src.tree import leaves_with_paths  # pylint: disable=import-outside-toplevel
+
+  adapters, config = load_adapters(args.path)
+  print("config:", json.dumps(config.to_dict(), indent=2, sort_keys=True))
+  flat = dict(leaves_with_paths(adapters))
+  rows, total, nbytes = [], 0, 0
+  for path in sorted({p.rsplit("/", 1)[0] for p in flat}):
+    a, b = flat[f"{path}/a"], flat[f"{path}/b"]
+    n = a.size + b.size
+    total += n
+    nbytes += a.nbytes + b.nbytes
+    rows.append((path, str(a.shape[-1]), str(tuple(a.shape)), str(tuple(b.shape)), f"{n:,}",
+                 f"{config.scale_for(path):g}"))
+  print()
+  print(format_table(("path", "rank", "A shape", "B shape", "params", "scale"), rows, right_from=1))
+  print(f"\n{len(rows)} adapted leaves, {total:,} adapter parameters, {nbytes:,} bytes "
+        f"({', '.join(sorted({str(np.dtype(x.dtype)) for x in jax.tree.leaves(adapters)}))})")
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="lora-jax", description="LoRA for JAX and Flax.")
+  commands = parser.add_subparsers(dest="command", required=True)
+  merge = commands.add_parser(
+      "merge", help="fold an adapter checkpoint into a base checkpoint, streaming leaf by leaf")
+  merge.add_argument("--base", required=True, help="orbax checkpoint folder, CheckpointManager "
+                     "step folder, or .safetensors file of the base parameters")
+  merge.add_argument("--adapters", required=True, help="adapter checkpoint from save_adapters")
+  merge.add_argument("--out", required=True, help="output folder (orbax) or file (safetensors)")
+  merge.add_argument("--dtype", default=None, help="cast floating leaves, e.g. bfloat16")
+  merge.add_argument("--safe", action="store_true",
+                     help="refuse to write if a merged leaf has NaN or Inf")
+  merge.add_argument("--format", choices=("orbax", "safetensors"), default="orbax")
+  merge.add_argument("--group-mb", type=int, default=128,
+                     help="read at most this many MiB of base leaves at once (default 128)")
+  merge.add_argument("--overwrite", action="store_true", help="replace an existing output")
+  merge.set_defaults(run=_merge)
+  inspect = commands.add_parser("inspect", help="print an adapter checkpoint's config and table")
+  inspect.add_argument("path")
+  inspect.set_defaults(run=_inspect)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    return args.run(args)
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
+    print(f"lora-jax {args.command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
