@@ -11,6 +11,7 @@ from lora_jax._src.factored import FallbackWarning
 from lora_jax._src.lift import LoraParams, disable, lift
 from lora_jax._src.merge import merge, unmerge
 from lora_jax._src.optim import labels, optimizer
+from lora_jax._src.peft_format import export_peft, import_peft
 from lora_jax._src.plan import Target, plan
 from lora_jax._src.streaming import merge_checkpoint
 from lora_jax._src.summary import Summary, SummaryRow, summary
@@ -32,6 +33,8 @@ __all__ = [
     "SummaryRow",
     "Target",
     "disable",
+    "export_peft",
+    "import_peft",
     "labels",
     "lift",
     "merge",
