@@ -8,6 +8,7 @@ from lora_jax._src.checkpoint import (
 )
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.factored import FallbackWarning
+from lora_jax._src.job import load_job_config, run_job
 from lora_jax._src.lift import LoraParams, disable, lift
 from lora_jax._src.merge import merge, unmerge
 from lora_jax._src.optim import labels, optimizer
@@ -37,11 +38,13 @@ __all__ = [
     "import_peft",
     "labels",
     "lift",
+    "load_job_config",
     "merge",
     "merge_checkpoint",
     "optimizer",
     "paths",
     "plan",
+    "run_job",
     "summary",
     "unmerge",
     "wrap",

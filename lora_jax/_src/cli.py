@@ -1,4 +1,4 @@
-"""The ``lora-jax`` command line: ``merge`` and ``inspect``."""
+"""The ``lora-jax`` command line: ``train``, ``merge`` and ``inspect``."""
 
 from __future__ import annotations
 
@@ -49,6 +49,13 @@ def _inspect(args: argparse.Namespace) -> int:
   return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+  from lora_jax._src.job import load_job_config, run  # pylint: disable=import-outside-toplevel
+
+  run(load_job_config(args.config, args.set))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="lora-jax", description="LoRA for JAX and Flax.")
   commands = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="read at most this many MiB of base leaves at once (default 128)")
   merge.add_argument("--overwrite", action="store_true", help="replace an existing output")
   merge.set_defaults(run=_merge)
+  train = commands.add_parser("train", help="run a LoRA fine-tuning job from a YAML config")
+  train.add_argument("--config", default=None, help="job YAML, e.g. configs/quickstart.yaml")
+  train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key, dotted for nested keys "
+                     "(e.g. finetune.steps=100); repeatable")
+  train.set_defaults(run=_train)
   inspect = commands.add_parser("inspect", help="print an adapter checkpoint's config and table")
   inspect.add_argument("path")
   inspect.set_defaults(run=_inspect)

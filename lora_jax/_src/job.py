@@ -1,0 +1,340 @@
+"""``lora-jax train``: a whole LoRA fine-tuning job from a YAML config.
+
+Build the model, get a base (pretrain it briefly, or load an orbax checkpoint),
+lift, train only the adapters in a jitted loop, evaluate, save the adapter
+checkpoint, merge and check the merged model against the adapted one,
+optionally fine-tune the full model for comparison, then write ``metrics.json``
+and ``loss.png`` to the run directory and print a summary table.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import pathlib
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+
+from lora_jax._src.checkpoint import save_adapters
+from lora_jax._src.config import LoraConfig
+from lora_jax._src.lift import lift
+from lora_jax._src.merge import merge
+from lora_jax._src.optim import optimizer
+from lora_jax._src.summary import format_table, summary
+from lora_jax._src.tasks import TASKS, Task
+from lora_jax._src.wrap import wrap
+
+_TRAIN = {"steps": 300, "lr": 1e-3, "batch_size": 64}
+DEFAULTS: dict[str, Any] = {
+    "task": "digits",            # digits | textcls | charlm
+    "framework": "linen",        # linen | nnx (nnx: digits only)
+    "seed": 0,
+    "run_dir": None,             # default: runs/<config file name>
+    "model": {},                 # task-specific, see TASK_DEFAULTS
+    "data": {},                  # task-specific, see TASK_DEFAULTS
+    "base_checkpoint": None,     # orbax checkpoint of the base parameters; skips pretraining
+    "pretrain": dict(_TRAIN),
+    "finetune": {**_TRAIN, "lr": 3e-3, "log_every": 25, "dropout_rng": True},
+    "lora": {"rank": 8, "alpha": 16.0, "targets": ["kernel$"]},  # any LoraConfig field
+    "full_finetune": True,       # also fine-tune every parameter, for comparison
+    "mesh": None,                # {data: N, model: M}: shard the base and the batch
+}
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": {"model": {"hidden": [256, 128]},
+               "data": {"shift": "rotate", "test_fraction": 0.3}},
+    "textcls": {"model": {"d_model": 64, "heads": 4, "layers": 2, "mlp": 256, "max_len": 96},
+                "data": {"pretrain_packages": ["asyncio", "email", "xml", "urllib"],
+                         "finetune_packages": ["logging", "multiprocessing", "importlib",
+                                               "http"],
+                         "test_fraction": 0.25}},
+    "charlm": {"model": {"d_model": 128, "heads": 4, "layers": 2, "mlp": 512, "max_len": 64,
+                         "scan": False},
+               "data": {"test_fraction": 0.15}},
+}
+CHOICES = {"task": tuple(TASKS), "framework": ("linen", "nnx"),
+           "data.shift": ("rotate", "noise", "invert")}
+
+
+def _check(value: Any, default: Any, key: str) -> Any:
+  """Validates ``value`` against the default's type and the allowed choices."""
+  if key in CHOICES and value not in CHOICES[key]:
+    raise ValueError(f"config key '{key}': {value!r} is not one of {list(CHOICES[key])}.")
+  if default is None or value is None:
+    return value
+  if isinstance(default, bool):
+    ok = isinstance(value, bool)
+  elif isinstance(default, int):
+    ok = isinstance(value, int) and not isinstance(value, bool)
+  elif isinstance(default, float):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    value = float(value) if ok else value
+  elif isinstance(default, (list, tuple)):
+    ok = isinstance(value, (list, tuple))
+  else:
+    ok = isinstance(value, type(default))
+  if not ok:
+    raise ValueError(f"config key '{key}': expected {type(default).__name__}, got "
+                     f"{value!r} ({type(value).__name__}).")
+  return value
+
+
+def _merge_config(defaults: Mapping[str, Any], given: Mapping[str, Any], prefix: str
+                  ) -> dict[str, Any]:
+  out = copy.deepcopy(dict(defaults))
+  for key, value in given.items():
+    full = f"{prefix}{key}"
+    if key not in defaults:
+      raise ValueError(f"unknown config key '{full}'; allowed keys here: {sorted(defaults)}.")
+    default = defaults[key]
+    if isinstance(default, dict):
+      if not isinstance(value, Mapping):
+        raise ValueError(f"config key '{full}': expected a mapping, got {value!r}.")
+      out[key] = _merge_config(default, value, f"{full}.")
+    else:
+      out[key] = _check(value, default, full)
+  return out
+
+
+def load_job_config(path: str | pathlib.Path | None = None,
+                    overrides: list[str] | None = None) -> dict[str, Any]:
+  """Reads a job YAML, applies ``key=value`` overrides (dotted keys) and validates it.
+
+  Raises:
+    ValueError: naming an unknown key and the allowed ones, or a bad value.
+  """
+  given: dict[str, Any] = {}
+  if path is not None:
+    given = yaml.safe_load(pathlib.Path(path).read_text()) or {}
+    if not isinstance(given, dict):
+      raise ValueError(f"{path}: a job config is a mapping of keys, got {type(given).__name__}.")
+  for item in overrides or []:
+    key, sep, raw = item.partition("=")
+    if not sep:
+      raise ValueError(f"--set expects key=value, got {item!r}.")
+    node = given
+    *parents, last = key.split(".")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[last] = yaml.safe_load(raw)
+  task = given.get("task", DEFAULTS["task"])
+  _check(task, DEFAULTS["task"], "task")
+  config = _merge_config(DEFAULTS, {k: v for k, v in given.items()
+                                    if k not in ("model", "data", "lora", "mesh")}, "")
+  for section in ("model", "data"):
+    config[section] = _merge_config(TASK_DEFAULTS[task][section], given.get(section) or {},
+                                    f"{section}.")
+  config["lora"] = LoraConfig.from_dict({**DEFAULTS["lora"], **(given.get("lora") or {})})
+  mesh = given.get("mesh")
+  if mesh is not None:
+    config["mesh"] = _merge_config({"data": 1, "model": 1}, mesh, "mesh.")
+  if config["framework"] == "nnx" and task != "digits":
+    raise ValueError("config key 'framework': 'nnx' is available for task 'digits'.")
+  if config["run_dir"] is None:
+    stem = pathlib.Path(path).stem if path is not None else task
+    config["run_dir"] = str(pathlib.Path("runs") / stem)
+  return config
+
+
+def _batches(data: tuple[np.ndarray, np.ndarray], batch_size: int, seed: int):
+  x, y = data
+  rng = np.random.default_rng(seed)
+  batch_size = min(batch_size, len(x))
+  while True:
+    order = rng.permutation(len(x))
+    for start in range(0, len(x) - batch_size + 1, batch_size):
+      idx = order[start:start + batch_size]
+      yield x[idx], y[idx]
+
+
+def fit(loss_fn: Callable[..., jax.Array], params: Any, tx: optax.GradientTransformation,
+        data: tuple[np.ndarray, np.ndarray], settings: Mapping[str, Any], desc: str,
+        seed: int, put: Callable[[Any], Any] = lambda b: b) -> tuple[Any, list[float]]:
+  """A jitted training loop with a progress bar; returns the parameters and the loss curve."""
+  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+
+  @jax.jit
+  def step(params, opt_state, x, y, key):
+    loss, grads = jax.value_and_grad(loss_fn)(params, x, y, key)
+    # optax's Adam mixes Python floats with its int32 step count: trace it with standard
+    # promotion so the job also runs where strict dtype promotion is switched on.
+    with jax.numpy_dtype_promotion("standard"):
+      updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  opt_state = tx.init(params)
+  curve: list[float] = []
+  batches = _batches(data, settings["batch_size"], seed)
+  base_key = jax.random.key(seed)
+  with tqdm(range(settings["steps"]), desc=desc, unit="step", leave=True,
+            mininterval=1.0) as bar:
+    for i in bar:
+      x, y = put(next(batches))
+      params, opt_state, loss = step(params, opt_state, x, y, jax.random.fold_in(base_key, i))
+      if i % max(1, settings.get("log_every", 25)) == 0 or i == settings["steps"] - 1:
+        curve.append(float(loss))
+        bar.set_postfix(loss=f"{curve[-1]:.4f}")
+  return params, curve
+
+
+def evaluate(task: Task, apply: Callable[..., jax.Array], params: Any,
+             data: tuple[np.ndarray, np.ndarray], batch_size: int = 256) -> float:
+  """Accuracy (percent) or perplexity of ``apply(params, x)`` on ``data``."""
+  run = jax.jit(apply)
+  x, y = data
+  correct, nll, count = 0.0, 0.0, 0
+  for start in range(0, len(x), batch_size):
+    out = run(params, x[start:start + batch_size])
+    target = y[start:start + batch_size]
+    n = target.size
+    nll += float(task.loss(out, jnp.asarray(target))) * n
+    correct += float(jnp.sum(jnp.argmax(out, -1) == target))
+    count += n
+  return 100.0 * correct / count if task.metric == "accuracy" else math.exp(nll / count)
+
+
+def _sharding(config: dict[str, Any]):
+  """(put_batch, shard_params) for the configured mesh, or identity functions."""
+  if not config["mesh"]:
+    return (lambda b: b), (lambda p: p)
+  from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+
+  shape = (config["mesh"]["data"], config["mesh"]["model"])
+  if math.prod(shape) > jax.device_count():
+    raise ValueError(f"config key 'mesh': {shape} needs {math.prod(shape)} devices, JAX sees "
+                     f"{jax.device_count()}. On CPU set XLA_FLAGS="
+                     f"--xla_force_host_platform_device_count={math.prod(shape)} before JAX "
+                     "starts.")
+  mesh = jax.make_mesh(shape, ("data", "model"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+  def spec(x):  # FSDP over "data" on the first axis, tensor-parallel "model" on the last
+    if getattr(x, "ndim", 0) < 2:
+      return P()
+    first = "data" if x.shape[0] % shape[0] == 0 else None
+    last = "model" if x.shape[-1] % shape[1] == 0 else None
+    return P(first, *(None,) * (x.ndim - 2), last)
+
+  put_batch = lambda b: jax.device_put(b, NamedSharding(mesh, P("data")))  # noqa: E731
+  shard = lambda p: jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), p)  # noqa: E731
+  return put_batch, shard
+
+
+def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[str, Any]:
+  """Runs a job from ``load_job_config`` output; returns the metrics written to metrics.json."""
+  start = time.perf_counter()
+  task = TASKS[config["task"]](config["model"], config["data"], config["framework"],
+                               config["seed"])
+  lora_config: LoraConfig = config["lora"]
+  run_dir = pathlib.Path(config["run_dir"])
+  run_dir.mkdir(parents=True, exist_ok=True)
+  put, shard = _sharding(config)
+  key = jax.random.key(config["seed"])
+
+  def full_loss(apply):
+    return lambda p, x, y, key: task.loss(apply(p, x), y)
+
+  curves: dict[str, list[float]] = {}
+  if config["base_checkpoint"]:
+    import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+    abstract = jax.eval_shape(task.init, key)
+    params = ocp.StandardCheckpointer().restore(
+        pathlib.Path(config["base_checkpoint"]).absolute(), abstract)
+  else:
+    params = shard(task.init(key))
+    params, curves["pretrain"] = fit(full_loss(task.apply), params,
+                                     optax.adam(config["pretrain"]["lr"]), task.pretrain,
+                                     config["pretrain"], "pretrain", config["seed"], put)
+  params = shard(params)
+  metrics: dict[str, Any] = {"task": config["task"], "metric": task.metric,
+                             "base": evaluate(task, task.apply, params, task.test)}
+  samples = {"base": task.sample(params, task.apply)} if task.sample else {}
+
+  lp = lift(params, lora_config, key=jax.random.fold_in(key, 1))
+  apply = wrap(task.apply, lora_config)
+  use_rng = config["finetune"]["dropout_rng"] and lora_config.dropout > 0
+
+  def lora_loss(lp, x, y, key):
+    return task.loss(apply(lp, x, lora_rng=key if use_rng else None), y)
+
+  lp, curves["lora"] = fit(lora_loss, lp, optimizer(optax.adam(config["finetune"]["lr"]),
+                                                    lora_config),
+                           task.train, config["finetune"], "lora", config["seed"] + 1, put)
+  metrics["lora"] = evaluate(task, apply, lp, task.test)
+  save_adapters(run_dir / "adapters", lp.adapters, lora_config, overwrite=True)
+  merged = merge(lp, lora_config)
+  probe = task.test[0][:64]
+  difference = float(jnp.max(jnp.abs(task.apply(merged, probe) - apply(lp, probe))))
+  scale = float(jnp.max(jnp.abs(apply(lp, probe)))) + 1e-6
+  metrics["merged_vs_adapted_max_abs_diff"] = difference
+  if difference > 1e-3 * scale:
+    raise RuntimeError(f"merged model differs from the adapted one by {difference:g}")
+  if task.sample:
+    samples["lora"] = task.sample(lp, apply)
+
+  s = summary(lp, lora_config)
+  metrics.update(trainable_params=s.trainable_params, base_params=s.base_params,
+                 trainable_percent=s.trainable_percent)
+  if config["full_finetune"]:
+    full, curves["full"] = fit(full_loss(task.apply), params,
+                               optax.adam(config["finetune"]["lr"] / 3), task.train,
+                               config["finetune"], "full fine-tune", config["seed"] + 1, put)
+    metrics["full"] = evaluate(task, task.apply, full, task.test)
+  metrics.update(curves=curves, samples=samples, seconds=time.perf_counter() - start,
+                 config={**config, "lora": lora_config.to_dict()})
+  (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+  _plot(curves, run_dir / "loss.png", config["task"])
+  _report(metrics, echo, run_dir)
+  return metrics
+
+
+def run_job(config_path: str | pathlib.Path, overrides: list[str] | None = None
+            ) -> dict[str, Any]:
+  """Loads a job YAML (with ``key=value`` overrides) and runs it; see ``lora-jax train``."""
+  return run(load_job_config(config_path, overrides))
+
+
+def _plot(curves: dict[str, list[float]], path: pathlib.Path, title: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, ax = plt.subplots(figsize=(7, 4))
+  for name, curve in curves.items():
+    ax.plot(np.linspace(0, 1, len(curve)), curve, label=name)
+  ax.set_xlabel("fraction of the phase's steps")
+  ax.set_ylabel("training loss")
+  ax.set_yscale("log")
+  ax.set_title(f"lora-jax train: {title}")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def _report(metrics: dict[str, Any], echo: Callable[[str], None], run_dir: pathlib.Path) -> None:
+  unit = "accuracy %" if metrics["metric"] == "accuracy" else "perplexity"
+  rows = [("frozen base", f"{metrics['base']:.2f}", "0", "0"),
+          ("LoRA", f"{metrics['lora']:.2f}", f"{metrics['trainable_params']:,}",
+           f"{metrics['trainable_percent']:.2f}")]
+  if "full" in metrics:
+    rows.append(("full fine-tune", f"{metrics['full']:.2f}", f"{metrics['base_params']:,}",
+                 "100.00"))
+  echo("")
+  echo(format_table(("model", f"test {unit}", "trained params", "% of base"), rows,
+                    right_from=1))
+  for name, text in metrics["samples"].items():
+    echo(f"\nsample ({name}): {text!r}")
+  echo(f"\nmerged vs adapted outputs: max |diff| = {metrics['merged_vs_adapted_max_abs_diff']:.2e}"
+       f"; {metrics['seconds']:.0f} s; wrote {run_dir}/metrics.json, {run_dir}/loss.png, "
+       f"{run_dir}/adapters")

@@ -1,0 +1,72 @@
+"""lora-jax train: config validation, and every example's config run at a tiny size."""
+
+import json
+import pathlib
+
+import pytest
+
+import lora_jax as lj
+from lora_jax._src.cli import main as cli
+from lora_jax._src.job import run
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY_LM = ["model.d_model=16", "model.heads=2", "model.mlp=32", "model.max_len=16",
+           "model.layers=2"]
+TINY = ["pretrain.steps=3", "finetune.steps=3", "pretrain.batch_size=8",
+        "finetune.batch_size=8"]
+
+
+@pytest.mark.parametrize("name, extra", [
+    ("digits", []), ("digits_nnx", []), ("textcls", TINY_LM), ("charlm", TINY_LM),
+    ("charlm_scan", TINY_LM), ("charlm_mesh", TINY_LM)])
+def test_example_configs_run_tiny(tmp_path, name, extra, capsys):
+  config = lj.load_job_config(ROOT / "configs" / f"{name}.yaml",
+                              [*TINY, *extra, f"run_dir={tmp_path}"])
+  metrics = run(config)
+  written = json.loads((tmp_path / "metrics.json").read_text())
+  assert written["lora"] == pytest.approx(metrics["lora"])
+  assert {"base", "lora", "full", "trainable_params", "curves"} <= set(written)
+  assert (tmp_path / "loss.png").stat().st_size > 1000
+  adapters, _ = lj.load_adapters(tmp_path / "adapters")
+  assert adapters
+  assert written["merged_vs_adapted_max_abs_diff"] < 1e-3
+  out = capsys.readouterr().out
+  assert "frozen base" in out and "LoRA" in out and "full fine-tune" in out
+
+
+def test_quickstart_lora_beats_frozen_base(tmp_path):
+  """The README's main command, at full size: LoRA clearly beats the frozen base."""
+  metrics = lj.run_job(ROOT / "configs" / "quickstart.yaml", [f"run_dir={tmp_path}"])
+  assert metrics["base"] < 30.0
+  assert metrics["lora"] > 85.0
+  assert metrics["seconds"] < 180
+
+
+@pytest.mark.parametrize("override, match", [
+    ("finetune.stepz=3", r"unknown config key 'finetune.stepz'; allowed keys here: "
+                         r"\['batch_size', 'dropout_rng', 'log_every', 'lr', 'steps'\]"),
+    ("task=vision", r"config key 'task': 'vision' is not one of \['digits', 'charlm', "
+                    r"'textcls'\]"),
+    ("data.shift=mirror", r"config key 'data.shift': 'mirror' is not one of"),
+    ("pretrain.steps=many", r"config key 'pretrain.steps': expected int, got 'many'"),
+    ("lora.rank=0", r"LoraConfig.rank must be a positive integer, got 0"),
+    ("lora.ranks=4", r"Unknown LoraConfig key\(s\) \['ranks'\]"),
+    ("model.width=3", r"unknown config key 'model.width'; allowed keys here: \['hidden'\]"),
+    ("framework=torch", r"config key 'framework': 'torch' is not one of \['linen', 'nnx'\]"),
+    ("steps", r"--set expects key=value, got 'steps'"),
+])
+def test_bad_config_values_name_the_key(override, match):
+  with pytest.raises(ValueError, match=match):
+    lj.load_job_config(ROOT / "configs" / "quickstart.yaml", [override])
+
+
+def test_cli_reports_config_errors(capsys):
+  assert cli(["train", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+              "--set", "finetune.lr=fast"]) == 2
+  assert "config key 'finetune.lr': expected float, got 'fast'" in capsys.readouterr().err
+
+
+def test_mesh_needs_devices_message():
+  config = lj.load_job_config(ROOT / "configs" / "charlm_mesh.yaml", ["mesh.model=64"])
+  with pytest.raises(ValueError, match=r"needs 128 devices, JAX sees 8\. On CPU set XLA_FLAGS"):
+    run(config)
