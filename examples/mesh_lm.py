@@ -10,7 +10,11 @@ import pathlib
 import sys
 
 # Must be set before JAX starts: 8 host devices stand in for accelerators on a CPU machine.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# They share the machine's cores, so one device can lag another by more than XLA:CPU's default
+# 40 s collective timeout on a 2-core machine; raise it rather than let XLA abort the job.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 "
+                      "--xla_cpu_collective_call_terminate_timeout_seconds=1200 "
+                      "--xla_cpu_collective_timeout_seconds=1200")
 
 import lora_jax as lj  # noqa: E402
 
