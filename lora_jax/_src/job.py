@@ -181,22 +181,27 @@ def fit(loss_fn: Callable[..., jax.Array], params: Any, tx: optax.GradientTransf
       if i % max(1, settings.get("log_every", 25)) == 0 or i == settings["steps"] - 1:
         curve.append(float(loss))
         bar.set_postfix(loss=f"{curve[-1]:.4f}")
-  return params, curve
+  # Finish this phase before the next dispatches: on a CPU mesh, device threads of two
+  # multi-device programs in flight at once can starve each other's collectives.
+  return jax.block_until_ready(params), curve
 
 
 def evaluate(task: Task, apply: Callable[..., jax.Array], params: Any,
              data: tuple[np.ndarray, np.ndarray], batch_size: int = 256) -> float:
   """Accuracy (percent) or perplexity of ``apply(params, x)`` on ``data``."""
-  run = jax.jit(apply)
+  @jax.jit
+  def batch_stats(params, x, y):  # one program per batch: no stray eager collectives
+    out = apply(params, x)
+    return task.loss(out, y) * y.size, jnp.sum(jnp.argmax(out, -1) == y)
+
   x, y = data
   correct, nll, count = 0.0, 0.0, 0
   for start in range(0, len(x), batch_size):
-    out = run(params, x[start:start + batch_size])
-    target = y[start:start + batch_size]
-    n = target.size
-    nll += float(task.loss(out, jnp.asarray(target))) * n
-    correct += float(jnp.sum(jnp.argmax(out, -1) == target))
-    count += n
+    loss_sum, hits = jax.device_get(batch_stats(params, x[start:start + batch_size],
+                                                y[start:start + batch_size]))
+    nll += float(loss_sum)
+    correct += float(hits)
+    count += y[start:start + batch_size].size
   return 100.0 * correct / count if task.metric == "accuracy" else math.exp(nll / count)
 
 
@@ -270,11 +275,13 @@ def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[
                                                     lora_config),
                            task.train, config["finetune"], "lora", config["seed"] + 1, put)
   metrics["lora"] = evaluate(task, apply, lp, task.test)
-  save_adapters(run_dir / "adapters", lp.adapters, lora_config, overwrite=True)
-  merged = merge(lp, lora_config)
+  save_adapters(run_dir / "adapters", jax.device_get(lp.adapters), lora_config, overwrite=True)
+  merged = jax.block_until_ready(merge(lp, lora_config))
   probe = task.test[0][:64]
-  difference = float(jnp.max(jnp.abs(task.apply(merged, probe) - apply(lp, probe))))
-  scale = float(jnp.max(jnp.abs(apply(lp, probe)))) + 1e-6
+  merged_out = np.asarray(jax.jit(task.apply)(merged, probe))
+  adapted_out = np.asarray(jax.jit(apply)(lp, probe))
+  difference = float(np.max(np.abs(merged_out - adapted_out)))
+  scale = float(np.max(np.abs(adapted_out))) + 1e-6
   metrics["merged_vs_adapted_max_abs_diff"] = difference
   if difference > 1e-3 * scale:
     raise RuntimeError(f"merged model differs from the adapted one by {difference:g}")
