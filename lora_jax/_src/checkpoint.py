@@ -120,6 +120,13 @@ def check_tree_matches(found: Mapping[str, tuple[tuple[int, ...], Any]],
     raise ValueError(f"{where} does not match the expected tree:\n  - " + "\n  - ".join(errors))
 
 
+def _abstract(tree: PyTree) -> PyTree:
+  """ShapeDtypeStructs (with the leaves' shardings, if any) that orbax restores onto."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)
+
+
 def load_adapters(directory: str | os.PathLike[str], *, target: PyTree | None = None,
                   step: int | None = None) -> tuple[dict[str, Any], LoraConfig]:
   """Loads adapters and their config saved by ``save_adapters``.
@@ -153,10 +160,7 @@ def load_adapters(directory: str | os.PathLike[str], *, target: PyTree | None = 
       if target is not None:
         expected = {p: (tuple(x.shape), np.dtype(x.dtype)) for p, x in leaves_with_paths(target)}
         check_tree_matches(_array_metadata(saved), expected, f"Adapter checkpoint {path}")
-        abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-            target)
-        restore = ocp.args.StandardRestore(abstract)
+        restore = ocp.args.StandardRestore(_abstract(target))
       else:
         restore = ocp.args.StandardRestore()
       adapters = checkpointer.restore(
@@ -225,9 +229,6 @@ def restore_train_state(directory: str | os.PathLike[str], target: PyTree
     step = manager.latest_step()
     if step is None:
       return None
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-        target)
     restored = manager.restore(step, args=ocp.args.Composite(
-        **{_STATE: ocp.args.StandardRestore(abstract)}))
+        **{_STATE: ocp.args.StandardRestore(_abstract(target))}))
   return step, restored[_STATE]

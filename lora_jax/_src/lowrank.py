@@ -19,6 +19,23 @@ import jax.numpy as jnp
 from jax import lax
 
 from lora_jax._src.lowrank_dot import ascending, lowrank_dot
+from lora_jax._src.plan import Target
+
+
+def low_rank_delta(a: jax.Array, b: jax.Array, *, stack: tuple[int, ...],
+                   ins: tuple[int, ...], outs: tuple[int, ...], ndim: int,
+                   scale: float) -> jax.Array:
+  """``scale * A @ B`` over the rank axis, in float32, laid out like the weight.
+
+  ``stack``, ``ins`` and ``outs`` are the weight positions of A's stack and
+  input axes and of B's output axes, in the factors' order.
+  """
+  names = string.ascii_letters.replace("z", "")[:ndim]
+  pick = lambda axes: "".join(names[p] for p in axes)  # noqa: E731
+  spec = f"{pick(stack)}{pick(ins)}z,{pick(stack)}z{pick(outs)}->{names}"
+  delta = jnp.einsum(spec, a, b, precision=lax.Precision.HIGHEST,
+                     preferred_element_type=jnp.float32)
+  return delta * jnp.float32(scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,15 +51,16 @@ class LowRank:
   scale: float
   path: str
 
+  @classmethod
+  def from_target(cls, target: Target, w: jax.Array, a: jax.Array, b: jax.Array) -> LowRank:
+    stack, ins, outs = target.axes
+    return cls(w, a, b, ins=ins, outs=outs, stack=stack, scale=target.scale, path=target.path)
+
   def materialize(self) -> jax.Array:
     """Forms the adapted weight in ``W``'s dtype, accumulating in float32."""
-    letters = string.ascii_letters.replace("z", "")
-    names = letters[:self.w.ndim]
-    pick = lambda axes: "".join(names[p] for p in axes)  # noqa: E731
-    spec = (f"{pick(self.stack)}{pick(self.ins)}z,{pick(self.stack)}z{pick(self.outs)}"
-            f"->{names}")
-    delta = jnp.einsum(spec, self.a, self.b, preferred_element_type=jnp.float32)
-    return (self.w.astype(jnp.float32) + self.scale * delta).astype(self.w.dtype)
+    delta = low_rank_delta(self.a, self.b, stack=self.stack, ins=self.ins, outs=self.outs,
+                           ndim=self.w.ndim, scale=self.scale)
+    return (self.w.astype(jnp.float32) + delta).astype(self.w.dtype)
 
   def replace(self, **changes: Any) -> LowRank:
     return dataclasses.replace(self, **changes)

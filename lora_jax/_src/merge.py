@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import string
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,20 +11,16 @@ import jax.numpy as jnp
 
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.lift import LoraParams
+from lora_jax._src.lowrank import low_rank_delta
 from lora_jax._src.plan import Target, plan
 from lora_jax._src.tree import PyTree, adapter_paths, lookup, map_with_paths
 
 
 def low_rank_product(target: Target, a: jax.Array, b: jax.Array) -> jax.Array:
   """``scale * A @ B`` over the rank axis, in float32, with the base leaf's shape."""
-  letters = iter(string.ascii_letters.replace("z", ""))
-  stack = "".join(next(letters) for _ in range(target.n_stack))
-  ins = "".join(next(letters) for _ in target.in_shape)
-  outs = "".join(next(letters) for _ in target.out_shape)
-  product = jnp.einsum(f"{stack}{ins}z,{stack}z{outs}->{stack}{ins}{outs}", a, b,
-                       precision=jax.lax.Precision.HIGHEST,
-                       preferred_element_type=jnp.float32)
-  return product * jnp.float32(target.scale)
+  stack, ins, outs = target.axes
+  return low_rank_delta(a, b, stack=stack, ins=ins, outs=outs, ndim=len(target.shape),
+                        scale=target.scale)
 
 
 def check_adapters(targets: tuple[Target, ...], adapters: Mapping[str, Any] | None,

@@ -57,6 +57,13 @@ class Target(NamedTuple):
     return self.stack_shape + (self.rank,) + self.out_shape
 
   @property
+  def axes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """Positions of the stack, input and output axes in the base leaf."""
+    split = self.n_stack + self.n_in
+    return (tuple(range(self.n_stack)), tuple(range(self.n_stack, split)),
+            tuple(range(split, len(self.shape))))
+
+  @property
   def num_adapter_params(self) -> int:
     return math.prod(self.a_shape) + math.prod(self.b_shape)
 

@@ -152,8 +152,8 @@ class _OrbaxWriter:
     shutil.rmtree(self.staging)
 
   def abort(self) -> None:
-    shutil.rmtree(self.staging, ignore_errors=True)
-    for stale in self.out.parent.glob(f"{self.out.name}.partial-{os.getpid()}*"):
+    # The staging folder and orbax's own pending folders beside it all carry its name.
+    for stale in self.out.parent.glob(f"{self.staging.name}*"):
       shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -161,8 +161,9 @@ def _ascii(text: str) -> np.ndarray:
 
 
 def _windows(codes: np.ndarray, length: int) -> np.ndarray:
+  """Non-overlapping windows of ``length`` codes (a trailing remainder is dropped)."""
   n = (len(codes) - 1) // length
-  return codes[:n * length + 1][: n * length].reshape(n, length)
+  return codes[:n * length].reshape(n, length)
 
 
 # --- charlm ------------------------------------------------------------------------------

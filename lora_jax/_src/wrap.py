@@ -97,13 +97,8 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *, mode: str = "facto
       return apply_fn(_fold(base, lp.adapters, config, 1.0), *args, **kwargs)
     leaves = leaves_with_paths(base)
     by_path = dict(leaves)
-    lowranks = {}
-    for target, a, b in check_adapters(plan(base, config), lp.adapters):
-      ns, split = target.n_stack, target.n_stack + target.n_in
-      w = by_path[target.path]
-      lowranks[target.path] = LowRank(
-          w, a, b, ins=tuple(range(ns, split)), outs=tuple(range(split, len(target.shape))),
-          stack=tuple(range(ns)), scale=target.scale, path=target.path)
+    lowranks = {t.path: LowRank.from_target(t, by_path[t.path], a, b)
+                for t, a, b in check_adapters(plan(base, config), lp.adapters)}
     paths = [p for p, _ in leaves]
     ctx = Context(warned, lora_rng, config.dropout)
     return run_factored(apply_fn, base, lowranks, paths, args, kwargs, ctx)
