@@ -22,6 +22,7 @@ from jax import lax
 from jax.extend import core as jcore
 
 from lora_jax._src import lowrank as lr_ops
+from lora_jax._src import recompute
 from lora_jax._src.lowrank import LowRank
 
 
@@ -88,16 +89,28 @@ def interpret(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Conte
     env[var] = val
   for var, val in zip(jaxpr.invars, args):
     env[var] = val
+  producers: dict[Any, Any] = {}  # variables computed by cheap (elementwise) equations
   for eqn in jaxpr.eqns:
     invals = [read(v) for v in eqn.invars]
     if any(isinstance(v, LowRank) for v in invals):
-      outs = _lowrank_eqn(eqn, invals, ctx)
+      outs = _lowrank_eqn(eqn, invals, ctx, lambda var: _recompute(var, producers, read))
     else:
       outs = _bind(eqn, invals)
+      if recompute.cheap(eqn):
+        producers.update((var, eqn) for var in eqn.outvars)
     for var, val in zip(eqn.outvars, outs):
       if not isinstance(var, jcore.DropVar):
         env[var] = val
   return [read(v) for v in jaxpr.outvars]
+
+
+def _recompute(var: Any, producers: dict[Any, Any], read: Callable[[Any], Any]) -> Any:
+  """``(fn, leaf values)`` recomputing ``var`` elementwise, or None (see recompute.py)."""
+  found = recompute.cone(var, producers)
+  if found is None:
+    return None
+  eqns, leaves = found
+  return recompute.replay(eqns, leaves, var, _bind), [read(v) for v in leaves]
 
 
 def _materialized(values: Sequence[Any], ctx: Context, primitive: str, reason: str) -> list[Any]:
@@ -113,7 +126,8 @@ _CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
           "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"}
 
 
-def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context) -> list[Any]:
+def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
+                 recompute_of: Callable[[Any], Any] = lambda var: None) -> list[Any]:
   name, params = eqn.primitive.name, eqn.params
   if name == "dot_general":
     x, w = invals
@@ -121,7 +135,8 @@ def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context) -> list[Any]:
       return _fallback(eqn, invals, ctx, "both operands are adapted weights")
     rhs = isinstance(w, LowRank)
     lr, x = (w, x) if rhs else (x, w)
-    out = lr_ops.dot_general_apply(x, lr, rhs, params, ctx.dropout_mask(x))
+    out = lr_ops.dot_general_apply(x, lr, rhs, params, ctx.dropout_mask(x),
+                                   recompute_of(eqn.invars[0 if rhs else 1]))
     if out is None:
       return _fallback(eqn, invals, ctx, "the contraction is neither over all input axes nor "
                        "over all output axes of the weight, or uses batch dimensions")

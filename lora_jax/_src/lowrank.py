@@ -85,8 +85,13 @@ def transpose_apply(lr: LowRank, permutation: tuple[int, ...]) -> LowRank:
 
 
 def dot_general_apply(x: jax.Array, lr: LowRank, weight_is_rhs: bool, params: dict[str, Any],
-                      dropout_mask: jax.Array | None) -> jax.Array | None:
-  """``dot_general`` of an input with an adapted weight, in factored form."""
+                      dropout_mask: jax.Array | None, recompute: Any = None
+                      ) -> jax.Array | None:
+  """``dot_general`` of an input with an adapted weight, in factored form.
+
+  ``recompute=(fn, leaves)`` with ``x == fn(*leaves)`` lets the backward pass
+  keep the leaves instead of ``x`` (see ``lowrank_dot``).
+  """
   (lc, rc), (lb, rb) = params["dimension_numbers"]
   if not weight_is_rhs:
     lc, rc, lb, rb = rc, lc, rb, lb
@@ -102,7 +107,7 @@ def dot_general_apply(x: jax.Array, lr: LowRank, weight_is_rhs: bool, params: di
   y = lowrank_dot(x, lr.w, *lr.factors(), dropout_mask, lhs_contract=tuple(lc),
                   w_contract=tuple(rc), ins=lr.ins, outs=lr.outs, contract_in=contract_in,
                   scale=lr.scale, precision=params.get("precision"),
-                  preferred=params.get("preferred_element_type"))
+                  preferred=params.get("preferred_element_type"), recompute=recompute)
   if weight_is_rhs:
     return y
   n_x = x.ndim - len(lc)

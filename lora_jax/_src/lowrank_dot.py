@@ -14,8 +14,8 @@ r-wide ``s·x·A`` and the factors, and computes
 
 from __future__ import annotations
 
-import functools
 import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -72,27 +72,75 @@ def _mm(x, y, x_axis, y_axis, precision=None, out=None, like=None):
                          preferred_element_type=out, **kwargs)
 
 
-@functools.cache
-def _matmul(w_transposed: bool, scale: float, precision: Any, preferred: Any):
-  """``y = x·W (or x·Wᵀ) + s·(x·P)·Q`` on 2-D operands, with the lean VJP above."""
+def _anti_cse(leaves: tuple[jax.Array, ...], dy: jax.Array) -> tuple[jax.Array, ...]:
+  """The same values, tied to ``dy`` so XLA cannot merge their recomputation.
+
+  A recomputation in the backward pass is only worth it if XLA's
+  common-subexpression elimination does not merge it with the forward
+  computation, which would keep the forward value alive after all. On GPU and
+  TPU an optimization barrier over ``(leaves, dy)`` prevents that, as in
+  ``jax.checkpoint``. XLA:CPU drops optimization barriers before that pass, so
+  there the values are multiplied by ``1 + 0·dy[0, …, 0]`` instead: different
+  instructions, at the cost of one fused multiply.
+  """
+  def barrier(leaves, dy):
+    return lax.optimization_barrier((leaves, dy))[0]
+
+  def multiply(leaves, dy):
+    one = 1 + 0 * dy[(0,) * dy.ndim]
+    return tuple(v * one.astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.inexact) else v
+                 for v in leaves)
+
+  if _explicit_spec(dy) is not None:  # a one-element slice of a sharded type is not allowed
+    return barrier(leaves, dy)
+  return lax.platform_dependent(leaves, dy, cpu=multiply, default=barrier)
+
+
+def _matmul(w_transposed: bool, scale: float, precision: Any, preferred: Any,
+            x_fn: Callable[..., jax.Array], recompute: bool) -> Callable[..., jax.Array]:
+  """``y = x·W (or x·Wᵀ) + s·(x·P)·Q`` on 2-D operands, with the lean VJP above.
+
+  The input is ``x = x_fn(*leaves)``. The VJP saves the leaves rather than
+  ``x``; with ``recompute`` it rebuilds ``x`` from them in the backward pass,
+  otherwise ``x_fn`` is only a reshape or transpose of a single leaf.
+  """
   w_axis = 1 if w_transposed else 0
 
-  def forward(x, w, p, q, mask):
+  def forward(x, w, p, q, mask, training):
     xd = x if mask is None else x * mask
-    base = _mm(x, w, 1, w_axis, precision, preferred)
     t = _mm(xd, p, 1, 0, precision) * jnp.asarray(scale, p.dtype)
+    if (training and not w_transposed and x.shape[0] >= x.shape[1] + p.shape[1]
+        and _explicit_spec(x) is None and _explicit_spec(w) is None):
+      # One product [x, s·x·P]·[W; Q] when the activations outweigh the weight:
+      # if the backward pass needs the output, XLA then keeps one buffer
+      # instead of the two summands. (Explicitly sharded operands keep the two
+      # products: their concatenation would need matching shardings.)
+      return _mm(jnp.concatenate([x, t], 1), jnp.concatenate([w, q], 0), 1, 0, precision,
+                 preferred), t
+    base = _mm(x, w, 1, w_axis, precision, preferred)
     return base + _mm(t, q, 1, 0, precision, base.dtype), t
 
   @jax.custom_vjp
-  def f(x, w, p, q, mask):
-    return forward(x, w, p, q, mask)[0]
+  def f(leaves, w, p, q, mask):
+    return forward(x_fn(*leaves), w, p, q, mask, False)[0]
 
-  def f_fwd(x, w, p, q, mask):
-    y, t = forward(x, w, p, q, mask)
-    return y, (x, w, p, q, mask, t)
+  def f_fwd(leaves, w, p, q, mask):
+    y, t = forward(x_fn(*leaves), w, p, q, mask, True)
+    return y, (leaves, w, p, q, mask, t)
 
   def f_bwd(res, dy):
-    x, w, p, q, mask, t = res
+    leaves, w, p, q, mask, t = res
+    if recompute:
+      leaves = _anti_cse(leaves, dy)
+    diff = [i for i, v in enumerate(leaves) if jnp.issubdtype(v.dtype, jnp.inexact)]
+
+    def of_diff(*values):
+      full = list(leaves)
+      for i, v in zip(diff, values):
+        full[i] = v
+      return x_fn(*full)
+
+    x, x_vjp = jax.vjp(of_diff, *(leaves[i] for i in diff))
     xd = x if mask is None else x * mask
     g = _mm(dy, q, 1, 1, precision, q.dtype) * jnp.asarray(scale, q.dtype)  # s·dy·Qᵀ: (M, r)
     dx_low = _mm(g, p, 1, 1, precision, x.dtype, like=x)
@@ -103,7 +151,10 @@ def _matmul(w_transposed: bool, scale: float, precision: Any, preferred: Any):
           else _mm(x, dy, 0, 0, precision, w.dtype, like=w))
     dp = _mm(xd, g, 0, 0, precision, p.dtype, like=p)
     dq = _mm(t, dy, 0, 0, precision, q.dtype, like=q)
-    return dx, dw, dp, dq, None if mask is None else jnp.zeros_like(mask)
+    d_leaves = [None] * len(leaves)
+    for i, d in zip(diff, x_vjp(dx)):
+      d_leaves[i] = d
+    return tuple(d_leaves), dw, dp, dq, None if mask is None else jnp.zeros_like(mask)
 
   f.defvjp(f_fwd, f_bwd)
   return f
@@ -112,13 +163,19 @@ def _matmul(w_transposed: bool, scale: float, precision: Any, preferred: Any):
 def lowrank_dot(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array,
                 mask: jax.Array | None, *, lhs_contract: tuple[int, ...],
                 w_contract: tuple[int, ...], ins: tuple[int, ...], outs: tuple[int, ...],
-                contract_in: bool, scale: float, precision: Any, preferred: Any) -> jax.Array:
+                contract_in: bool, scale: float, precision: Any, preferred: Any,
+                recompute: tuple[Callable[..., jax.Array], Sequence[jax.Array]] | None = None
+                ) -> jax.Array:
   """``dot_general(x, W')`` for ``W' = W + scale·A·B`` without forming ``W'``.
 
   ``w_contract`` are the weight axes contracted with ``lhs_contract`` of ``x``;
   they are the weight's input axes (``contract_in``) or its output axes (a
   transposed use such as ``x @ W.T``). The result has ``x``'s free axes, then
   the weight's free axes in ascending order, like ``lax.dot_general``.
+
+  ``recompute=(fn, leaves)`` says that ``x == fn(*leaves)`` is cheap to
+  recompute: the backward pass then keeps the leaves instead of ``x``, and
+  gradients reach the leaves through ``fn``.
   """
   side, other = (ins, outs) if contract_in else (outs, ins)
   x_contract = [lhs_contract[w_contract.index(p)] for p in side]
@@ -132,7 +189,12 @@ def lowrank_dot(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array,
   w2 = jnp.transpose(w, ins + outs).reshape(k_in, n_out)
   a2, b2 = a.reshape(k_in, -1), b.reshape(-1, n_out)
   p, q = (a2, b2) if contract_in else (b2.T, a2.T)
-  fn = _matmul(not contract_in, float(scale), precision, preferred)
-  y = fn(to_rows(x), w2, p, q, None if mask is None else to_rows(mask))
+  if recompute is None:
+    x_fn, leaves = to_rows, (x,)
+  else:
+    fn, leaves = recompute
+    x_fn = lambda *values: to_rows(fn(*values))  # noqa: E731
+  f = _matmul(not contract_in, float(scale), precision, preferred, x_fn, recompute is not None)
+  y = f(tuple(leaves), w2, p, q, None if mask is None else to_rows(mask))
   y = y.reshape(tuple(x.shape[d] for d in x_free) + tuple(w.shape[p] for p in other))
   return ascending(y, len(x_free), other)

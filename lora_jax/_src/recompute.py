@@ -1,0 +1,89 @@
+"""Which adapter inputs are cheap to recompute, and how.
+
+LoRA's ``dA = xᵀ·(s·dy·Bᵀ)`` needs the input ``x`` of every adapted product in
+the backward pass, while the base model's own backward pass often does not:
+``x`` may be a GELU output or a LayerNorm output that only the (frozen) weight
+consumed. Keeping it costs one activation-sized buffer per adapted product.
+When ``x`` is computed from earlier values by elementwise work only, the
+interpreter records that computation (its *cone*) and the adapted product
+keeps the earlier values and recomputes ``x`` during the backward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from jax.extend import core as jcore
+
+# Primitives whose recomputation costs one pass over their operands.
+ELEMENTWISE = frozenset({
+    "abs", "add", "and", "broadcast_in_dim", "cbrt", "clamp", "convert_element_type", "cos",
+    "div", "eq", "erf", "erf_inv", "erfc", "exp", "exp2", "expand_dims", "expm1", "ge", "gt",
+    "integer_pow", "le", "log", "log1p", "logistic", "lt", "max", "min", "mul", "ne", "neg", "not",
+    "or", "pow", "reshape", "rsqrt", "select_n", "sign", "sin", "sqrt", "square", "squeeze",
+    "stop_gradient", "sub", "tan", "tanh"})
+# Calls whose body may be recomputed when it is all elementwise (``jax.nn.gelu`` is jitted).
+_BODIES = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
+           "custom_jvp_call": "call_jaxpr"}
+MAX_EQUATIONS = 64
+
+
+def cheap(eqn: Any) -> bool:
+  """Whether ``eqn`` is elementwise work, directly or inside a call."""
+  name = eqn.primitive.name
+  if name in ELEMENTWISE:
+    return True
+  body = eqn.params.get(_BODIES.get(name, ""))
+  if body is None:
+    return False
+  return all(cheap(e) for e in getattr(body, "jaxpr", body).eqns)
+
+
+def _nbytes(var: Any) -> int:
+  aval = var.aval
+  return int(np.prod(aval.shape)) * np.dtype(aval.dtype).itemsize
+
+
+def cone(var: Any, producers: dict[Any, Any]) -> tuple[list[Any], list[Any]] | None:
+  """``(equations, leaves)``: how ``var`` is computed elementwise from ``leaves``.
+
+  ``producers`` maps each variable computed so far by a cheap equation to that
+  equation. Returns None when ``var`` has no cheap producer, when the cone is
+  larger than ``MAX_EQUATIONS``, or when keeping the leaves would cost more
+  memory than keeping ``var`` itself.
+  """
+  if var not in producers:
+    return None
+  found: dict[int, Any] = {}
+  leaves: dict[Any, None] = {}
+  stack = [var]
+  while stack:
+    v = stack.pop()
+    eqn = producers.get(v)
+    if eqn is None:
+      leaves[v] = None
+    elif id(eqn) not in found:
+      found[id(eqn)] = eqn
+      if len(found) > MAX_EQUATIONS:
+        return None
+      stack.extend(u for u in eqn.invars if not isinstance(u, jcore.Literal))
+  if sum(_nbytes(v) for v in leaves) > _nbytes(var) * 1.25:
+    return None
+  order = {id(e): i for i, e in enumerate(dict.fromkeys(producers.values()))}
+  return sorted(found.values(), key=lambda e: order[id(e)]), list(leaves)
+
+
+def replay(eqns: Sequence[Any], leaves: Sequence[Any], out: Any,
+           bind: Callable[[Any, list[Any]], list[Any]]) -> Callable[..., Any]:
+  """A function of the leaves' values that re-runs ``eqns`` and returns ``out``'s value."""
+
+  def fn(*values: Any) -> Any:
+    env = dict(zip(leaves, values))
+    for eqn in eqns:
+      outs = bind(eqn, [v.val if isinstance(v, jcore.Literal) else env[v] for v in eqn.invars])
+      env.update(zip(eqn.outvars, outs))
+    return env[out]
+
+  return fn
