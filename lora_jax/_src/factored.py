@@ -6,7 +6,10 @@ adapted weight bound to a ``LowRank`` value. Primitives that consume a
 embedding ``gather``, ``transpose``, dtype conversion) and pass it through
 nested calls (``jit``, ``closed_call``, custom derivatives, ``remat``, ``scan``,
 ``cond``, ``while``). Any other use materializes ``W + scale * A @ B`` for that
-use only, with one ``FallbackWarning`` per (primitive, path).
+use only, with one ``FallbackWarning`` per (primitive, path). The interpreter
+also records which values were computed by elementwise equations, so an
+adapted product whose input is one of them can recompute that input in the
+backward pass instead of keeping it (``recompute.py``).
 """
 
 from __future__ import annotations
@@ -89,22 +92,22 @@ def interpret(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Conte
     env[var] = val
   for var, val in zip(jaxpr.invars, args):
     env[var] = val
-  producers: dict[Any, Any] = {}  # variables computed by cheap (elementwise) equations
-  for eqn in jaxpr.eqns:
+  producers: dict[Any, tuple[int, Any]] = {}  # computed by cheap equations: (position, eqn)
+  for position, eqn in enumerate(jaxpr.eqns):
     invals = [read(v) for v in eqn.invars]
     if any(isinstance(v, LowRank) for v in invals):
       outs = _lowrank_eqn(eqn, invals, ctx, lambda var: _recompute(var, producers, read))
     else:
       outs = _bind(eqn, invals)
       if recompute.cheap(eqn):
-        producers.update((var, eqn) for var in eqn.outvars)
+        producers.update((var, (position, eqn)) for var in eqn.outvars)
     for var, val in zip(eqn.outvars, outs):
       if not isinstance(var, jcore.DropVar):
         env[var] = val
   return [read(v) for v in jaxpr.outvars]
 
 
-def _recompute(var: Any, producers: dict[Any, Any], read: Callable[[Any], Any]) -> Any:
+def _recompute(var: Any, producers: dict[Any, tuple[int, Any]], read: Callable[[Any], Any]) -> Any:
   """``(fn, leaf values)`` recomputing ``var`` elementwise, or None (see recompute.py)."""
   found = recompute.cone(var, producers)
   if found is None:

@@ -4,8 +4,9 @@ Any ``dot_general`` against an adapted weight is first brought to 2-D
 matrices (``x`` as ``(M, K)``, the weight as ``(K_in, N_out)``) by transposes
 and reshapes that are free for Flax's layouts: XLA lowers 2-D products to its
 fast fused matmuls, while the same products over several batch axes can cost a
-weight-sized transpose copy. The custom VJP then saves only the input, the
-r-wide ``s·x·A`` and the factors, and computes
+weight-sized transpose copy. The custom VJP then saves only the input (or the
+values it is cheaply recomputed from, see ``recompute.py``), the r-wide
+``s·x·A`` and the factors, and computes
 
 * ``dx = dy·Wᵀ + s·(dy·Bᵀ)·Aᵀ``, ``dA = s·xᵀ·(dy·Bᵀ)``, ``dB = (s·x·A)ᵀ·dy``;
 * ``dW = xᵀ·dy`` only if something uses it: for a frozen weight it is dead code

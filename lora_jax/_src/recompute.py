@@ -28,6 +28,8 @@ ELEMENTWISE = frozenset({
 _BODIES = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
            "custom_jvp_call": "call_jaxpr"}
 MAX_EQUATIONS = 64
+# Keep the leaves only if they are at most this much larger than the input itself.
+MAX_LEAF_RATIO = 1.25
 
 
 def cheap(eqn: Any) -> bool:
@@ -46,33 +48,33 @@ def _nbytes(var: Any) -> int:
   return int(np.prod(aval.shape)) * np.dtype(aval.dtype).itemsize
 
 
-def cone(var: Any, producers: dict[Any, Any]) -> tuple[list[Any], list[Any]] | None:
+def cone(var: Any, producers: dict[Any, tuple[int, Any]]) -> tuple[list[Any], list[Any]] | None:
   """``(equations, leaves)``: how ``var`` is computed elementwise from ``leaves``.
 
   ``producers`` maps each variable computed so far by a cheap equation to that
-  equation. Returns None when ``var`` has no cheap producer, when the cone is
-  larger than ``MAX_EQUATIONS``, or when keeping the leaves would cost more
-  memory than keeping ``var`` itself.
+  equation's position and the equation. Returns None when ``var`` has no cheap
+  producer, when the cone is larger than ``MAX_EQUATIONS``, or when keeping the
+  leaves would cost more memory than keeping ``var`` itself.
   """
   if var not in producers:
     return None
-  found: dict[int, Any] = {}
+  found: dict[int, Any] = {}  # position -> equation
   leaves: dict[Any, None] = {}
   stack = [var]
   while stack:
     v = stack.pop()
-    eqn = producers.get(v)
-    if eqn is None:
+    if v not in producers:
       leaves[v] = None
-    elif id(eqn) not in found:
-      found[id(eqn)] = eqn
+      continue
+    position, eqn = producers[v]
+    if position not in found:
+      found[position] = eqn
       if len(found) > MAX_EQUATIONS:
         return None
       stack.extend(u for u in eqn.invars if not isinstance(u, jcore.Literal))
-  if sum(_nbytes(v) for v in leaves) > _nbytes(var) * 1.25:
+  if sum(_nbytes(v) for v in leaves) > _nbytes(var) * MAX_LEAF_RATIO:
     return None
-  order = {id(e): i for i, e in enumerate(dict.fromkeys(producers.values()))}
-  return sorted(found.values(), key=lambda e: order[id(e)]), list(leaves)
+  return [found[i] for i in sorted(found)], list(leaves)
 
 
 def replay(eqns: Sequence[Any], leaves: Sequence[Any], out: Any,
