@@ -82,7 +82,9 @@ def _anti_cse(leaves: tuple[jax.Array, ...], dy: jax.Array) -> tuple[jax.Array, 
   TPU an optimization barrier over ``(leaves, dy)`` prevents that, as in
   ``jax.checkpoint``. XLA:CPU drops optimization barriers before that pass, so
   there the values are multiplied by ``1 + 0·dy[0, …, 0]`` instead: different
-  instructions, at the cost of one fused multiply.
+  instructions, at the cost of one fused multiply. (A non-finite ``dy[0, …, 0]``,
+  which already spoils the gradients, then makes all of this product's
+  gradients NaN.)
   """
   def barrier(leaves, dy):
     return lax.optimization_barrier((leaves, dy))[0]
