@@ -124,11 +124,6 @@ def _fallback(eqn: Any, invals: Sequence[Any], ctx: Context, reason: str) -> lis
   return _bind(eqn, _materialized(invals, ctx, eqn.primitive.name, reason))
 
 
-_CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
-          "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
-          "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"}
-
-
 def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
                  recompute_of: Callable[[Any], Any] = lambda var: None) -> list[Any]:
   name, params = eqn.primitive.name, eqn.params
@@ -162,8 +157,8 @@ def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
   if name in ("convert_element_type", "sharding_constraint", "copy", "copy_p"):
     (lr,) = invals
     return [lr.replace(w=eqn.primitive.bind(lr.w, **params))]
-  if name in _CALLS and _CALLS[name] in params:
-    inner = params[_CALLS[name]]
+  if recompute.CALL_BODIES.get(name) in params:
+    inner = params[recompute.CALL_BODIES[name]]
     return interpret(inner.jaxpr, inner.consts, invals, ctx)
   if name in ("remat", "remat2", "checkpoint"):
     return _remat(eqn, invals, ctx)

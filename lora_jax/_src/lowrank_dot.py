@@ -73,6 +73,10 @@ def _mm(x, y, x_axis, y_axis, precision=None, out=None, like=None):
                          preferred_element_type=out, **kwargs)
 
 
+def _differentiable(v: jax.Array) -> bool:
+  return jnp.issubdtype(v.dtype, jnp.inexact)
+
+
 def _anti_cse(leaves: tuple[jax.Array, ...], dy: jax.Array) -> tuple[jax.Array, ...]:
   """The same values, tied to ``dy`` so XLA cannot merge their recomputation.
 
@@ -91,8 +95,7 @@ def _anti_cse(leaves: tuple[jax.Array, ...], dy: jax.Array) -> tuple[jax.Array, 
 
   def multiply(leaves, dy):
     one = 1 + 0 * dy[(0,) * dy.ndim]
-    return tuple(v * one.astype(v.dtype) if jnp.issubdtype(v.dtype, jnp.inexact) else v
-                 for v in leaves)
+    return tuple(v * one.astype(v.dtype) if _differentiable(v) else v for v in leaves)
 
   if _explicit_spec(dy) is not None:  # a one-element slice of a sharded type is not allowed
     return barrier(leaves, dy)
@@ -135,7 +138,7 @@ def _matmul(w_transposed: bool, scale: float, precision: Any, preferred: Any,
     leaves, w, p, q, mask, t = res
     if recompute:
       leaves = _anti_cse(leaves, dy)
-    diff = [i for i, v in enumerate(leaves) if jnp.issubdtype(v.dtype, jnp.inexact)]
+    diff = [i for i, v in enumerate(leaves) if _differentiable(v)]
 
     def of_diff(*values):
       full = list(leaves)

@@ -24,9 +24,12 @@ ELEMENTWISE = frozenset({
     "integer_pow", "le", "log", "log1p", "logistic", "lt", "max", "min", "mul", "ne", "neg", "not",
     "or", "pow", "reshape", "rsqrt", "select_n", "sign", "sin", "sqrt", "square", "squeeze",
     "stop_gradient", "sub", "tan", "tanh"})
-# Calls whose body may be recomputed when it is all elementwise (``jax.nn.gelu`` is jitted).
-_BODIES = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
-           "custom_jvp_call": "call_jaxpr"}
+# Call primitives and the parameter holding their body (shared with the interpreter).
+CALL_BODIES = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
+               "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
+               "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"}
+# Calls that may be recomputed when their body is all elementwise (``jax.nn.gelu`` is jitted).
+_RECOMPUTABLE_CALLS = frozenset({"pjit", "jit", "closed_call", "custom_jvp_call"})
 MAX_EQUATIONS = 64
 # Keep the leaves only if they are at most this much larger than the input itself.
 MAX_LEAF_RATIO = 1.25
@@ -37,7 +40,7 @@ def cheap(eqn: Any) -> bool:
   name = eqn.primitive.name
   if name in ELEMENTWISE:
     return True
-  body = eqn.params.get(_BODIES.get(name, ""))
+  body = eqn.params.get(CALL_BODIES[name]) if name in _RECOMPUTABLE_CALLS else None
   if body is None:
     return False
   return all(cheap(e) for e in getattr(body, "jaxpr", body).eqns)
