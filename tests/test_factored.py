@@ -149,10 +149,45 @@ def test_dropout_in_scan_differs_per_layer(key):
   assert not np.allclose(out[0], out[1])
 
 
+def _compiled(fn, *args):
+  return jax.jit(fn).lower(*args).compile()
+
+
 def _cost(fn, *args):
-  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+  analysis = _compiled(fn, *args).cost_analysis()
   analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
   return analysis["flops"]
+
+
+def _temp_bytes(fn, *args):
+  return _compiled(fn, *args).memory_analysis().temp_size_in_bytes
+
+
+def _mean_square(out):
+  return jnp.mean(out ** 2)
+
+
+def _lifted(model, x_shape):
+  """``(x, params, config, lp)``: the model initialized and lifted with r=8 on every kernel."""
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  params = jax.jit(model.init)(jax.random.key(1), x)
+  config = lj.LoraConfig(rank=8, targets=r"kernel$")
+  return x, params, config, lj.lift(params, config, key=jax.random.key(2))
+
+
+def _floor(model, params, x):
+  """``(grad_fn, train, frozen)``: the gradient for every leaf but the kernels (biases,
+  LayerNorm parameters), i.e. a forward plus an input-gradient backward."""
+  flat = dict(zip(lj.paths(params), jax.tree.leaves(params)))
+  train = {p: v for p, v in flat.items() if not p.endswith("kernel")}
+  frozen = {p: v for p, v in flat.items() if p.endswith("kernel")}
+
+  def loss(train, frozen):
+    joined = {**frozen, **train}
+    tree = jax.tree.unflatten(jax.tree.structure(params), [joined[p] for p in lj.paths(params)])
+    return _mean_square(model.apply(tree, x))
+
+  return jax.grad(loss), train, frozen
 
 
 class _Wide(nn.Module):
@@ -166,22 +201,11 @@ class _Wide(nn.Module):
 def test_factored_gradient_computes_no_weight_gradient():
   """Structural: a factored LoRA gradient costs the frozen-weight floor, not full fine-tuning."""
   model = _Wide()
-  x = jax.random.normal(jax.random.key(0), (64, 512))
-  params = jax.jit(model.init)(jax.random.key(1), x)
-  config = lj.LoraConfig(rank=8, targets=r"kernel$")
-  lp = lj.lift(params, config, key=jax.random.key(2))
-  loss = lambda out: jnp.mean(out ** 2)  # noqa: E731
-
-  def floor(biases, kernels):  # gradient for the biases only: forward + input-gradient backward
-    p = {"params": {k: {"kernel": kernels[k], "bias": biases[k]} for k in kernels}}
-    return jax.grad(lambda b: loss(model.apply(
-        {"params": {k: {"kernel": kernels[k], "bias": b[k]} for k in kernels}}, x)))(biases), p
-
-  biases = {k: v["bias"] for k, v in params["params"].items()}
-  kernels = {k: v["kernel"] for k, v in params["params"].items()}
-  floor_flops = _cost(lambda b, k: floor(b, k)[0], biases, kernels)
-  full_flops = _cost(jax.grad(lambda p: loss(model.apply(p, x))), params)
-  lora = lambda mode: jax.grad(lambda lp: loss(lj.wrap(model.apply, config, mode=mode)(lp, x)))  # noqa: E731
+  x, params, config, lp = _lifted(model, (64, 512))
+  floor_flops = _cost(*_floor(model, params, x))
+  full_flops = _cost(jax.grad(lambda p: _mean_square(model.apply(p, x))), params)
+  lora = lambda mode: jax.grad(  # noqa: E731
+      lambda lp: _mean_square(lj.wrap(model.apply, config, mode=mode)(lp, x)))
   factored_flops = _cost(lora("factored"), lp)
   merged_flops = _cost(lora("merge"), lp)
   assert factored_flops <= 1.06 * floor_flops, (factored_flops, floor_flops)
@@ -195,13 +219,9 @@ class _Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     for _ in range(2):
-      h = nn.gelu(nn.Dense(1024, name=None)(nn.LayerNorm()(x)))
+      h = nn.gelu(nn.Dense(1024)(nn.LayerNorm()(x)))
       x = x + nn.Dense(256)(h)
     return x
-
-
-def _temp_bytes(fn, *args):
-  return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
 def test_backward_keeps_no_extra_activation_for_elementwise_adapter_inputs():
@@ -210,25 +230,12 @@ def test_backward_keeps_no_extra_activation_for_elementwise_adapter_inputs():
   anyway, it is recomputed. Keeping the inputs instead costs 1.5x the frozen floor's
   temporary memory on this model; recomputing them 1.16x (XLA:CPU, buffer packing)."""
   model = _Mlp()
-  x = jax.random.normal(jax.random.key(0), (512, 256))
-  params = jax.jit(model.init)(jax.random.key(1), x)
-  config = lj.LoraConfig(rank=8, targets=r"kernel$")
-  lp = lj.lift(params, config, key=jax.random.key(2))
-  loss = lambda out: jnp.mean(out ** 2)  # noqa: E731
-  small = lambda path: not path.endswith("kernel")  # noqa: E731
-  flat = dict(zip(lj.paths(params), jax.tree.leaves(params)))
-
-  def floor(train, frozen):  # gradient for biases and LayerNorm parameters only
-    joined = {**frozen, **train}
-    tree = jax.tree.unflatten(jax.tree.structure(params), [joined[p] for p in lj.paths(params)])
-    return loss(model.apply(tree, x))
-
-  train = {p: v for p, v in flat.items() if small(p)}
-  frozen = {p: v for p, v in flat.items() if not small(p)}
-  floor_bytes = _temp_bytes(jax.grad(floor), train, frozen)
+  x, params, config, lp = _lifted(model, (512, 256))
+  floor_bytes = _temp_bytes(*_floor(model, params, x))
   apply = lj.wrap(model.apply, config)
   factored_bytes = _temp_bytes(
-      jax.grad(lambda ad, base: loss(apply(lj.LoraParams(base, ad), x))), lp.adapters, lp.base)
+      jax.grad(lambda ad, base: _mean_square(apply(lj.LoraParams(base, ad), x))),
+      lp.adapters, lp.base)
   assert factored_bytes <= 1.25 * floor_bytes, (factored_bytes, floor_bytes)
 
 
