@@ -125,7 +125,7 @@ def _fallback(eqn: Any, invals: Sequence[Any], ctx: Context, reason: str) -> lis
 
 
 def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
-                 recompute_of: Callable[[Any], Any] = lambda var: None) -> list[Any]:
+                 recompute_of: Callable[[Any], Any]) -> list[Any]:
   name, params = eqn.primitive.name, eqn.params
   if name == "dot_general":
     x, w = invals
