@@ -2,12 +2,11 @@
 
 import os
 
-# The 8 fake devices share 2 cores: raise XLA:CPU's 40 s collective timeout so a lagging
-# device thread is waited for instead of aborting the process.
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    " --xla_cpu_collective_call_terminate_timeout_seconds=1200"
-    " --xla_cpu_collective_timeout_seconds=1200").strip()
+from lora_jax._src.host_devices import set_host_devices
+
+# The 8 fake devices share 2 cores: raise XLA:CPU's 40 s collective timeout (where this XLA
+# has the flags) so a lagging device thread is waited for instead of aborting the process.
+set_host_devices(8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -1,4 +1,4 @@
-"""Classifier: an MLP pretrained on scikit-learn's handwritten digits, adapted to rotated digits.
+"""Classifier: an MLP pretrained on the UCI digits (shipped with lora_jax), adapted to rotated ones.
 
 Run: python examples/digits_classifier.py [key=value ...]   (config: configs/digits.yaml)
 Prints test accuracy of the frozen base, LoRA and full fine-tuning, and the trainable share.

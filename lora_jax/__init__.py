@@ -9,7 +9,7 @@ from lora_jax._src.checkpoint import (
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.factored import FallbackWarning
 from lora_jax._src.job import load_job_config, run_job
-from lora_jax._src.lift import LoraParams, disable, lift
+from lora_jax._src.lift import LoraParams, disable, lift, overlay
 from lora_jax._src.merge import merge, unmerge
 from lora_jax._src.optim import labels, optimizer
 from lora_jax._src.peft_format import export_peft, import_peft
@@ -42,6 +42,7 @@ __all__ = [
     "merge",
     "merge_checkpoint",
     "optimizer",
+    "overlay",
     "paths",
     "plan",
     "run_job",

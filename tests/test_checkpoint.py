@@ -24,7 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 
 
 def _lifted():
-  config = lj.LoraConfig(rank=4, targets=r"kernel$", trainable=r"bias$", rank_pattern={"h": 2})
+  config = lj.LoraConfig(rank=4, targets=r"kernel$", rank_pattern={"h": 2})
   params = {"d": {"kernel": jnp.ones((16, 8)), "bias": jnp.zeros(8)},
             "h": {"kernel": jnp.ones((8, 4))}}
   lp = lj.lift(params, config, key=jax.random.key(0))
@@ -42,6 +42,43 @@ def test_round_trip_with_config(tmp_path):
   with pytest.raises(FileExistsError, match=r"already exists; pass overwrite=True"):
     lj.save_adapters(tmp_path / "ckpt", lp.adapters, config)
   lj.save_adapters(tmp_path / "ckpt", lp.adapters, config, overwrite=True)
+
+
+def test_trained_leaves_are_saved_restored_and_overlaid(tmp_path):
+  """Everything a run trains survives: adapters and the leaves trained in full."""
+  config = lj.LoraConfig(rank=2, targets=r"layers/\d+/kernel$", trainable=(r"bias$", r"head/"))
+  k = jax.random.split(jax.random.key(0), 3)
+  params = {"layers": [{"kernel": jax.random.normal(k[0], (6, 5)), "bias": jnp.zeros(5)},
+                       {"kernel": jax.random.normal(k[1], (5, 4)), "bias": jnp.zeros(4)}],
+            "head": {"kernel": jax.random.normal(k[2], (4, 3)), "bias": jnp.zeros(3)}}
+  apply = lambda p, x: (jax.nn.relu(jax.nn.relu(x @ p["layers"][0]["kernel"]  # noqa: E731
+                                                + p["layers"][0]["bias"])
+                                    @ p["layers"][1]["kernel"] + p["layers"][1]["bias"])
+                        @ p["head"]["kernel"] + p["head"]["bias"])
+  lp = lj.lift(params, config, key=jax.random.key(1))
+  trained = lj.LoraParams(jax.tree.map(lambda x: x + 0.25, lp.base),  # every leaf "trained"...
+                          jax.tree.map(lambda x: x + 0.5, lp.adapters))
+  # ...but only adapters and config.trainable leaves are the run's: the frozen kernels stay.
+  biases = [{"bias": layer["bias"]} for layer in trained.base["layers"]]
+  trained = lj.LoraParams(lj.overlay(params, {"layers": biases, "head": trained.base["head"]}),
+                          trained.adapters)
+  x = jax.random.normal(jax.random.key(2), (7, 6))
+  expected = lj.wrap(apply, config)(trained, x)
+  with pytest.raises(ValueError, match=r"names base leaves trained in full, which lp.adapters "
+                     r"does not hold; saving it alone would lose them"):
+    lj.save_adapters(tmp_path / "ckpt", trained.adapters, config)
+  path = lj.save_adapters(tmp_path / "ckpt", trained, config)
+  loaded, restored = lj.load_adapters(path)
+  assert restored == config and isinstance(loaded, lj.LoraParams)
+  assert sorted(lj.paths(loaded.base)) == ["head/bias", "head/kernel", "layers/0/bias",
+                                           "layers/1/bias"]
+  lp2 = lj.overlay(params, loaded)  # the original base + everything the run trained
+  np.testing.assert_array_equal(lj.wrap(apply, config)(lp2, x), expected)
+  strict, _ = lj.load_adapters(path, target=trained)
+  jax.tree.map(np.testing.assert_array_equal, lj.overlay(params, strict), trained)
+  with pytest.raises(ValueError, match=r"overlay: the trained leaves do not fit the base tree"
+                     r"[^$]*head/kernel: shape \(4, 3\) here, \(4, 2\) in the base"):
+    lj.overlay({**params, "head": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(3)}}, loaded)
 
 
 def test_steps_and_latest(tmp_path):

@@ -29,7 +29,7 @@ PARAMS = {"params": {
     (dict(alpha_pattern={"q": -1.0}), r"alpha_pattern\['q'\] must be a positive"),
     (dict(init="xavier"), r"init must be one of \('default', 'gaussian'\), got 'xavier'"),
     (dict(dtype="int8"), r"dtype must name a floating dtype .* got 'int8'"),
-    (dict(in_axes={"k": -1}), r"in_axes\['k'\] must be a non-negative integer"),
+    (dict(in_axes={"k": -1}), r"in_axes\['k'\] must be a number of axes"),
     (dict(targets=()), r"targets is empty"),
     (dict(targets=3), r"targets must be a regular expression string"),
 ])

@@ -26,7 +26,7 @@ def test_example_configs_run_tiny(tmp_path, name, extra, capsys):
   written = json.loads((tmp_path / "metrics.json").read_text())
   assert written["lora"] == pytest.approx(metrics["lora"])
   assert {"base", "lora", "full", "trainable_params", "curves"} <= set(written)
-  assert (tmp_path / "loss.png").stat().st_size > 1000
+  assert (tmp_path / "loss.svg").stat().st_size > 1000
   adapters, _ = lj.load_adapters(tmp_path / "adapters")
   assert adapters
   assert written["merged_vs_adapted_max_abs_diff"] < 1e-3

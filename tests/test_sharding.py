@@ -113,6 +113,9 @@ def test_factored_mlp_on_explicit_mesh_recomputes_and_matches(mesh):
   Enough rows that the training forward pass takes the one-product form, and a
   GELU input that the backward pass recomputes, both under explicit sharding.
   """
+  # Explicit axes stated: jax.make_mesh's default axis type changed from Auto to Explicit in 0.8.
+  mesh = jax.make_mesh((2, 4), ("data", "model"),
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
   k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
   put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
   params = {"up": {"kernel": put(jax.random.normal(k1, (16, 32)) / 4, P(None, "model")),

@@ -1,7 +1,8 @@
 """Adapter and training-state checkpoints with orbax-checkpoint.
 
-An adapter checkpoint is a directory holding two orbax items: ``adapters``
-(the arrays) and ``config`` (the ``LoraConfig`` as JSON). Orbax writes into a
+An adapter checkpoint is a directory holding orbax items: ``adapters`` (the
+arrays), ``config`` (the ``LoraConfig`` as JSON) and, when saved from a
+``LoraParams``, ``trained`` (the base leaves trained in full). Orbax writes into a
 temporary directory and renames it when complete, so a crash never leaves a
 half-written checkpoint under the final name.
 """
@@ -18,9 +19,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lora_jax._src.config import LoraConfig
-from lora_jax._src.tree import PyTree, leaves_with_paths
+from lora_jax._src.lift import LoraParams
+from lora_jax._src.tree import PyTree, leaves_with_paths, trained_leaves
 
-_ADAPTERS, _CONFIG, _STATE = "adapters", "config", "state"
+_ADAPTERS, _CONFIG, _STATE, _TRAINED = "adapters", "config", "state", "trained"
 
 
 def _composite() -> ocp.Checkpointer:
@@ -38,15 +40,21 @@ def _steps(directory: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
 
 
-def save_adapters(directory: str | os.PathLike[str], adapters: Mapping[str, Any],
+def save_adapters(directory: str | os.PathLike[str], adapters: LoraParams | Mapping[str, Any],
                   config: LoraConfig, *, step: int | None = None,
                   overwrite: bool = False) -> pathlib.Path:
   """Saves adapters and their config; returns once the checkpoint is complete on disk.
 
+  Pass the whole ``LoraParams`` to save everything a run trained: the adapters
+  and the base leaves trained in full (``config.trainable``: a head, biases).
+  The frozen base is never saved here.
+
   Args:
     directory: where to write. With ``step``, a step folder ``directory/<step>``
       is written (orbax ``CheckpointManager`` layout) and others are kept.
-    adapters: the ``adapters`` of ``LoraParams``.
+    adapters: the ``LoraParams`` (adapters and trained leaves), or ``lp.adapters``.
+      Saving only ``lp.adapters`` while ``config.trainable`` names leaves is an
+      error: those leaves would be lost.
     config: the ``LoraConfig`` they were made with (saved as JSON beside them).
     step: optional training step.
     overwrite: replace an existing checkpoint at the same place.
@@ -70,8 +78,21 @@ def save_adapters(directory: str | os.PathLike[str], adapters: Mapping[str, Any]
   if not isinstance(config, LoraConfig):
     raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}.")
   directory = pathlib.Path(directory).absolute()
-  args = ocp.args.Composite(**{_ADAPTERS: ocp.args.StandardSave(adapters),
-                               _CONFIG: ocp.args.JsonSave(config.to_dict())})
+  items = {_CONFIG: ocp.args.JsonSave(config.to_dict())}
+  if isinstance(adapters, LoraParams):
+    if adapters.adapters is None:
+      raise ValueError("save_adapters: the LoraParams has no adapters (lora_jax.disable?).")
+    trained = trained_leaves(adapters.base, config.is_trainable)
+    if trained:
+      items[_TRAINED] = ocp.args.StandardSave(trained)
+    adapters = adapters.adapters
+  elif config.trainable:
+    raise ValueError(
+        f"save_adapters: config.trainable {list(config.trainable)} names base leaves trained "
+        "in full, which lp.adapters does not hold; saving it alone would lose them. Pass the "
+        "whole LoraParams: save_adapters(directory, lp, config).")
+  items[_ADAPTERS] = ocp.args.StandardSave(adapters)
+  args = ocp.args.Composite(**items)
   if step is None:
     if directory.exists() and not overwrite:
       raise FileExistsError(f"{directory} already exists; pass overwrite=True to replace it, "
@@ -128,7 +149,8 @@ def _abstract(tree: PyTree) -> PyTree:
 
 
 def load_adapters(directory: str | os.PathLike[str], *, target: PyTree | None = None,
-                  step: int | None = None) -> tuple[dict[str, Any], LoraConfig]:
+                  step: int | None = None
+                  ) -> tuple[dict[str, Any] | LoraParams, LoraConfig]:
   """Loads adapters and their config saved by ``save_adapters``.
 
   Restoring is strict: with ``target`` (arrays or ``jax.ShapeDtypeStruct``,
@@ -139,11 +161,16 @@ def load_adapters(directory: str | os.PathLike[str], *, target: PyTree | None = 
   Args:
     directory: a checkpoint written by ``save_adapters``, or a folder of step
       checkpoints (the latest, or ``step``, is loaded).
-    target: optional tree giving the expected structure, shapes, dtypes and shardings.
+    target: optional tree giving the expected structure, shapes, dtypes and
+      shardings: the adapters, or a ``LoraParams`` for a checkpoint saved from one
+      (its base's trained leaves are the target of the trained leaves).
     step: which step to load from a folder of step checkpoints.
 
   Returns:
-    ``(adapters, config)``.
+    ``(adapters, config)``; for a checkpoint saved from a ``LoraParams``,
+    ``(LoraParams(trained, adapters), config)`` where ``trained`` holds just the
+    leaves trained in full at their paths: ``lora_jax.overlay(base, loaded)``
+    puts them into the original base.
 
   Raises:
     FileNotFoundError: when there is no checkpoint.
@@ -155,21 +182,36 @@ def load_adapters(directory: str | os.PathLike[str], *, target: PyTree | None = 
       config_dict = checkpointer.restore(
           path, ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))[_CONFIG]
       config = LoraConfig.from_dict(config_dict)
-      saved = ocp.PyTreeCheckpointer().metadata(path / _ADAPTERS)
-      saved = getattr(getattr(saved, "item_metadata", saved), "tree", saved)
-      if target is not None:
-        expected = {p: (tuple(x.shape), np.dtype(x.dtype)) for p, x in leaves_with_paths(target)}
-        check_tree_matches(_array_metadata(saved), expected, f"Adapter checkpoint {path}")
-        restore = ocp.args.StandardRestore(_abstract(target))
-      else:
-        restore = ocp.args.StandardRestore()
-      adapters = checkpointer.restore(
-          path, ocp.args.Composite(**{_ADAPTERS: restore}))[_ADAPTERS]
+      has_trained = (path / _TRAINED).is_dir()
+      targets = {_ADAPTERS: target.adapters if isinstance(target, LoraParams) else target}
+      if has_trained:
+        targets[_TRAINED] = (trained_leaves(target.base, config.is_trainable)
+                             if isinstance(target, LoraParams) else None)
+      elif isinstance(target, LoraParams) and config.trainable:
+        raise ValueError(f"Adapter checkpoint {path} holds no trained leaves, but its config "
+                         f"trains {list(config.trainable)} in full.")
+      restored = {}
+      for item, item_target in targets.items():
+        saved = ocp.PyTreeCheckpointer().metadata(path / item)
+        saved = getattr(getattr(saved, "item_metadata", saved), "tree", saved)
+        if item_target is not None:
+          expected = {p: (tuple(x.shape), np.dtype(x.dtype))
+                      for p, x in leaves_with_paths(item_target)}
+          check_tree_matches(_array_metadata(saved), expected,
+                             f"Adapter checkpoint {path} ({item})")
+          restore = ocp.args.StandardRestore(_abstract(item_target))
+        else:
+          restore = ocp.args.StandardRestore()
+        restored[item] = checkpointer.restore(
+            path, ocp.args.Composite(**{item: restore}))[item]
   except (ValueError, FileNotFoundError, TypeError):
     raise
   except Exception as e:  # orbax and tensorstore raise many kinds for damaged files
     raise ValueError(f"Cannot read the adapter checkpoint at {path}: it is damaged or not a "
                      f"lora_jax checkpoint ({type(e).__name__}: {e}).") from e
+  adapters = restored[_ADAPTERS]
+  if has_trained:
+    return LoraParams(restored[_TRAINED], adapters), config
   return adapters, config
 
 

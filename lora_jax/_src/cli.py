@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from lora_jax._src.summary import format_table
+from lora_jax._src.summary import format_table, natural_key, natural_sorted
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -19,7 +19,8 @@ def _merge(args: argparse.Namespace) -> int:
   report = merge_checkpoint(args.base, args.adapters, args.out, dtype=args.dtype, safe=args.safe,
                             output_format=args.format, group_bytes=args.group_mb << 20,
                             overwrite=args.overwrite)
-  print(f"merged {report['merged']} of {report['leaves']} leaves, wrote "
+  print(f"merged {report['merged']} of {report['leaves']} leaves ({report['trained']} trained "
+        f"in full), wrote "
         f"{report['bytes'] / 2**20:.1f} MiB to {report['out']} in "
         f"{time.perf_counter() - start:.1f} s")
   return 0
@@ -29,13 +30,16 @@ def _inspect(args: argparse.Namespace) -> int:
   import jax  # pylint: disable=import-outside-toplevel
 
   from lora_jax._src.checkpoint import load_adapters  # pylint: disable=import-outside-toplevel
+  from lora_jax._src.lift import LoraParams  # pylint: disable=import-outside-toplevel
   from lora_jax._src.tree import leaves_with_paths  # pylint: disable=import-outside-toplevel
 
-  adapters, config = load_adapters(args.path)
+  loaded, config = load_adapters(args.path)
+  trained = dict(leaves_with_paths(loaded.base)) if isinstance(loaded, LoraParams) else {}
+  adapters = loaded.adapters if isinstance(loaded, LoraParams) else loaded
   print("config:", json.dumps(config.to_dict(), indent=2, sort_keys=True))
   flat = dict(leaves_with_paths(adapters))
   rows, total, nbytes = [], 0, 0
-  for path in sorted({p.rsplit("/", 1)[0] for p in flat}):
+  for path in natural_sorted({p.rsplit("/", 1)[0] for p in flat}):
     a, b = flat[f"{path}/a"], flat[f"{path}/b"]
     n = a.size + b.size
     total += n
@@ -44,8 +48,18 @@ def _inspect(args: argparse.Namespace) -> int:
                  f"{config.scale_for(path):g}"))
   print()
   print(format_table(("path", "rank", "A shape", "B shape", "params", "scale"), rows, right_from=1))
+  dtypes = sorted({str(np.dtype(x.dtype)) for x in jax.tree.leaves(adapters)})
   print(f"\n{len(rows)} adapted leaves, {total:,} adapter parameters, {nbytes:,} bytes "
-        f"({', '.join(sorted({str(np.dtype(x.dtype)) for x in jax.tree.leaves(adapters)}))})")
+        f"({', '.join(dtypes)})")
+  if trained:
+    print()
+    print(format_table(("trained in full", "shape", "params"),
+                       [(p, str(tuple(v.shape)), f"{v.size:,}")
+                        for p, v in sorted(trained.items(), key=lambda kv: natural_key(kv[0]))],
+                       right_from=1))
+    full = sum(v.size for v in trained.values())
+    print(f"\n{len(trained)} leaves trained in full, {full:,} parameters; "
+          f"{total + full:,} trained parameters in all")
   return 0
 
 
@@ -56,8 +70,23 @@ def _train(args: argparse.Namespace) -> int:
   return 0
 
 
+_EXAMPLES = """examples:
+  lora-jax train --config configs/quickstart.yaml
+  lora-jax train --config configs/charlm.yaml --set finetune.steps=100 --set lora.rank=4
+  lora-jax inspect runs/quickstart/adapters
+  lora-jax merge --base BASE_CKPT --adapters runs/quickstart/adapters --out merged
+  lora-jax merge --base model.safetensors --adapters ADAPTERS --out merged.safetensors \\
+                 --format safetensors --dtype bfloat16
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="lora-jax", description="LoRA for JAX and Flax.")
+  from lora_jax import __version__  # pylint: disable=import-outside-toplevel
+
+  parser = argparse.ArgumentParser(prog="lora-jax", description="LoRA for JAX and Flax.",
+                                   epilog=_EXAMPLES,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--version", action="version", version=f"lora-jax {__version__}")
   commands = parser.add_subparsers(dest="command", required=True)
   merge = commands.add_parser(
       "merge", help="fold an adapter checkpoint into a base checkpoint, streaming leaf by leaf")
@@ -74,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
   merge.add_argument("--overwrite", action="store_true", help="replace an existing output")
   merge.set_defaults(run=_merge)
   train = commands.add_parser("train", help="run a LoRA fine-tuning job from a YAML config")
-  train.add_argument("--config", default=None, help="job YAML, e.g. configs/quickstart.yaml")
+  train.add_argument("--config", required=True,
+                     help="job YAML, e.g. configs/quickstart.yaml (keys: see the README)")
   train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, dotted for nested keys "
                      "(e.g. finetune.steps=100); repeatable")

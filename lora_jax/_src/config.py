@@ -15,6 +15,9 @@ import numpy as np
 
 _INITS = ("default", "gaussian")
 
+Axes = int | tuple[int, ...]
+"""A number of axes, or explicit axis positions in a kernel."""
+
 # Fields holding {regex: value} overrides, stored as tuples of pairs to stay hashable.
 _PATTERN_FIELDS = ("rank_pattern", "alpha_pattern", "in_axes", "stack_axes")
 # Fields holding one regex or several.
@@ -72,6 +75,19 @@ def _positive_int(field: str, value: Any, where: str = "") -> int:
   return int(value)
 
 
+def _axes_value(field: str, pattern: str, value: Any) -> int | tuple[int, ...]:
+  """A count of axes (int >= 0) or explicit axis positions (a tuple of distinct ints)."""
+  is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)  # noqa: E731
+  if is_int(value) and value >= 0:
+    return int(value)
+  if (isinstance(value, (tuple, list)) and value and all(is_int(v) for v in value)
+      and len(set(value)) == len(value)):
+    return tuple(int(v) for v in value)
+  raise ValueError(
+      f"LoraConfig.{field}[{pattern!r}] must be a number of axes (e.g. 1) or a list of "
+      f"distinct axis positions in the kernel (e.g. (1,) or [0, 2]), got {value!r}.")
+
+
 def _positive_float(field: str, value: Any, where: str = "") -> float:
   if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
     raise ValueError(f"LoraConfig.{field}{where} must be a positive number, got {value!r}.")
@@ -112,8 +128,12 @@ class LoraConfig:
     trainable: regexes of base leaves trained in full (biases, norms, a head).
     init: ``"default"`` (A he-uniform over its input axes) or ``"gaussian"``
       (A normal with standard deviation ``1 / r``); B is zero in both.
-    in_axes: ``{regex: n}``, the number of input axes of matching kernels.
-    stack_axes: ``{regex: n}``, leading stacked-layer axes (1 for ``nn.scan``).
+    in_axes: ``{regex: n}``, the number of input axes of matching kernels (the
+      ``n`` axes after the stacked ones), or ``{regex: (i, ...)}``, their
+      positions in the kernel: ``(1,)`` for a kernel stored ``(out, in)`` and
+      used as ``x @ W.T``, or for Gemma's ``q_einsum/w`` ``(heads, embed, head_dim)``.
+    stack_axes: ``{regex: n}``, leading stacked-layer axes (1 for ``nn.scan``),
+      or ``{regex: (i, ...)}``, their positions.
     dtype: dtype of the adapter arrays.
 
   Example:
@@ -134,8 +154,8 @@ class LoraConfig:
   use_rslora: bool = False
   trainable: tuple[str, ...] | str = ()
   init: str = "default"
-  in_axes: tuple[tuple[str, int], ...] | Mapping[str, int] = ()
-  stack_axes: tuple[tuple[str, int], ...] | Mapping[str, int] = ()
+  in_axes: tuple[tuple[str, Axes], ...] | Mapping[str, Axes] = ()
+  stack_axes: tuple[tuple[str, Axes], ...] | Mapping[str, Axes] = ()
   dtype: str = "float32"
 
   def __post_init__(self):
@@ -153,12 +173,7 @@ class LoraConfig:
     set_("alpha_pattern", tuple(
         (p, _positive_float("alpha_pattern", v, f"[{p!r}]")) for p, v in self.alpha_pattern))
     for name in ("in_axes", "stack_axes"):
-      for pattern, value in getattr(self, name):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-          raise ValueError(
-              f"LoraConfig.{name}[{pattern!r}] must be a non-negative integer number of "
-              f"axes, got {value!r}.")
-      set_(name, tuple((p, int(v)) for p, v in getattr(self, name)))
+      set_(name, tuple((p, _axes_value(name, p, v)) for p, v in getattr(self, name)))
     if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float, np.number))
         or not 0.0 <= self.dropout < 1.0):
       raise ValueError(
@@ -222,12 +237,12 @@ class LoraConfig:
     rank = self.rank_for(path)
     return self.alpha_for(path) / (math.sqrt(rank) if self.use_rslora else rank)
 
-  def in_axes_for(self, path: str) -> int | None:
-    """The configured number of input axes at ``path``, or None for the default rule."""
+  def in_axes_for(self, path: str) -> Axes | None:
+    """The configured input axes at ``path`` (a count or positions), or None for the rule."""
     return _first_match(self.in_axes, path)
 
-  def stack_axes_for(self, path: str) -> int:
-    """The number of leading stacked-layer axes at ``path`` (0 by default)."""
+  def stack_axes_for(self, path: str) -> Axes:
+    """The stacked-layer axes at ``path``: a count of leading axes (0 by default) or positions."""
     found = _first_match(self.stack_axes, path)
     return 0 if found is None else found
 
@@ -239,7 +254,7 @@ class LoraConfig:
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
       if field.name in _PATTERN_FIELDS:
-        value = dict(value)
+        value = {p: list(v) if isinstance(v, tuple) else v for p, v in value}
       elif field.name in _REGEX_FIELDS:
         value = list(value)
       out[field.name] = value

@@ -28,6 +28,9 @@ from lora_jax._src import lowrank as lr_ops
 from lora_jax._src import recompute
 from lora_jax._src.lowrank import LowRank
 
+# jax.extend.core has DropVar from JAX 0.8 on; JAX 0.7 keeps it in jax.core only.
+_DropVar = getattr(jcore, "DropVar", None) or jax.core.DropVar
+
 
 class FallbackWarning(UserWarning):
   """An adapted weight was used by an operation that cannot stay factored.
@@ -45,9 +48,15 @@ class Context:
   rng: jax.Array | None = None
   rate: float = 0.0
   uses: int = 0
+  # Per adapted path, how the function used it: "in" (x @ W), "out" (x @ W.T) or the
+  # primitive's name; read by wrap to catch a kernel whose input axes were guessed wrong.
+  seen: dict[str, set[str]] = dataclasses.field(default_factory=dict)
 
   def with_rng(self, rng: jax.Array | None) -> Context:
-    return Context(self.warned, rng, self.rate)
+    return Context(self.warned, rng, self.rate, seen=self.seen)
+
+  def record(self, lr: LowRank, use: str) -> None:
+    self.seen.setdefault(lr.path, set()).add(use)
 
   def dropout_mask(self, x: jax.Array) -> jax.Array | None:
     """A fresh inverted-dropout mask for one adapter-branch input, or None when off."""
@@ -102,7 +111,7 @@ def interpret(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Conte
       if recompute.cheap(eqn):
         producers.update((var, (position, eqn)) for var in eqn.outvars)
     for var, val in zip(eqn.outvars, outs):
-      if not isinstance(var, jcore.DropVar):
+      if not isinstance(var, _DropVar):
         env[var] = val
   return [read(v) for v in jaxpr.outvars]
 
@@ -121,6 +130,9 @@ def _materialized(values: Sequence[Any], ctx: Context, primitive: str, reason: s
 
 
 def _fallback(eqn: Any, invals: Sequence[Any], ctx: Context, reason: str) -> list[Any]:
+  for value in invals:
+    if isinstance(value, LowRank):
+      ctx.record(value, eqn.primitive.name)
   return _bind(eqn, _materialized(invals, ctx, eqn.primitive.name, reason))
 
 
@@ -133,12 +145,17 @@ def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
       return _fallback(eqn, invals, ctx, "both operands are adapted weights")
     rhs = isinstance(w, LowRank)
     lr, x = (w, x) if rhs else (x, w)
+    ctx.record(lr, lr_ops.contracted_side(lr, params, rhs) or name)
     out = lr_ops.dot_general_apply(x, lr, rhs, params, ctx.dropout_mask(x),
                                    recompute_of(eqn.invars[0 if rhs else 1]))
     if out is None:
       return _fallback(eqn, invals, ctx, "the contraction is neither over all input axes nor "
                        "over all output axes of the weight, or uses batch dimensions")
     return [out]
+  if name in ("conv_general_dilated", "gather"):
+    for value in invals:
+      if isinstance(value, LowRank):
+        ctx.record(value, name)
   if name == "conv_general_dilated":
     x, w = invals
     if isinstance(w, LowRank) and not isinstance(x, LowRank):

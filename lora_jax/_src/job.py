@@ -4,7 +4,7 @@ Build the model, get a base (pretrain it briefly, or load an orbax checkpoint),
 lift, train only the adapters in a jitted loop, evaluate, save the adapter
 checkpoint, merge and check the merged model against the adapted one,
 optionally fine-tune the full model for comparison, then write ``metrics.json``
-and ``loss.png`` to the run directory and print a summary table.
+and ``loss.svg`` to the run directory and print a summary table.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from lora_jax._src.config import LoraConfig
 from lora_jax._src.lift import lift
 from lora_jax._src.merge import merge
 from lora_jax._src.optim import optimizer
+from lora_jax._src.plot import write_loss_svg
+from lora_jax._src.progress import Progress
 from lora_jax._src.summary import format_table, summary
 from lora_jax._src.tasks import TASKS, Task
 from lora_jax._src.wrap import wrap
@@ -157,8 +159,7 @@ def _batches(data: tuple[np.ndarray, np.ndarray], batch_size: int, seed: int):
 def fit(loss_fn: Callable[..., jax.Array], params: Any, tx: optax.GradientTransformation,
         data: tuple[np.ndarray, np.ndarray], settings: Mapping[str, Any], desc: str,
         seed: int, put: Callable[[Any], Any] = lambda b: b) -> tuple[Any, list[float]]:
-  """A jitted training loop with a progress bar; returns the parameters and the loss curve."""
-  from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+  """A jitted training loop with live progress; returns the parameters and the loss curve."""
 
   @jax.jit
   def step(params, opt_state, x, y, key):
@@ -173,14 +174,17 @@ def fit(loss_fn: Callable[..., jax.Array], params: Any, tx: optax.GradientTransf
   curve: list[float] = []
   batches = _batches(data, settings["batch_size"], seed)
   base_key = jax.random.key(seed)
-  with tqdm(range(settings["steps"]), desc=desc, unit="step", leave=True,
-            mininterval=1.0) as bar:
-    for i in bar:
-      x, y = put(next(batches))
-      params, opt_state, loss = step(params, opt_state, x, y, jax.random.fold_in(base_key, i))
-      if i % max(1, settings.get("log_every", 25)) == 0 or i == settings["steps"] - 1:
-        curve.append(float(loss))
-        bar.set_postfix(loss=f"{curve[-1]:.4f}")
+  total = settings["steps"]
+  progress = Progress(total, desc)
+  for i in range(total):
+    x, y = put(next(batches))
+    params, opt_state, loss = step(params, opt_state, x, y, jax.random.fold_in(base_key, i))
+    if i % max(1, settings.get("log_every", 25)) == 0 or i == total - 1:
+      curve.append(float(loss))
+      progress.update(i + 1, curve[-1])
+    else:
+      progress.update(i + 1)
+  progress.close()
   # Finish this phase before the next dispatches: on a CPU mesh, device threads of two
   # multi-device programs in flight at once can starve each other's collectives.
   return jax.block_until_ready(params), curve
@@ -275,7 +279,8 @@ def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[
                                                     lora_config),
                            task.train, config["finetune"], "lora", config["seed"] + 1, put)
   metrics["lora"] = evaluate(task, apply, lp, task.test)
-  save_adapters(run_dir / "adapters", jax.device_get(lp.adapters), lora_config, overwrite=True)
+  # Everything this run trained: the adapters and the leaves trained in full.
+  save_adapters(run_dir / "adapters", jax.device_get(lp), lora_config, overwrite=True)
   merged = jax.block_until_ready(merge(lp, lora_config))
   probe = task.test[0][:64]
   merged_out = np.asarray(jax.jit(task.apply)(merged, probe))
@@ -299,7 +304,7 @@ def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[
   metrics.update(curves=curves, samples=samples, seconds=time.perf_counter() - start,
                  config={**config, "lora": lora_config.to_dict()})
   (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-  _plot(curves, run_dir / "loss.png", config["task"])
+  write_loss_svg(curves, run_dir / "loss.svg", config["task"])
   _report(metrics, echo, run_dir)
   return metrics
 
@@ -308,25 +313,6 @@ def run_job(config_path: str | pathlib.Path, overrides: list[str] | None = None
             ) -> dict[str, Any]:
   """Loads a job YAML (with ``key=value`` overrides) and runs it; see ``lora-jax train``."""
   return run(load_job_config(config_path, overrides))
-
-
-def _plot(curves: dict[str, list[float]], path: pathlib.Path, title: str) -> None:
-  import matplotlib  # pylint: disable=import-outside-toplevel
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-  fig, ax = plt.subplots(figsize=(7, 4))
-  for name, curve in curves.items():
-    ax.plot(np.linspace(0, 1, len(curve)), curve, label=name)
-  ax.set_xlabel("fraction of the phase's steps")
-  ax.set_ylabel("training loss")
-  ax.set_yscale("log")
-  ax.set_title(f"lora-jax train: {title}")
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
 
 
 def _report(metrics: dict[str, Any], echo: Callable[[str], None], run_dir: pathlib.Path) -> None:
@@ -343,5 +329,5 @@ def _report(metrics: dict[str, Any], echo: Callable[[str], None], run_dir: pathl
   for name, text in metrics["samples"].items():
     echo(f"\nsample ({name}): {text!r}")
   echo(f"\nmerged vs adapted outputs: max |diff| = {metrics['merged_vs_adapted_max_abs_diff']:.2e}"
-       f"; {metrics['seconds']:.0f} s; wrote {run_dir}/metrics.json, {run_dir}/loss.png, "
+       f"; {metrics['seconds']:.0f} s; wrote {run_dir}/metrics.json, {run_dir}/loss.svg, "
        f"{run_dir}/adapters")

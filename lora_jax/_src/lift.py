@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.plan import Target, plan, sharding_specs
-from lora_jax._src.tree import PyTree, leaves_with_paths, nest
+from lora_jax._src.tree import PyTree, leaves_with_paths, map_with_paths, nest
 
 
 class LoraParams(NamedTuple):
@@ -132,3 +132,53 @@ def disable(lp: LoraParams) -> LoraParams:
     True
   """
   return LoraParams(lp.base, None)
+
+
+def overlay(params: PyTree, trained: PyTree) -> PyTree:
+  """Lays leaves trained in full over a base tree, matched by path.
+
+  ``load_adapters`` and ``import_peft`` return the leaves a run trained in full
+  (``LoraConfig.trainable``: a head, biases) as a tree holding just those leaves;
+  this puts them back into the full base. Given a ``LoraParams`` (as those
+  functions return), it returns ``LoraParams(overlay(params, trained.base),
+  trained.adapters)``. A leaf keeps the sharding of the leaf it replaces.
+
+  Args:
+    params: the full base parameter tree.
+    trained: a tree of some of its leaves (nested dicts keyed by path parts),
+      or a ``LoraParams`` whose ``base`` is one.
+
+  Returns:
+    ``params`` with those leaves replaced (a new tree; nothing is modified).
+
+  Raises:
+    ValueError: naming every trained path that ``params`` lacks or whose shape differs.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import lora_jax as lj
+    >>> base = {"head": {"kernel": jnp.zeros((2, 2)), "bias": jnp.zeros(2)}}
+    >>> lj.overlay(base, {"head": {"bias": jnp.ones(2)}})["head"]["bias"].tolist()
+    [1.0, 1.0]
+  """
+  if isinstance(trained, LoraParams):
+    return LoraParams(overlay(params, trained.base), trained.adapters)
+  given = dict(leaves_with_paths(trained))
+  existing = dict(leaves_with_paths(params))
+  errors = [f"{p}: not in the base tree" for p in given if p not in existing]
+  errors += [f"{p}: shape {tuple(v.shape)} here, {tuple(existing[p].shape)} in the base"
+             for p, v in given.items()
+             if p in existing and tuple(v.shape) != tuple(existing[p].shape)]
+  if errors:
+    raise ValueError("overlay: the trained leaves do not fit the base tree (another model or "
+                     "config?):\n  - " + "\n  - ".join(errors))
+
+  def one(path: str, leaf: Any) -> Any:
+    if path not in given:
+      return leaf
+    sharding = getattr(leaf, "sharding", None)
+    value = given[path]
+    return jax.device_put(value, sharding) if isinstance(leaf, jax.Array) else value
+
+  return map_with_paths(one, params)
+

@@ -84,6 +84,18 @@ def transpose_apply(lr: LowRank, permutation: tuple[int, ...]) -> LowRank:
                     stack=new(lr.stack))
 
 
+def contracted_side(lr: LowRank, params: dict[str, Any], weight_is_rhs: bool) -> str | None:
+  """``"in"`` when a ``dot_general`` contracts all of the weight's input axes (``x @ W``),
+  ``"out"`` when it contracts all of its output axes (``x @ W.T``), else None."""
+  (lc, rc), _ = params["dimension_numbers"]
+  contracted = set(rc if weight_is_rhs else lc)
+  if contracted == set(lr.ins):
+    return "in"
+  if contracted == set(lr.outs):
+    return "out"
+  return None
+
+
 def dot_general_apply(x: jax.Array, lr: LowRank, weight_is_rhs: bool, params: dict[str, Any],
                       dropout_mask: jax.Array | None, recompute: Any = None
                       ) -> jax.Array | None:
@@ -95,14 +107,10 @@ def dot_general_apply(x: jax.Array, lr: LowRank, weight_is_rhs: bool, params: di
   (lc, rc), (lb, rb) = params["dimension_numbers"]
   if not weight_is_rhs:
     lc, rc, lb, rb = rc, lc, rb, lb
-  if lb or rb or lr.stack:
+  side = contracted_side(lr, params, weight_is_rhs)
+  if lb or rb or lr.stack or side is None:
     return None
-  if set(rc) == set(lr.ins):
-    contract_in = True
-  elif set(rc) == set(lr.outs):
-    contract_in = False
-  else:
-    return None
+  contract_in = side == "in"
   free = tuple(sorted(set(range(lr.w.ndim)) - set(rc)))
   y = lowrank_dot(x, lr.w, *lr.factors(), dropout_mask, lhs_contract=tuple(lc),
                   w_contract=tuple(rc), ins=lr.ins, outs=lr.outs, contract_in=contract_in,

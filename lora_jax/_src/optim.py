@@ -5,17 +5,40 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.lift import LoraParams
-from lora_jax._src.tree import map_with_paths
+from lora_jax._src.tree import PyTree, leaves_with_paths, map_with_paths
 
 LORA, TRAINABLE, FROZEN = "lora", "trainable", "frozen"
 
 
+def check_differentiable(params: PyTree) -> None:
+  """Integer, boolean and key leaves (NNX RNG state) would break ``jax.grad`` of ``LoraParams``."""
+  bad = [f"{path} ({leaf.dtype}, {type(leaf).__name__})" for path, leaf in leaves_with_paths(params)
+         if hasattr(leaf, "dtype") and hasattr(leaf, "shape")
+         and not jnp.issubdtype(leaf.dtype, jnp.inexact)]
+  if bad:
+    raise ValueError(
+        "The lifted parameter tree holds leaves that are not floating point, so jax.grad of the "
+        f"lifted parameters would fail ('grad requires real- or complex-valued inputs'): "
+        f"{bad[:6]}{' ...' if len(bad) > 6 else ''}. Lift only the trainable parameters and "
+        "keep the rest (e.g. Dropout's RNG state) beside them. For NNX:\n"
+        "    graphdef, params, rest = nnx.split(model, nnx.Param, ...)\n"
+        "    lp = lj.lift(params, config, key=key)\n"
+        "    apply = lj.wrap(lambda p, x, rest: nnx.merge(graphdef, p, rest)(x), config)\n"
+        "For Linen, lift variables['params'] rather than all variables.")
+
+
 def labels(lp: LoraParams, config: LoraConfig) -> LoraParams:
   """Labels every leaf of ``lp``: ``"lora"`` (adapters), ``"trainable"`` or ``"frozen"``.
+
+  Raises:
+    ValueError: when the base holds integer, boolean or key leaves (such as NNX
+      Dropout's RNG state), which ``jax.grad`` of ``lp`` rejects; the message
+      gives the ``nnx.split(model, nnx.Param, ...)`` recipe.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -30,6 +53,7 @@ def labels(lp: LoraParams, config: LoraConfig) -> LoraParams:
     raise TypeError(
         f"Expected lora_jax.LoraParams (from lora_jax.lift), got {type(lp).__name__}. "
         "Initialise the optimizer with the lifted parameters: tx.init(lp).")
+  check_differentiable(lp.base)
   base = map_with_paths(lambda p, _: TRAINABLE if config.is_trainable(p) else FROZEN, lp.base)
   return LoraParams(base, jax.tree.map(lambda _: LORA, lp.adapters))
 

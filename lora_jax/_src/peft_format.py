@@ -8,11 +8,15 @@ PEFT stores, per adapted PyTorch module ``<module>``:
   ``lora_B.weight`` ``(cout, r, 1, 1)``;
 * Embedding: ``lora_embedding_A`` ``(r, vocab)`` and ``lora_embedding_B`` ``(dim, r)``.
 
-Both libraries scale by ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``),
-so writing ``r``, ``lora_alpha`` and per-module ``rank_pattern`` /
-``alpha_pattern`` makes PEFT's scaling equal ours. Kernels with several input
-or output axes are flattened to 2-D (row-major). Files are read with
-safetensors and JSON only: no pickle, no code execution.
+Leaves trained in full go where PEFT keeps them: whole modules in
+``modules_to_save`` as ``<module>.<param>``, biases (``bias="all"`` or
+``"lora_only"``) as ``<module>.bias``, or ``<module>.base_layer.bias`` for an
+adapted module. Both libraries scale by ``lora_alpha / r`` (``/ sqrt(r)`` with
+``use_rslora``). Which axes of a kernel are its input is never guessed here:
+a layout that ``plan`` inferred from shapes alone is refused (``Target.layout_certain``).
+Kernels with several input or output axes are flattened to 2-D (row-major, in
+the kernel's axis order). Files are read with safetensors and JSON only: no
+pickle, no code execution.
 """
 
 from __future__ import annotations
@@ -30,88 +34,165 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src.config import LoraConfig
-from lora_jax._src.plan import plan
-from lora_jax._src.tree import PyTree, adapter_paths, lookup, nest
+from lora_jax._src.lift import LoraParams
+from lora_jax._src.plan import Target, layout_is_certain, leaf_axes, plan
+from lora_jax._src.tree import PyTree, adapter_paths, leaves_with_paths, lookup, nest
 
 _PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+# Flax leaf names and the PyTorch parameter each one becomes.
+_TORCH_PARAM = {"kernel": "weight", "embedding": "weight", "weight": "weight",
+                "scale": "weight", "bias": "bias"}
+_LORA_SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
 
 
 def default_module_name(path: str) -> str:
-  """``params/Dense_0/kernel`` -> ``Dense_0``: drop ``params/`` and the leaf name; join by ``.``."""
+  """``params/Dense_0/kernel`` -> ``Dense_0``: drop ``params/`` and the leaf name; join by ``.``.
+
+  A leaf named ``kernel``, ``embedding``, ``weight``, ``scale`` or ``bias`` is
+  the module's parameter, so ``params/Dense_0/bias`` is in module ``Dense_0`` too.
+  """
   parts = path.split("/")
   if parts and parts[0] == "params":
     parts = parts[1:]
-  if len(parts) > 1 and parts[-1] in ("kernel", "embedding", "weight"):
+  if len(parts) > 1 and parts[-1] in _TORCH_PARAM:
     parts = parts[:-1]
   return ".".join(parts)
-
-
-def default_path_of(module: str, kind: str) -> str:
-  """Inverse of ``default_module_name``: ``Dense_0`` -> ``params/Dense_0/kernel``."""
-  leaf = "embedding" if kind == "embedding" else "kernel"
-  return "params/" + module.replace(".", "/") + "/" + leaf
 
 
 def _is_embedding(path: str) -> bool:
   return path.endswith("embedding")
 
 
-def export_peft(adapters: Mapping[str, Any], config: LoraConfig,
+def _is_conv(path: str, ndim: int, conv_paths: tuple[str, ...] | None) -> bool:
+  if conv_paths is not None:
+    return any(re.search(p, path) for p in conv_paths)
+  return ndim > 3 and "Conv" in path
+
+
+def _layout_error(path: str, shape: tuple[int, ...], guessed: tuple[int, ...], why: str,
+                  fix: str = "LoraConfig(in_axes=") -> str:
+  return (f"{path}: cannot tell which axes of this kernel (shape {shape}) are its input: "
+          f"{why}, and the shapes alone do not settle it; the axis rule guessed input axes "
+          f"{guessed}, which is wrong for kernels stored (out, in) such as Hugging Face "
+          f"GPT-2's. Refusing to guess. State it: {fix}{{{re.escape(path) + '$'!r}: "
+          f"{guessed}}}) if the model computes x @ W over those axes (Flax Dense), or the "
+          "other axes' positions if it computes x @ W.T.")
+
+
+def _kernel_to_torch(path: str, value: np.ndarray, ins: tuple[int, ...], conv: bool
+                     ) -> np.ndarray:
+  """A kernel trained in full as PyTorch's weight: (out, in), OIHW, or (vocab, dim) as is."""
+  outs = tuple(p for p in range(value.ndim) if p not in ins)
+  if _is_embedding(path):
+    return value.reshape(math.prod(value.shape[p] for p in ins), -1)
+  if conv:  # (*window, cin, cout) -> (cout, cin, *window)
+    return np.transpose(value, (value.ndim - 1, value.ndim - 2, *range(value.ndim - 2)))
+  return np.transpose(value, outs + ins).reshape(
+      math.prod(value.shape[p] for p in outs), math.prod(value.shape[p] for p in ins))
+
+
+def _split(tree: LoraParams | Mapping[str, Any]) -> tuple[Mapping[str, Any], PyTree | None]:
+  if isinstance(tree, LoraParams):
+    if tree.adapters is None:
+      raise ValueError("export_peft: the LoraParams has no adapters (lora_jax.disable?).")
+    return tree.adapters, tree.base
+  return tree, None
+
+
+def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
                 directory: str | os.PathLike[str], *,
                 module_name: Callable[[str], str] = default_module_name,
-                conv_paths: tuple[str, ...] | None = None) -> pathlib.Path:
-  """Writes adapters in PEFT's format so ``peft.PeftModel.from_pretrained`` loads them.
+                conv_paths: tuple[str, ...] | None = None,
+                fan_in_fan_out: bool = False) -> pathlib.Path:
+  """Writes adapters (and leaves trained in full) so ``peft.PeftModel.from_pretrained`` loads them.
 
   Args:
-    adapters: ``lp.adapters``.
+    adapters: the ``LoraParams`` (adapters plus the base, whose ``config.trainable``
+      leaves are exported too), or ``lp.adapters`` alone.
     config: the ``LoraConfig`` they were made with.
     directory: output folder (created); holds ``adapter_config.json`` and
       ``adapter_model.safetensors``.
-    module_name: maps a parameter path to the PyTorch module name.
-    conv_paths: regexes of paths that are convolution kernels (default: A with
-      more than two axes whose path contains ``Conv``); they map to PEFT's conv layout.
+    module_name: maps a leaf path to the PyTorch module name.
+    conv_paths: regexes of paths that are convolution kernels (default: kernels
+      with more than three axes whose path contains ``Conv``).
+    fan_in_fan_out: the PyTorch modules store their weight ``(in, out)``
+      (Hugging Face ``Conv1D``, as in GPT-2); written to the config. The
+      adapter tensors are the same either way.
 
   Returns:
     The output folder.
 
   Raises:
-    ValueError: for stacked (scanned) adapters, which PEFT stores per layer.
+    ValueError: for stacked (scanned) adapters, a kernel whose input axes are
+      guessed rather than known (state ``LoraConfig.in_axes``, or pass the
+      ``LoraParams`` so the bias rule can confirm them), trained leaves that
+      PEFT's ``modules_to_save`` / ``bias`` cannot express, or two leaves that
+      map to the same PEFT name.
   """
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
 
+  adapter_tree, base = _split(adapters)
+  targets = {t.path: t for t in plan(base, config)} if base is not None else {}
   directory = pathlib.Path(directory)
   tensors: dict[str, np.ndarray] = {}
+  sources: dict[str, str] = {}
   modules: dict[str, tuple[int, float]] = {}
-  for path in adapter_paths(adapters):
-    entry = lookup(adapters, path)
+  errors: list[str] = []
+
+  def put(key: str, value: np.ndarray, path: str) -> None:
+    if key in sources:
+      errors.append(f"{path} and {sources[key]} both map to the PEFT tensor {key}; pass a "
+                    "module_name that keeps them apart.")
+      return
+    sources[key] = path
+    tensors[key] = np.ascontiguousarray(value)
+
+  for path in adapter_paths(adapter_tree):
+    entry = lookup(adapter_tree, path)
     a, b = np.asarray(entry["a"], np.float32), np.asarray(entry["b"], np.float32)
     if config.stack_axes_for(path):
-      raise ValueError(f"{path}: stacked (scanned) adapters have no PEFT equivalent; PEFT "
-                       "stores one module per layer. Unstack them into per-layer paths first.")
+      errors.append(f"{path}: stacked (scanned) adapters have no PEFT equivalent; PEFT "
+                    "stores one module per layer. Unstack them into per-layer paths first.")
+      continue
+    target = targets.get(path)
+    certain = (target.layout_certain if target is not None
+               else config.in_axes_for(path) is not None)
+    if not certain and not _is_embedding(path):
+      guessed = target.in_axes if target is not None else tuple(range(a.ndim - 1))
+      shape = target.shape if target is not None else (*a.shape[:-1], *b.shape[1:])
+      why = "no LoraConfig.in_axes pattern names it" + (
+          "" if base is not None else " and no base was given (pass the LoraParams)")
+      errors.append(_layout_error(path, shape, guessed, why))
+      continue
     name = module_name(path)
     rank = a.shape[-1]
     modules[name] = (rank, config.alpha_for(path))
     key = _PREFIX + name
-    is_conv = (re.search("|".join(conv_paths), path) is not None if conv_paths is not None
-               else a.ndim > 2 and "Conv" in path)
     if _is_embedding(path):
-      tensors[key + ".lora_embedding_A"] = a.reshape(-1, rank).T.copy()
-      tensors[key + ".lora_embedding_B"] = b.reshape(rank, -1).T.copy()
-    elif is_conv:  # A (*window, cin, r) -> (r, cin, *window); B (r, cout) -> (cout, r, 1, ...)
+      put(key + ".lora_embedding_A", a.reshape(-1, rank).T, path)
+      put(key + ".lora_embedding_B", b.reshape(rank, -1).T, path)
+    elif _is_conv(path, a.ndim + 1, conv_paths):  # A (*window, cin, r) -> (r, cin, *window)
       window = a.ndim - 2
-      tensors[key + ".lora_A.weight"] = np.transpose(
-          a, (a.ndim - 1, a.ndim - 2, *range(window))).copy()
-      tensors[key + ".lora_B.weight"] = b.T.reshape(b.shape[1], rank, *(1,) * window).copy()
+      put(key + ".lora_A.weight", np.transpose(a, (a.ndim - 1, a.ndim - 2, *range(window))), path)
+      put(key + ".lora_B.weight", b.T.reshape(b.shape[1], rank, *(1,) * window), path)
     else:
-      tensors[key + ".lora_A.weight"] = a.reshape(-1, rank).T.copy()
-      tensors[key + ".lora_B.weight"] = b.reshape(rank, -1).T.copy()
+      put(key + ".lora_A.weight", a.reshape(-1, rank).T, path)
+      put(key + ".lora_B.weight", b.reshape(rank, -1).T, path)
+
+  bias_mode, to_save = "none", []
+  if base is not None:
+    bias_mode, to_save = _export_trained(base, config, targets, module_name, conv_paths, put,
+                                         errors)
+  if errors:
+    raise ValueError("export_peft: cannot write this adapter in PEFT's format:\n  - "
+                     + "\n  - ".join(errors))
   peft_config = {
       "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
       "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
-      "use_rslora": config.use_rslora, "target_modules": sorted(modules), "bias": "none",
-      "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-      "modules_to_save": None,
+      "use_rslora": config.use_rslora, "target_modules": sorted(modules), "bias": bias_mode,
+      "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True, "inference_mode": True,
+      "modules_to_save": to_save or None,
       "rank_pattern": {re.escape(n): r for n, (r, _) in modules.items() if r != config.rank},
       "alpha_pattern": {re.escape(n): al for n, (_, al) in modules.items()
                         if al != config.alpha},
@@ -122,6 +203,72 @@ def export_peft(adapters: Mapping[str, Any], config: LoraConfig,
   return directory
 
 
+def _export_trained(base: PyTree, config: LoraConfig, targets: dict[str, Target],
+                    module_name: Callable[[str], str], conv_paths: tuple[str, ...] | None,
+                    put: Callable[[str, np.ndarray, str], None], errors: list[str]
+                    ) -> tuple[str, list[str]]:
+  """Writes the ``config.trainable`` leaves; returns PEFT's ``bias`` and ``modules_to_save``."""
+  leaves = leaves_with_paths(base)
+  by_path = dict(leaves)
+  trained = [p for p, _ in leaves if config.is_trainable(p)]
+  if not trained:
+    return "none", []
+  module_of = {p: p.rpartition("/")[0] for p, _ in leaves}
+  adapted_modules = {module_of[p] for p in targets}
+  biases = [p for p, _ in leaves if p.rpartition("/")[2] == "bias"]
+  trained_biases = {p for p in trained if p.rpartition("/")[2] == "bias"}
+  # Whole modules trained in full (every leaf of a module that is not adapted).
+  whole = sorted({module_of[p] for p in trained if module_of[p] not in adapted_modules
+                  and all(config.is_trainable(q) for q, m in module_of.items()
+                          if m == module_of[p])})
+  lora_biases = {p for p in biases if module_of[p] in adapted_modules}
+  loose = trained_biases - {p for p in trained_biases if module_of[p] in whole}
+  if not loose:
+    bias_mode = "none"
+  elif loose == {p for p in biases if module_of[p] not in whole}:
+    bias_mode = "all"
+  elif loose == lora_biases:
+    bias_mode = "lora_only"
+  else:
+    errors.append(f"trained biases {sorted(loose)} are neither all biases nor exactly those of "
+                  "the adapted modules, which is what PEFT's bias='all' / 'lora_only' can "
+                  "express; train all or only the adapted modules' biases.")
+    bias_mode = "none"
+  for path in trained:
+    module = module_of[path]
+    leaf_name = path.rpartition("/")[2]
+    if module not in whole and leaf_name != "bias":
+      errors.append(f"{path}: trained in full, but PEFT keeps full-trained weights only as whole "
+                    f"modules (modules_to_save); make every leaf of {module!r} trainable, or "
+                    "none of its non-bias leaves.")
+      continue
+    if leaf_name not in _TORCH_PARAM:
+      errors.append(f"{path}: no PyTorch parameter name for a leaf named {leaf_name!r} "
+                    f"(known: {sorted(_TORCH_PARAM)}).")
+      continue
+    value = np.asarray(by_path[path], np.float32)
+    if leaf_name in ("kernel", "weight", "embedding") and value.ndim >= 2:
+      stack, ins, layout = leaf_axes(path, value.shape, config, by_path)
+      certain = layout_is_certain(layout, value.shape, ins)
+      if stack:
+        errors.append(f"{path}: stacked (scanned) leaves have no PEFT equivalent.")
+        continue
+      if not certain and not _is_embedding(path):
+        errors.append(_layout_error(path, value.shape, ins, "it is trained in full and no "
+                                  "LoraConfig.in_axes pattern names it"))
+        continue
+      value = _kernel_to_torch(path, value, ins, _is_conv(path, value.ndim, conv_paths))
+    else:
+      value = value.reshape(-1)
+    name = module_name(path)
+    torch_param = _TORCH_PARAM[leaf_name]
+    if module in adapted_modules:  # PEFT wraps an adapted module's own layer as base_layer
+      put(f"{_PREFIX}{name}.base_layer.{torch_param}", value, path)
+    else:
+      put(f"{_PREFIX}{name}.{torch_param}", value, path)
+  return bias_mode, sorted({module_name(f"{m}/kernel") if m else "" for m in whole})
+
+
 def _first_match(pattern: Mapping[str, Any], module: str) -> Any:
   # PEFT matches a pattern key against the end of the module name.
   for key, value in pattern.items():
@@ -130,28 +277,9 @@ def _first_match(pattern: Mapping[str, Any], module: str) -> Any:
   return None
 
 
-def import_peft(directory: str | os.PathLike[str], *,
-                path_of: Callable[[str, str], str] = default_path_of,
-                params: PyTree | None = None) -> tuple[dict[str, Any], LoraConfig]:
-  """Reads a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
-
-  Args:
-    directory: the folder ``peft_model.save_pretrained`` wrote.
-    path_of: maps ``(module_name, kind)`` to the parameter path; ``kind`` is
-      ``"linear"``, ``"conv"`` or ``"embedding"``.
-    params: optional base parameters (arrays or ``ShapeDtypeStruct``); when
-      given, flattened adapters are reshaped to the kernels' axes and checked.
-
-  Returns:
-    ``(adapters, config)``, ready for ``LoraParams(params, adapters)``.
-
-  Raises:
-    ValueError: for a damaged file, a non-LoRA adapter, or adapters that do not
-      fit ``params``.
-  """
+def _read(directory: pathlib.Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
 
-  directory = pathlib.Path(directory)
   try:
     peft_config = json.loads((directory / CONFIG_FILE).read_text())
   except json.JSONDecodeError as e:
@@ -166,27 +294,74 @@ def import_peft(directory: str | os.PathLike[str], *,
   except Exception as e:
     raise ValueError(f"Cannot read the PEFT adapter in {directory}: {type(e).__name__}: {e}") \
         from e
+  return peft_config, tensors
+
+
+def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
+                in_axes: Mapping[str, Any] | None = None,
+                module_name: Callable[[str], str] = default_module_name
+                ) -> tuple[dict[str, Any] | LoraParams, LoraConfig]:
+  """Reads a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+  PEFT module names are matched to the paths of ``params`` through
+  ``module_name`` (so a tree with or without a ``params`` level works), every
+  tensor's exact shape is checked against PEFT's layout for its kernel, and
+  flattened adapters are reshaped to the kernel's axes.
+
+  Args:
+    directory: the folder ``peft_model.save_pretrained`` (or ``export_peft``) wrote.
+    params: the base parameters (arrays or ``ShapeDtypeStruct``).
+    in_axes: ``{regex: axes}`` as in ``LoraConfig.in_axes``, for kernels whose
+      input axes the shapes alone do not settle (square kernels, kernels
+      without a bias, kernels stored ``(out, in)``); kept in the returned config.
+    module_name: maps a leaf path of ``params`` to the PyTorch module name (as
+      in ``export_peft``).
+
+  Returns:
+    ``(adapters, config)``, ready for ``LoraParams(params, adapters)``; or, when
+    the file holds leaves trained in full (``modules_to_save``, biases),
+    ``(LoraParams(trained, adapters), config)`` where ``trained`` holds just those
+    leaves at their paths: lay them over the base with ``lora_jax.overlay``.
+
+  Raises:
+    ValueError: for a damaged file, a non-LoRA adapter, a module or tensor that
+      does not fit ``params``, or a kernel whose input axes are not known.
+  """
+  directory = pathlib.Path(directory)
+  peft_config, tensors = _read(directory)
   rank, alpha = int(peft_config["r"]), float(peft_config["lora_alpha"])
+  # Module name -> {torch param name: leaf path} for the given tree.
+  resolved: dict[str, dict[str, str]] = {}
+  by_path = dict(leaves_with_paths(params))
+  for path in by_path:
+    torch_param = _TORCH_PARAM.get(path.rpartition("/")[2])
+    if torch_param is not None:
+      resolved.setdefault(module_name(path), {})[torch_param] = path
+
+  def leaf_path(key: str, module: str, torch_param: str) -> str:
+    path = resolved.get(module, {}).get(torch_param)
+    if path is None:
+      raise ValueError(f"{directory}: {key} belongs to PyTorch module {module!r}, which matches "
+                       f"no leaf of params (modules there: {sorted(resolved)[:8]}). Pass "
+                       "module_name= to map your tree's paths to PyTorch module names.")
+    return path
+
   flat: dict[str, np.ndarray] = {}
   rank_pattern, alpha_pattern = {}, {}
-  modules = sorted({re.sub(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|"
-                           r"lora_embedding_B)$", "", k) for k in tensors})
-  for key in modules:
+  lora_keys = {k for k in tensors if _LORA_SUFFIX.search(k)}
+  for key in sorted({_LORA_SUFFIX.sub("", k) for k in lora_keys}):
     name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
     if key + ".lora_embedding_A" in tensors:
-      kind = "embedding"
-      a = tensors[key + ".lora_embedding_A"].T
-      b = tensors[key + ".lora_embedding_B"].T
+      a_t, b_t = tensors[key + ".lora_embedding_A"], tensors[key + ".lora_embedding_B"]
+      a, b = a_t.T, b_t.T
     else:
       a_t, b_t = tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"]
-      if a_t.ndim > 2:
-        kind = "conv"
+      if a_t.ndim > 2:  # conv: (r, cin, *window) -> (*window, cin, r)
         a = np.transpose(a_t, (*range(2, a_t.ndim), 1, 0))
         b = b_t.reshape(b_t.shape[0], b_t.shape[1]).T
       else:
-        kind = "linear"
         a, b = a_t.T, b_t.T
-    path = path_of(name, kind)
+    path = leaf_path(key, name, "weight")
     flat[path + "/a"], flat[path + "/b"] = a, b
     module_rank = _first_match(peft_config.get("rank_pattern") or {}, name) or rank
     module_alpha = _first_match(peft_config.get("alpha_pattern") or {}, name) or alpha
@@ -196,19 +371,77 @@ def import_peft(directory: str | os.PathLike[str], *,
       rank_pattern[f"^{re.escape(path)}$"] = int(module_rank)
     if module_alpha != alpha:
       alpha_pattern[f"^{re.escape(path)}$"] = float(module_alpha)
+  trained: dict[str, np.ndarray] = {}
+  for key in sorted(set(tensors) - lora_keys):
+    name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+    module, _, torch_param = name.rpartition(".")
+    module = module.removesuffix(".base_layer").removesuffix(".modules_to_save")
+    trained[leaf_path(key, module, torch_param)] = tensors[key]
   paths = sorted({p.rsplit("/", 1)[0] for p in flat})
   config = LoraConfig(rank=rank, alpha=alpha, targets=tuple(f"^{re.escape(p)}$" for p in paths),
                       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                       use_rslora=bool(peft_config.get("use_rslora", False)),
-                      dropout=float(peft_config.get("lora_dropout", 0.0)))
-  if params is not None:
-    for target in plan(params, config):
-      for name, shape in (("a", target.a_shape), ("b", target.b_shape)):
-        value = flat[f"{target.path}/{name}"]
-        if math.prod(value.shape) != math.prod(shape):
-          raise ValueError(f"{target.path}/{name}: PEFT tensor of shape {value.shape} does not "
-                           f"fit the base leaf of shape {target.shape} (expected {shape}).")
-        flat[f"{target.path}/{name}"] = value.reshape(shape)
+                      dropout=float(peft_config.get("lora_dropout", 0.0)),
+                      in_axes=in_axes or (),
+                      trainable=tuple(f"^{re.escape(p)}$" for p in sorted(trained)))
+  errors: list[str] = []
+  for target in plan(params, config):
+    if not target.layout_certain and not _is_embedding(target.path):
+      errors.append(_layout_error(target.path, target.shape, target.in_axes,
+                                  "no in_axes pattern names it", "import_peft(..., in_axes="))
+      continue
+    _fit_to_target(directory, target, flat, errors)
+  for path in list(trained):
+    trained[path] = _torch_to_leaf(directory, path, trained[path], config, by_path, errors)
+  if errors:
+    raise ValueError(f"import_peft: the adapter in {directory} does not fit params:\n  - "
+                     + "\n  - ".join(errors))
   adapters = jax.tree.map(jnp.asarray, nest(flat))
+  if trained:
+    return LoraParams(jax.tree.map(jnp.asarray, nest(trained)), adapters), config
   return adapters, config
 
+
+def _fit_to_target(directory: pathlib.Path, target: Target, flat: dict[str, np.ndarray],
+                   errors: list[str]) -> None:
+  """Checks PEFT's exact 2-D (or conv) shapes for ``target`` and reshapes to A and B."""
+  r, n_in, n_out = target.rank, math.prod(target.in_shape), math.prod(target.out_shape)
+  for name, want in (("a", target.a_shape), ("b", target.b_shape)):
+    value = flat[f"{target.path}/{name}"]
+    expected = ((n_in, r) if name == "a" else (r, n_out)) if value.ndim == 2 else want
+    if value.shape != expected:
+      torch_name = "lora_A" if name == "a" else "lora_B"
+      found = value.T.shape if value.ndim == 2 else value.shape
+      errors.append(
+          f"{target.path}: PEFT's {torch_name} has shape {found}, expected "
+          f"{expected[::-1] if value.ndim == 2 else expected} for a kernel of shape "
+          f"{target.shape} (input axes {target.in_shape}, output axes {target.out_shape}, "
+          f"rank {r}).")
+      return
+    flat[f"{target.path}/{name}"] = value.reshape(want)
+
+
+def _torch_to_leaf(directory: pathlib.Path, path: str, value: np.ndarray, config: LoraConfig,
+                   by_path: dict[str, Any], errors: list[str]) -> np.ndarray:
+  """A PyTorch parameter back in the leaf's layout (the inverse of ``_kernel_to_torch``)."""
+  leaf = by_path[path]
+  shape = tuple(leaf.shape)
+  if _TORCH_PARAM[path.rpartition("/")[2]] == "weight" and len(shape) >= 2 \
+      and not _is_embedding(path):
+    _, ins, layout = leaf_axes(path, shape, config, by_path)
+    if not layout_is_certain(layout, shape, ins):
+      errors.append(_layout_error(path, shape, ins, "no in_axes pattern names it",
+                                  "import_peft(..., in_axes="))
+      return value
+    outs = tuple(p for p in range(len(shape)) if p not in ins)
+    if len(shape) > 2 and "Conv" in path and value.ndim == len(shape):  # OIHW -> HWIO
+      value = np.transpose(value, (*range(2, value.ndim), 1, 0))
+    else:
+      grouped = value.reshape(*(shape[p] for p in outs), *(shape[p] for p in ins))
+      order = outs + ins
+      value = np.transpose(grouped, tuple(order.index(p) for p in range(len(shape))))
+  if math.prod(value.shape) != math.prod(shape) or (value.ndim == len(shape)
+                                                    and value.shape != shape):
+    errors.append(f"{path}: PEFT holds shape {value.shape} for it, the leaf has shape {shape}.")
+    return value
+  return value.reshape(shape).astype(np.dtype(leaf.dtype))

@@ -1,9 +1,11 @@
 """Resolving a ``LoraConfig`` against a parameter tree: which leaves, which axes.
 
-The axis rule for a targeted leaf of shape ``stack + in + out``:
+The axis rule for a targeted leaf (``stack``, ``in`` and ``out`` axes):
 
-1. ``stack`` is ``config.stack_axes`` leading axes (0 unless configured).
-2. ``in`` has ``config.in_axes`` axes when a pattern matches the path;
+1. ``stack`` is ``config.stack_axes``: that many leading axes (0 unless
+   configured), or the given positions.
+2. ``in`` is ``config.in_axes`` when a pattern matches the path: the given
+   positions, or that many axes after the stacked ones;
 3. else, when a sibling ``bias`` leaf exists and the kernel's trailing shape
    equals the bias shape (after its stack axes), the bias gives ``out``
    (Flax Dense, DenseGeneral and Conv store the bias with the output shape);
@@ -26,27 +28,39 @@ from lora_jax._src.tree import PyTree, leaves_with_paths
 
 
 class Target(NamedTuple):
-  """How one base leaf is adapted. ``A: stack + in + (rank,)``, ``B: stack + (rank,) + out``."""
+  """How one base leaf is adapted. ``A: stack + in + (rank,)``, ``B: stack + (rank,) + out``.
+
+  ``stack_axes`` and ``in_axes`` are positions in the base leaf (ascending);
+  the output axes are the remaining positions. ``layout`` says where the input
+  axes came from: ``"config"`` (``LoraConfig.in_axes``), ``"bias"`` (the
+  sibling bias's shape) or ``"default"`` (every axis but the last).
+  """
 
   path: str
   shape: tuple[int, ...]
   dtype: Any
-  n_stack: int
-  n_in: int
+  stack_axes: tuple[int, ...]
+  in_axes: tuple[int, ...]
   rank: int
   scale: float
+  layout: str = "config"
+
+  @property
+  def out_axes(self) -> tuple[int, ...]:
+    taken = set(self.stack_axes) | set(self.in_axes)
+    return tuple(p for p in range(len(self.shape)) if p not in taken)
 
   @property
   def stack_shape(self) -> tuple[int, ...]:
-    return self.shape[:self.n_stack]
+    return tuple(self.shape[p] for p in self.stack_axes)
 
   @property
   def in_shape(self) -> tuple[int, ...]:
-    return self.shape[self.n_stack:self.n_stack + self.n_in]
+    return tuple(self.shape[p] for p in self.in_axes)
 
   @property
   def out_shape(self) -> tuple[int, ...]:
-    return self.shape[self.n_stack + self.n_in:]
+    return tuple(self.shape[p] for p in self.out_axes)
 
   @property
   def a_shape(self) -> tuple[int, ...]:
@@ -59,13 +73,42 @@ class Target(NamedTuple):
   @property
   def axes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """Positions of the stack, input and output axes in the base leaf."""
-    split = self.n_stack + self.n_in
-    return (tuple(range(self.n_stack)), tuple(range(self.n_stack, split)),
-            tuple(range(split, len(self.shape))))
+    return self.stack_axes, self.in_axes, self.out_axes
+
+  @property
+  def layout_certain(self) -> bool:
+    """Whether the input axes are known rather than guessed from shapes.
+
+    True when ``LoraConfig.in_axes`` states them, or when the bias rule found
+    them and the input shape differs from the output shape (a square kernel
+    stored ``(out, in)`` fits the bias rule as well as an ``(in, out)`` one).
+    """
+    return layout_is_certain(self.layout, self.shape, self.in_axes)
 
   @property
   def num_adapter_params(self) -> int:
     return math.prod(self.a_shape) + math.prod(self.b_shape)
+
+
+def layout_is_certain(layout: str, shape: tuple[int, ...], ins: tuple[int, ...]) -> bool:
+  """Whether input axes found by ``layout`` are known rather than guessed (see ``Target``)."""
+  outs = [shape[p] for p in range(len(shape)) if p not in ins]
+  return layout == "config" or (layout == "bias" and [shape[p] for p in ins] != outs)
+
+
+def leaf_axes(path: str, shape: tuple[int, ...], config: LoraConfig, by_path: dict[str, Any]
+              ) -> tuple[tuple[int, ...], tuple[int, ...], str]:
+  """``(stack_axes, in_axes, layout)`` of any leaf by the axis rule, targeted or not.
+
+  Raises:
+    ValueError: when ``config``'s axis patterns do not fit the leaf.
+  """
+  errors: list[str] = []
+  stack = _stack_axes(path, shape, config, errors)
+  found = _input_axes(path, shape, stack, config, by_path, errors) if stack is not None else None
+  if found is None:
+    raise ValueError("; ".join(errors))
+  return stack, *found
 
 
 def _shape_dtype(leaf: Any) -> tuple[tuple[int, ...], Any] | None:
@@ -114,7 +157,6 @@ def plan(base: PyTree, config: LoraConfig) -> tuple[Target, ...]:
           "either adapted or trained in full. Narrow one of the patterns (or add it to exclude).")
       continue
     found = _shape_dtype(leaf)
-    n_stack = config.stack_axes_for(path)
     if found is None or not jnp.issubdtype(found[1], jnp.floating):
       what = "no array" if found is None else f"dtype {found[1]}"
       errors.append(
@@ -123,17 +165,21 @@ def plan(base: PyTree, config: LoraConfig) -> tuple[Target, ...]:
           "or add the path to LoraConfig.exclude.")
       continue
     shape, dtype = found
-    if len(shape) < n_stack + 2:
+    stack = _stack_axes(path, shape, config, errors)
+    if stack is None:
+      continue
+    if len(shape) < len(stack) + 2:
       errors.append(
-          f"{path}: a LoRA target needs at least 2 axes besides its {n_stack} stacked axes, "
+          f"{path}: a LoRA target needs at least 2 axes besides its {len(stack)} stacked axes, "
           f"found shape {shape}. Biases and scales cannot be adapted: narrow "
           "LoraConfig.targets, or list the leaf in LoraConfig.trainable to train it in full.")
       continue
-    n_in = _input_axes(path, shape, n_stack, config, by_path, errors)
-    if n_in is None:
+    found_in = _input_axes(path, shape, stack, config, by_path, errors)
+    if found_in is None:
       continue
-    target = Target(path, shape, dtype, n_stack, n_in, config.rank_for(path),
-                    config.scale_for(path))
+    ins, layout = found_in
+    target = Target(path, shape, dtype, stack, ins, config.rank_for(path),
+                    config.scale_for(path), layout)
     limit = min(math.prod(target.in_shape), math.prod(target.out_shape))
     if target.rank > limit:
       errors.append(
@@ -156,26 +202,70 @@ def plan(base: PyTree, config: LoraConfig) -> tuple[Target, ...]:
   return tuple(targets)
 
 
-def _input_axes(path: str, shape: tuple[int, ...], n_stack: int, config: LoraConfig,
-                by_path: dict[str, Any], errors: list[str]) -> int | None:
-  core = len(shape) - n_stack
+def _positions(path: str, field: str, value: tuple[int, ...], shape: tuple[int, ...],
+               errors: list[str]) -> tuple[int, ...] | None:
+  ndim = len(shape)
+  bad = [p for p in value if not -ndim <= p < ndim]
+  if bad:
+    errors.append(f"{path}: LoraConfig.{field} gives axis positions {value}, but the leaf of "
+                  f"shape {shape} has axes 0 to {ndim - 1} (or -{ndim} to -1).")
+    return None
+  normal = sorted(p % ndim for p in value)
+  if len(set(normal)) != len(normal):
+    errors.append(f"{path}: LoraConfig.{field} names the same axis twice in {value} "
+                  f"(shape {shape}).")
+    return None
+  return tuple(normal)
+
+
+def _stack_axes(path: str, shape: tuple[int, ...], config: LoraConfig, errors: list[str]
+                ) -> tuple[int, ...] | None:
+  configured = config.stack_axes_for(path)
+  if isinstance(configured, tuple):
+    return _positions(path, "stack_axes", configured, shape, errors)
+  if configured > len(shape):
+    errors.append(f"{path}: LoraConfig.stack_axes gives {configured} stacked axes, but the leaf "
+                  f"has shape {shape}.")
+    return None
+  return tuple(range(configured))
+
+
+def _input_axes(path: str, shape: tuple[int, ...], stack: tuple[int, ...], config: LoraConfig,
+                by_path: dict[str, Any], errors: list[str]
+                ) -> tuple[tuple[int, ...], str] | None:
+  """The input axes' positions and where they came from (``config``, ``bias``, ``default``)."""
+  free = [p for p in range(len(shape)) if p not in stack]
+  core = len(free)
   configured = config.in_axes_for(path)
+  if isinstance(configured, tuple):
+    ins = _positions(path, "in_axes", configured, shape, errors)
+    if ins is None:
+      return None
+    clash = sorted(set(ins) & set(stack))
+    if clash or len(ins) >= core:
+      what = (f"axes {clash} are also stacked axes" if clash
+              else "no output axis would be left")
+      errors.append(f"{path}: LoraConfig.in_axes positions {configured} do not fit the kernel "
+                    f"of shape {shape} with stacked axes {stack}: {what}. Give the positions "
+                    "of the axes the model contracts with its input.")
+      return None
+    return ins, "config"
   if configured is not None:
     if not 1 <= configured <= core - 1:
       errors.append(
           f"{path}: LoraConfig.in_axes gives {configured} input axes, but the kernel of shape "
-          f"{shape} has {core} axes after its {n_stack} stacked axes; use a value from 1 to "
-          f"{core - 1}.")
+          f"{shape} has {core} axes after its {len(stack)} stacked axes; use a value from 1 to "
+          f"{core - 1}, or explicit positions such as (1,).")
       return None
-    return configured
+    return tuple(free[:configured]), "config"
   parent = path.rpartition("/")[0]
   bias = by_path.get(f"{parent}/bias" if parent else "bias")
   bias_shape = getattr(bias, "shape", None)
-  if bias_shape is not None:
-    out = tuple(bias_shape)[n_stack:]
+  if bias_shape is not None and tuple(free) == tuple(range(len(stack), len(shape))):
+    out = tuple(bias_shape)[len(stack):]
     if 0 < len(out) < core and tuple(shape[len(shape) - len(out):]) == out:
-      return core - len(out)
-  return core - 1
+      return tuple(free[:core - len(out)]), "bias"
+  return tuple(free[:-1]), "default"
 
 
 def sharding_specs(target: Target, base_sharding: Any) -> tuple[Any, Any] | None:
@@ -187,8 +277,8 @@ def sharding_specs(target: Target, base_sharding: Any) -> tuple[Any, Any] | None
   if not isinstance(base_sharding, jax.sharding.NamedSharding):
     return None
   spec = tuple(base_sharding.spec) + (None,) * (len(target.shape) - len(base_sharding.spec))
-  split = target.n_stack + target.n_in
-  a_spec = jax.sharding.PartitionSpec(*spec[:split], None)
-  b_spec = jax.sharding.PartitionSpec(*spec[:target.n_stack], None, *spec[split:])
+  pick = lambda axes: tuple(spec[p] for p in axes)  # noqa: E731
+  a_spec = jax.sharding.PartitionSpec(*pick(target.stack_axes), *pick(target.in_axes), None)
+  b_spec = jax.sharding.PartitionSpec(*pick(target.stack_axes), None, *pick(target.out_axes))
   mesh = base_sharding.mesh
   return jax.sharding.NamedSharding(mesh, a_spec), jax.sharding.NamedSharding(mesh, b_spec)

@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lora_jax._src.checkpoint import load_adapters
+from lora_jax._src.lift import LoraParams
 from lora_jax._src.merge import check_adapters, low_rank_product
 from lora_jax._src.plan import Target, plan
 from lora_jax._src.tree import leaves_with_paths, nest
@@ -216,7 +217,9 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
       ``orbax.checkpoint.StandardCheckpointer().save(BASE, params)``), a
       ``CheckpointManager`` step folder holding one such item, or a safetensors
       file whose tensor names are parameter paths.
-    adapters: an adapter checkpoint written by ``lora_jax.save_adapters``.
+    adapters: an adapter checkpoint written by ``lora_jax.save_adapters``; base
+      leaves it holds as trained in full (saved from a ``LoraParams``) replace
+      the base's.
     out: where to write the merged tree (an orbax checkpoint folder, or a
       ``.safetensors`` file with ``output_format="safetensors"``).
     dtype: cast floating leaves to this dtype (default: keep the base's dtypes).
@@ -244,6 +247,17 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
       out.unlink()
   reader = open_base(base)
   adapter_tree, config = load_adapters(adapters)
+  trained: dict[str, np.ndarray] = {}
+  if isinstance(adapter_tree, LoraParams):
+    trained = dict(leaves_with_paths(adapter_tree.base))
+    adapter_tree = adapter_tree.adapters
+  base_shapes = {leaf.path: tuple(leaf.shape) for leaf in reader.leaves}
+  misfits = [f"{p}: shape {tuple(v.shape)} in the adapter checkpoint, "
+             f"{base_shapes.get(p, 'absent')} in the base" for p, v in trained.items()
+             if base_shapes.get(p) != tuple(v.shape)]
+  if misfits:
+    raise ValueError(f"The leaves trained in full in {adapters} do not fit the base {base}:\n"
+                     "  - " + "\n  - ".join(misfits))
   out_dtype = None if dtype is None else jnp.dtype(dtype)
   abstract = nest({leaf.path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
                    for leaf in reader.leaves})
@@ -264,7 +278,10 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
       result = {}
       for leaf in group:
         w = arrays.pop(leaf.path)
-        if leaf.path in pairs:
+        if leaf.path in trained:
+          value = np.asarray(trained[leaf.path]).astype(final_dtype(leaf), copy=False)
+          merged_count += 1
+        elif leaf.path in pairs:
           target, a, b = pairs[leaf.path]
           value = np.asarray(_merge_leaf(w, a, b, target=target._replace(path=""),
                                          out_dtype=final_dtype(leaf)))
@@ -285,5 +302,6 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
   except BaseException:
     writer.abort()
     raise
-  return {"leaves": len(reader.leaves), "merged": merged_count, "bytes": written,
+  return {"leaves": len(reader.leaves), "merged": merged_count, "trained": len(trained),
+          "bytes": written,
           "out": str(out)}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, NamedTuple
 
 import jax
@@ -13,6 +14,16 @@ from lora_jax._src.config import LoraConfig
 from lora_jax._src.lift import LoraParams
 from lora_jax._src.plan import plan
 from lora_jax._src.tree import PyTree, leaves_with_paths
+
+
+def natural_key(path: str) -> tuple[Any, ...]:
+  """Sort key that orders digit runs by value: ``layers/2`` before ``layers/10``."""
+  return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path))
+
+
+def natural_sorted(paths: Any) -> list[str]:
+  """``paths`` in natural order (see ``natural_key``)."""
+  return sorted(paths, key=natural_key)
 
 
 def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]], right_from: int = 2
@@ -104,7 +115,7 @@ def summary(lp: LoraParams | PyTree, config: LoraConfig) -> Summary:
   base = lp.base if isinstance(lp, LoraParams) else lp
   targets = plan(base, config)
   rows = tuple(SummaryRow(t.path, t.shape, t.rank, t.a_shape, t.b_shape, t.num_adapter_params)
-               for t in targets)
+               for t in sorted(targets, key=lambda t: natural_key(t.path)))
   leaves = leaves_with_paths(base)
   base_params = sum(_size(leaf) for _, leaf in leaves)
   full = sum(_size(leaf) for path, leaf in leaves if config.is_trainable(path))

@@ -1,6 +1,6 @@
-"""Fine-tuning tasks for ``lora-jax train``, on data that ships with Python or scikit-learn.
+"""Fine-tuning tasks for ``lora-jax train``, on data that ships with Python or with lora_jax.
 
-* ``digits``: an MLP on scikit-learn's bundled handwritten digits, pretrained on the
+* ``digits``: an MLP on the UCI handwritten digits (shipped in ``data/``), pretrained on the
   original images and adapted to rotated ones (Flax Linen or NNX).
 * ``textcls``: a small Transformer encoder classifying standard-library docstrings by
   package; pretrained on four packages, adapted to four others with a new head.
@@ -85,12 +85,17 @@ def _shift_digits(images: np.ndarray, shift: str, rng: np.random.Generator) -> n
   return np.ascontiguousarray(square.reshape(-1, 64), np.float32)
 
 
-def digits(model: dict[str, Any], data: dict[str, Any], framework: str, seed: int) -> Task:
-  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+DIGITS_FILE = pathlib.Path(__file__).parent / "data" / "digits.csv.gz"
 
-  x, y = load_digits(return_X_y=True)
-  x = (x / 16.0).astype(np.float32)
-  y = y.astype(np.int32)
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+  """The 1,797 8x8 UCI digits (CC BY 4.0, see data/README.md): pixels / 16 and labels."""
+  table = np.loadtxt(DIGITS_FILE, delimiter=",", dtype=np.int64)
+  return (table[:, :-1] / 16.0).astype(np.float32), table[:, -1].astype(np.int32)
+
+
+def digits(model: dict[str, Any], data: dict[str, Any], framework: str, seed: int) -> Task:
+  x, y = load_digits()
   rng = np.random.default_rng(seed)
   order = rng.permutation(len(x))
   half = len(x) // 2

@@ -133,3 +133,8 @@ def adapter_paths(adapters: Mapping[str, Any] | None) -> list[str]:
 
   visit(adapters, "")
   return found
+
+
+def trained_leaves(base: PyTree, is_trainable: Callable[[str], bool]) -> dict[str, Any]:
+  """The leaves of ``base`` whose path ``is_trainable`` accepts, as a nested dict."""
+  return nest({p: leaf for p, leaf in leaves_with_paths(base) if is_trainable(p)})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,7 @@ from lora_jax._src.factored import Context, run_factored
 from lora_jax._src.lift import LoraParams
 from lora_jax._src.lowrank import LowRank
 from lora_jax._src.merge import _fold, check_adapters
-from lora_jax._src.plan import plan
+from lora_jax._src.plan import Target, plan
 from lora_jax._src.tree import PyTree, leaves_with_paths, map_with_paths
 
 _MODES = ("factored", "merge")
@@ -31,8 +32,22 @@ def freeze(base: PyTree, config: LoraConfig) -> PyTree:
   return map_with_paths(one, base)
 
 
-def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *, mode: str = "factored"
-         ) -> Callable[..., Any]:
+def _check_layouts(targets: dict[str, Target], seen: dict[str, set[str]]) -> None:
+  """Refuses kernels whose guessed input axes the function contracts as output axes."""
+  wrong = [t for path, t in targets.items() if not t.layout_certain and seen.get(path) == {"out"}]
+  if not wrong:
+    return
+  lines = [f"{t.path}: shape {t.shape}; the axis rule took axes {t.in_axes} as input, but the "
+           f"function contracts axes {t.out_axes} with its input (x @ W.T). Set "
+           f"in_axes={{{re.escape(t.path) + '$'!r}: {t.out_axes}}}" for t in wrong]
+  raise ValueError(
+      "These kernels are stored (out, in) (as Hugging Face GPT-2's are): their adapters would "
+      "put A on the output side, which is not standard LoRA and exports wrongly to PEFT. State "
+      "the layout in LoraConfig.in_axes and lift again:\n  - " + "\n  - ".join(lines))
+
+
+def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *, mode: str = "factored",
+         params_kwarg: str | None = None) -> Callable[..., Any]:
   """Makes ``apply_fn(params, *args, **kwargs)`` take ``LoraParams`` instead.
 
   ``wrap(apply_fn, config)(lp, *args, **kwargs)`` equals
@@ -53,17 +68,26 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *, mode: str = "facto
   in factored mode when the call passes ``lora_rng=key``; without it dropout is
   off (evaluation).
 
+  In factored mode, a kernel whose input axes the axis rule guessed (no
+  ``config.in_axes`` pattern, and shapes that do not settle it) but which the
+  function only ever contracts over its *output* axes (``x @ W.T``: a kernel
+  stored ``(out, in)``) is an error that gives the ``in_axes`` to set.
+
   Args:
     apply_fn: any function whose first argument is the parameter tree, such as
-      a Flax ``model.apply``.
+      a Flax ``model.apply``, or that takes it as the keyword ``params_kwarg``.
     config: the ``LoraConfig`` used to lift.
     mode: ``"factored"`` (default) or ``"merge"``.
+    params_kwarg: the keyword that ``apply_fn`` takes the parameters by, e.g.
+      ``"params"`` for a Hugging Face Flax model (``model.__call__(input_ids,
+      params=...)``); the wrapped function still takes ``lp`` first.
 
   Returns:
     ``fn(lp, *args, lora_rng=None, **kwargs)``.
 
   Raises:
-    ValueError: for an unknown mode, or ``lora_rng`` with ``mode="merge"`` and dropout.
+    ValueError: for an unknown mode, ``lora_rng`` with ``mode="merge"`` and
+      dropout, or a kernel used as ``x @ W.T`` whose layout was guessed.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -77,6 +101,9 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *, mode: str = "facto
   if mode not in _MODES:
     raise ValueError(f"wrap: mode must be one of {_MODES}, got {mode!r}.")
   warned: set[tuple[str, str]] = set()
+  call = apply_fn
+  if params_kwarg is not None:
+    call = lambda params, *args, **kwargs: apply_fn(*args, **kwargs, **{params_kwarg: params})  # noqa: E731
 
   @functools.wraps(apply_fn)
   def wrapped(lp: LoraParams, *args: Any, lora_rng: jax.Array | None = None,
@@ -88,20 +115,22 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *, mode: str = "facto
           "key=...).")
     base = freeze(lp.base, config)
     if lp.adapters is None:
-      return apply_fn(base, *args, **kwargs)
+      return call(base, *args, **kwargs)
     if mode == "merge":
       if lora_rng is not None and config.dropout > 0:
         raise ValueError("LoRA dropout needs mode='factored': a merged weight has no separate "
                          "adapter branch to drop inputs from. Drop lora_rng or use the default "
                          "mode.")
-      return apply_fn(_fold(base, lp.adapters, config, 1.0), *args, **kwargs)
+      return call(_fold(base, lp.adapters, config, 1.0), *args, **kwargs)
     leaves = leaves_with_paths(base)
     by_path = dict(leaves)
-    lowranks = {t.path: LowRank.from_target(t, by_path[t.path], a, b)
-                for t, a, b in check_adapters(plan(base, config), lp.adapters)}
+    pairs = check_adapters(plan(base, config), lp.adapters)
+    lowranks = {t.path: LowRank.from_target(t, by_path[t.path], a, b) for t, a, b in pairs}
     paths = [p for p, _ in leaves]
     ctx = Context(warned, lora_rng, config.dropout)
-    return run_factored(apply_fn, base, lowranks, paths, args, kwargs, ctx)
+    out = run_factored(call, base, lowranks, paths, args, kwargs, ctx)
+    _check_layouts({t.path: t for t, _, _ in pairs}, ctx.seen)
+    return out
 
   return wrapped
 

@@ -1,0 +1,73 @@
+"""Packaging: every import of the package is declared, and `import lora_jax` stays light.
+
+CI installs the project into an empty virtual environment, so an undeclared dependency also
+fails there; these tests name the culprit directly.
+"""
+
+import ast
+import importlib.metadata
+import pathlib
+import re
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+HEAVY = ("matplotlib", "sklearn", "tqdm", "torch", "peft", "transformers", "pandas")
+
+
+def _imported_top_level_names(package: pathlib.Path) -> dict[str, str]:
+  names: dict[str, str] = {}
+  for file in package.rglob("*.py"):
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+      if isinstance(node, ast.Import):
+        found = [alias.name for alias in node.names]
+      elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        found = [node.module]
+      else:
+        continue
+      for name in found:
+        names.setdefault(name.split(".")[0], str(file.relative_to(ROOT)))
+  return names
+
+
+def _declared() -> set[str]:
+  requirements = importlib.metadata.requires("lora-jax") or []
+  runtime = [r for r in requirements if "extra ==" not in r]
+  return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in runtime}
+
+
+def test_every_import_is_a_declared_dependency():
+  distributions = importlib.metadata.packages_distributions()
+  declared = _declared()
+  missing = []
+  for name, where in sorted(_imported_top_level_names(ROOT / "lora_jax").items()):
+    if name in sys.stdlib_module_names or name == "lora_jax":
+      continue
+    dists = {d.lower().replace("_", "-") for d in distributions.get(name, [name])}
+    if not dists & declared:
+      missing.append(f"{name} (imported in {where}; distribution {sorted(dists)})")
+  assert not missing, f"undeclared runtime dependencies: {missing}; declared: {sorted(declared)}"
+
+
+def test_import_lora_jax_is_light():
+  code = f"import sys, lora_jax; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]"
+
+
+def test_digits_job_runs_without_optional_packages(tmp_path):
+  """The main job's task needs none of scikit-learn, matplotlib, tqdm (blocked here)."""
+  code = f"""
+import sys
+for name in {HEAVY!r}:
+  sys.modules[name] = None  # any import of these now raises ImportError
+import lora_jax as lj
+metrics = lj.run_job({str(ROOT / "configs" / "quickstart.yaml")!r},
+                     ["pretrain.steps=2", "finetune.steps=2", "run_dir={tmp_path}"])
+print("OK", metrics["lora"])
+"""
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=tmp_path, env={**__import__("os").environ, "JAX_PLATFORMS": "cpu"})
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "OK" in out.stdout
+  assert (tmp_path / "loss.svg").exists() and (tmp_path / "adapters").is_dir()
