@@ -81,6 +81,15 @@ def test_trained_leaves_are_saved_restored_and_overlaid(tmp_path):
     lj.overlay({**params, "head": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(3)}}, loaded)
 
 
+def test_load_and_inspect_log_no_warnings(tmp_path, caplog):
+  lp, config = _lifted()
+  path = lj.save_adapters(tmp_path / "ckpt", lp.adapters, config)
+  caplog.clear()
+  lj.load_adapters(path, target=lp.adapters)
+  lj.load_adapters(path)
+  assert not [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+
 def test_steps_and_latest(tmp_path):
   lp, config = _lifted()
   for step in (10, 20):

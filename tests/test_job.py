@@ -3,6 +3,7 @@
 import json
 import pathlib
 
+import jax
 import pytest
 
 import lora_jax as lj
@@ -27,8 +28,10 @@ def test_example_configs_run_tiny(tmp_path, name, extra, capsys):
   assert written["lora"] == pytest.approx(metrics["lora"])
   assert {"base", "lora", "full", "trainable_params", "curves"} <= set(written)
   assert (tmp_path / "loss.svg").stat().st_size > 1000
-  adapters, _ = lj.load_adapters(tmp_path / "adapters")
-  assert adapters
+  # Everything the run trained is in its checkpoint: adapters and leaves trained in full.
+  loaded, _ = lj.load_adapters(tmp_path / "adapters")
+  saved = sum(x.size for x in jax.tree.leaves(loaded))
+  assert saved == written["trainable_params"]
   assert written["merged_vs_adapted_max_abs_diff"] < 1e-3
   out = capsys.readouterr().out
   assert "frozen base" in out and "LoRA" in out and "full fine-tune" in out
@@ -70,3 +73,29 @@ def test_mesh_needs_devices_message():
   config = lj.load_job_config(ROOT / "configs" / "charlm_mesh.yaml", ["mesh.model=64"])
   with pytest.raises(ValueError, match=r"needs 128 devices, JAX sees 8\. On CPU set XLA_FLAGS"):
     run(config)
+
+
+def test_quickstart_checkpoint_holds_everything_trained(tmp_path, capsys):
+  """Before: the checkpoint held 5,632 of the 7,306 parameters the quickstart trains."""
+  lj.run_job(ROOT / "configs" / "quickstart.yaml",
+             ["pretrain.steps=2", "finetune.steps=2", f"run_dir={tmp_path}"])
+  table = capsys.readouterr().out
+  assert "LoRA" in table and "7,306" in table
+  assert cli(["inspect", str(tmp_path / "adapters")]) == 0
+  out = capsys.readouterr().out
+  assert "5,632 adapter parameters" in out
+  assert "7,306 trained parameters in all" in out
+  assert "params/head/kernel" in out and "params/Dense_0/bias" in out
+
+
+def test_cli_version_help_and_required_config(capsys):
+  with pytest.raises(SystemExit) as done:
+    cli(["--version"])
+  assert done.value.code == 0 and capsys.readouterr().out.startswith("lora-jax 0.")
+  with pytest.raises(SystemExit) as done:
+    cli(["train"])
+  assert done.value.code == 2
+  assert "the following arguments are required: --config" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    cli(["--help"])
+  assert "lora-jax train --config configs/quickstart.yaml" in capsys.readouterr().out

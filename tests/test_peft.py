@@ -92,12 +92,13 @@ def test_export_loads_in_peft_with_equal_outputs(tmp_path, conv):
   model, params, x, torch_model, x_torch = _conv() if conv else _text()
   last = "Conv_1" if conv else "Dense_1"
   config = lj.LoraConfig(rank=4, alpha=8.0, targets=r"kernel$" if conv else (r"kernel$", "emb"),
-                         rank_pattern={last: 2}, alpha_pattern={last: 3.0}, use_rslora=True)
+                         rank_pattern={last: 2}, alpha_pattern={last: 3.0}, use_rslora=True,
+                         in_axes={"Conv_1": 3} if conv else {})  # Conv_1 has no bias to tell
   lp = lj.lift(params, config, key=jax.random.key(2))
   lp = lj.LoraParams(lp.base, jax.tree.map(
       lambda a: a + 0.3 * jax.random.normal(jax.random.key(3), a.shape), lp.adapters))
   expected = np.asarray(lj.wrap(model.apply, config)(lp, x))
-  lj.export_peft(lp.adapters, config, tmp_path / "peft")
+  lj.export_peft(lp, config, tmp_path / "peft")
   written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
   assert written["r"] == 4 and written["use_rslora"] is True
   peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "peft")).eval()
@@ -122,7 +123,8 @@ def test_import_peft_made_adapter_gives_peft_outputs(tmp_path, conv):
   with torch.no_grad():
     expected = _to_flax_layout(peft_model(x_torch), conv)
   peft_model.save_pretrained(str(tmp_path / "made_by_peft"))
-  adapters, config = lj.import_peft(tmp_path / "made_by_peft", params=params)
+  adapters, config = lj.import_peft(tmp_path / "made_by_peft", params=params,
+                                    in_axes={"Conv_1": 3} if conv else None)
   assert config.rank == 4 and config.alpha == 8.0
   out = lj.wrap(model.apply, config)(lj.LoraParams(params, adapters), x)
   np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-4)
@@ -132,11 +134,11 @@ def test_bad_peft_files(tmp_path):
   (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "r": 4}))
   (tmp_path / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
   with pytest.raises(ValueError, match=r"peft_type is 'IA3', only LORA"):
-    lj.import_peft(tmp_path)
+    lj.import_peft(tmp_path, params={})
   (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
   (tmp_path / "adapter_model.safetensors").write_bytes(b"\xff\xff")
   with pytest.raises(ValueError, match=r"Cannot read the PEFT adapter in"):
-    lj.import_peft(tmp_path)
+    lj.import_peft(tmp_path, params={})
 
 
 def test_stacked_adapters_are_refused(tmp_path):
@@ -144,4 +146,170 @@ def test_stacked_adapters_are_refused(tmp_path):
   lp = lj.lift({"layers": {"kernel": jnp.ones((3, 4, 4))}}, config, key=jax.random.key(0))
   with pytest.raises(ValueError, match=r"layers/kernel: stacked \(scanned\) adapters have no "
                      r"PEFT equivalent"):
-    lj.export_peft(lp.adapters, config, tmp_path)
+    lj.export_peft(lp, config, tmp_path)
+
+
+# --- kernels stored (out, in), as Hugging Face's Flax GPT-2 stores them -------------------
+
+
+def _gpt2_style():
+  """Kernels stored (out, in) and used as x @ W.T: one square (with a bias), one not."""
+  k = jax.random.split(jax.random.key(5), 4)
+  params = {"attn": {"c_proj": {"kernel": jax.random.normal(k[0], (8, 8)) / 3,
+                                "bias": jnp.full(8, 0.1)}},
+            "mlp": {"c_fc": {"kernel": jax.random.normal(k[1], (12, 8)) / 3,
+                             "bias": jnp.zeros(12)}}}
+
+  def apply(p, x):
+    h = x @ p["attn"]["c_proj"]["kernel"].T + p["attn"]["c_proj"]["bias"]
+    return h @ p["mlp"]["c_fc"]["kernel"].T + p["mlp"]["c_fc"]["bias"]
+
+  return params, apply, jax.random.normal(k[2], (5, 8))
+
+
+class TorchGpt2Style(torch.nn.Module):
+  def __init__(self, params, conv1d):
+    super().__init__()
+    from transformers.pytorch_utils import Conv1D
+
+    def layer(p):
+      w = torch.from_numpy(np.array(p["kernel"]))
+      if conv1d:  # Hugging Face Conv1D stores (in, out) and computes x @ W + b
+        module = Conv1D(w.shape[0], w.shape[1])
+        module.weight.data, module.bias.data = w.T.contiguous(), torch.from_numpy(
+            np.array(p["bias"]))
+      else:
+        module = torch.nn.Linear(w.shape[1], w.shape[0])
+        module.weight.data, module.bias.data = w, torch.from_numpy(np.array(p["bias"]))
+      return module
+
+    self.attn = torch.nn.Module()
+    self.attn.c_proj = layer(params["attn"]["c_proj"])
+    self.mlp = torch.nn.Module()
+    self.mlp.c_fc = layer(params["mlp"]["c_fc"])
+
+  def forward(self, x):
+    return self.mlp.c_fc(self.attn.c_proj(x))
+
+
+def test_out_in_kernels_are_refused_until_their_layout_is_stated(tmp_path):
+  """Before: A went over the output axis and the square kernel's export was silently wrong."""
+  params, apply, x = _gpt2_style()
+  config = lj.LoraConfig(rank=2, targets=r"kernel$")
+  lp = lj.lift(params, config, key=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"stored \(out, in\)[^$]*attn/c_proj/kernel: shape "
+                     r"\(8, 8\); the axis rule took axes \(0,\) as input, but the function "
+                     r"contracts axes \(1,\) with its input \(x @ W.T\). Set "
+                     r"in_axes=\{'attn/c_proj/kernel\$': \(1,\)\}"):
+    lj.wrap(apply, config)(lp, x)
+  with pytest.raises(ValueError, match=r"attn/c_proj/kernel: cannot tell which axes"):
+    lj.export_peft(lp, config, tmp_path / "peft")
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_out_in_kernels_round_trip_through_real_peft(tmp_path, conv1d):
+  params, apply, x = _gpt2_style()
+  in_axes = {r"kernel$": (1,)}
+  config = lj.LoraConfig(rank=2, alpha=4.0, targets=r"kernel$", in_axes=in_axes)
+  lp = lj.lift(params, config, key=jax.random.key(0))
+  assert lp.adapters["mlp"]["c_fc"]["kernel"]["a"].shape == (8, 2)   # A over the input axis
+  assert lp.adapters["mlp"]["c_fc"]["kernel"]["b"].shape == (2, 12)
+  lp = lj.LoraParams(lp.base, jax.tree.map(
+      lambda a: a + 0.3 * jax.random.normal(jax.random.key(3), a.shape), lp.adapters))
+  expected = np.asarray(lj.wrap(apply, config)(lp, x))
+  np.testing.assert_allclose(expected, apply(lj.merge(lp, config), x), rtol=1e-5, atol=1e-5)
+  lj.export_peft(lp, config, tmp_path / "peft", fan_in_fan_out=conv1d)
+  x_torch = torch.from_numpy(np.array(x))
+  peft_model = peft.PeftModel.from_pretrained(TorchGpt2Style(params, conv1d),
+                                              str(tmp_path / "peft")).eval()
+  with torch.no_grad():
+    np.testing.assert_allclose(peft_model(x_torch).numpy(), expected, rtol=1e-4, atol=1e-5)
+    merged = peft_model.merge_and_unload()
+    np.testing.assert_allclose(merged(x_torch).numpy(), expected, rtol=1e-4, atol=1e-5)
+  adapters, imported = lj.import_peft(tmp_path / "peft", params=params, in_axes=in_axes)
+  np.testing.assert_allclose(lj.wrap(apply, imported)(lj.LoraParams(params, adapters), x),
+                             expected, rtol=1e-5, atol=1e-5)
+
+
+# --- leaves trained in full: PEFT's modules_to_save and bias ---------------------------
+
+
+class FlaxHeaded(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(12, name="Dense_0")(x))
+    h = nn.relu(nn.Dense(10, name="Dense_1")(h))
+    return nn.Dense(3, name="head")(h)
+
+
+class TorchHeaded(torch.nn.Module):
+  def __init__(self):
+    super().__init__()
+    self.Dense_0, self.Dense_1, self.head = (torch.nn.Linear(6, 12), torch.nn.Linear(12, 10),
+                                             torch.nn.Linear(10, 3))
+
+  def forward(self, x):
+    return self.head(torch.relu(self.Dense_1(torch.relu(self.Dense_0(x)))))
+
+
+@pytest.mark.parametrize("biases", ["all", "lora_only"])
+def test_trained_leaves_export_to_peft_and_back(tmp_path, biases):
+  """Before: export kept only A and B, and the head and biases a run trained were lost."""
+  x = jax.random.normal(jax.random.key(0), (4, 6))
+  variables = FlaxHeaded().init(jax.random.key(1), x)
+  params = variables["params"]  # lifted without the "params" level, as Flax users often do
+  # "all": Dense_1 is not adapted but its bias trains; "lora_only": the adapted layers' biases.
+  targets = r"Dense_0/kernel$" if biases == "all" else r"Dense_\d/kernel$"
+  trainable = (r"bias$", r"head/") if biases == "all" else (r"Dense_\d/bias$", r"head/")
+  config = lj.LoraConfig(rank=2, targets=targets, trainable=trainable)
+  lp = lj.lift(params, config, key=jax.random.key(2))
+  bump = lambda path, v: v + 0.2 if config.is_trainable(path) else v  # noqa: E731
+  from lora_jax._src.tree import map_with_paths
+  lp = lj.LoraParams(map_with_paths(bump, lp.base),
+                     jax.tree.map(lambda a: a + 0.3, lp.adapters))
+  apply = lambda p, x: FlaxHeaded().apply({"params": p}, x)  # noqa: E731
+  expected = np.asarray(lj.wrap(apply, config)(lp, x))
+  lj.export_peft(lp, config, tmp_path / "peft")
+  written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+  assert written["modules_to_save"] == ["head"] and written["bias"] == biases
+  torch_model = _copy_into_torch({"params": params}, TorchHeaded())  # the untrained base
+  peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "peft")).eval()
+  with torch.no_grad():
+    got = peft_model(torch.from_numpy(np.array(x))).numpy()
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+  loaded, imported = lj.import_peft(tmp_path / "peft", params=params)
+  assert isinstance(loaded, lj.LoraParams)
+  assert sorted(lj.paths(loaded.base)) == ["Dense_0/bias", "Dense_1/bias", "head/bias",
+                                           "head/kernel"]
+  np.testing.assert_allclose(lj.wrap(apply, imported)(lj.overlay(params, loaded), x), expected,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_trained_leaves_peft_cannot_express_are_refused(tmp_path):
+  x = jnp.ones((1, 6))
+  params = FlaxHeaded().init(jax.random.key(1), x)["params"]
+  config = lj.LoraConfig(rank=2, targets=r"Dense_\d/kernel$", trainable=(r"head/kernel$",))
+  lp = lj.lift(params, config, key=jax.random.key(2))
+  with pytest.raises(ValueError, match=r"head/kernel: trained in full, but PEFT keeps "
+                     r"full-trained weights only as whole modules"):
+    lj.export_peft(lp, config, tmp_path / "peft")
+  with pytest.raises(ValueError, match=r"trained in full"):
+    lj.save_adapters(tmp_path / "ckpt", lp.adapters, config)
+
+
+def test_import_checks_exact_peft_shapes(tmp_path):
+  """A lora_B stored (r, out) instead of (out, r) was reshaped silently before."""
+  from safetensors.numpy import load_file, save_file
+  x = jnp.ones((1, 6))
+  params = FlaxHeaded().init(jax.random.key(1), x)["params"]
+  config = lj.LoraConfig(rank=2, targets=r"Dense_\d/kernel$")
+  lp = lj.lift(params, config, key=jax.random.key(2))
+  lj.export_peft(lp, config, tmp_path / "peft")
+  file = tmp_path / "peft" / "adapter_model.safetensors"
+  tensors = load_file(str(file))
+  key = "base_model.model.Dense_0.lora_B.weight"
+  tensors[key] = np.ascontiguousarray(tensors[key].reshape(2, 12))
+  save_file(tensors, str(file))
+  with pytest.raises(ValueError, match=r"Dense_0/kernel: PEFT's lora_B has shape \(2, 12\), "
+                     r"expected \(12, 2\)"):
+    lj.import_peft(tmp_path / "peft", params=params)

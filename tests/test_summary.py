@@ -43,3 +43,9 @@ def test_summary_counts_trainable_and_plain_trees():
   assert s.full_trainable_params == 6
   assert s.trainable_params == 38
   assert abs(s.trainable_percent - 100 * 38 / 66) < 1e-9
+
+
+def test_rows_in_natural_order():
+  params = {"layers": {str(i): {"kernel": jnp.zeros((4, 4))} for i in range(12)}}
+  rows = lj.summary(params, lj.LoraConfig(rank=2)).rows
+  assert [r.path for r in rows] == [f"layers/{i}/kernel" for i in range(12)]

@@ -130,6 +130,10 @@ def _array_metadata(tree: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
   return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in leaves_with_paths(tree)}
 
 
+class CheckpointMismatch(ValueError):
+  """A checkpoint that reads fine but does not hold what was expected."""
+
+
 def check_tree_matches(found: Mapping[str, tuple[tuple[int, ...], Any]],
                        expected: Mapping[str, tuple[tuple[int, ...], Any]], where: str) -> None:
   """Raises a ValueError listing missing, unexpected and mis-shaped leaves."""
@@ -138,7 +142,8 @@ def check_tree_matches(found: Mapping[str, tuple[tuple[int, ...], Any]],
   errors += [f"{p}: shape {found[p][0]} in the checkpoint, expected {expected[p][0]}"
              for p in expected if p in found and found[p][0] != expected[p][0]]
   if errors:
-    raise ValueError(f"{where} does not match the expected tree:\n  - " + "\n  - ".join(errors))
+    raise CheckpointMismatch(f"{where} does not match the expected tree:\n  - "
+                             + "\n  - ".join(errors))
 
 
 def _abstract(tree: PyTree) -> PyTree:
@@ -183,17 +188,20 @@ def load_adapters(directory: str | os.PathLike[str], *, target: PyTree | None = 
           path, ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))[_CONFIG]
       config = LoraConfig.from_dict(config_dict)
       has_trained = (path / _TRAINED).is_dir()
-      targets = {_ADAPTERS: target.adapters if isinstance(target, LoraParams) else target}
+      is_lp = isinstance(target, LoraParams)
+      targets = {_ADAPTERS: target.adapters if is_lp else target}
       if has_trained:
-        targets[_TRAINED] = (trained_leaves(target.base, config.is_trainable)
-                             if isinstance(target, LoraParams) else None)
-      elif isinstance(target, LoraParams) and config.trainable:
-        raise ValueError(f"Adapter checkpoint {path} holds no trained leaves, but its config "
-                         f"trains {list(config.trainable)} in full.")
+        targets[_TRAINED] = trained_leaves(target.base, config.is_trainable) if is_lp else None
+      elif is_lp and config.trainable:
+        raise CheckpointMismatch(
+            f"Adapter checkpoint {path} holds no trained leaves, but its config trains "
+            f"{list(config.trainable)} in full.")
       restored = {}
       for item, item_target in targets.items():
-        saved = ocp.PyTreeCheckpointer().metadata(path / item)
-        saved = getattr(getattr(saved, "item_metadata", saved), "tree", saved)
+        # The handler reads the item's own metadata; a Checkpointer would look for a
+        # checkpoint-level _CHECKPOINT_METADATA inside the item and log a warning.
+        saved = ocp.PyTreeCheckpointHandler().metadata(path / item)
+        saved = getattr(saved, "tree", saved)
         if item_target is not None:
           expected = {p: (tuple(x.shape), np.dtype(x.dtype))
                       for p, x in leaves_with_paths(item_target)}
@@ -204,7 +212,7 @@ def load_adapters(directory: str | os.PathLike[str], *, target: PyTree | None = 
           restore = ocp.args.StandardRestore()
         restored[item] = checkpointer.restore(
             path, ocp.args.Composite(**{item: restore}))[item]
-  except (ValueError, FileNotFoundError, TypeError):
+  except (CheckpointMismatch, FileNotFoundError):
     raise
   except Exception as e:  # orbax and tensorstore raise many kinds for damaged files
     raise ValueError(f"Cannot read the adapter checkpoint at {path}: it is damaged or not a "

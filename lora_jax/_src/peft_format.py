@@ -225,10 +225,10 @@ def _export_trained(base: PyTree, config: LoraConfig, targets: dict[str, Target]
   loose = trained_biases - {p for p in trained_biases if module_of[p] in whole}
   if not loose:
     bias_mode = "none"
-  elif loose == {p for p in biases if module_of[p] not in whole}:
-    bias_mode = "all"
   elif loose == lora_biases:
     bias_mode = "lora_only"
+  elif loose == {p for p in biases if module_of[p] not in whole}:
+    bias_mode = "all"
   else:
     errors.append(f"trained biases {sorted(loose)} are neither all biases nor exactly those of "
                   "the adapted modules, which is what PEFT's bias='all' / 'lora_only' can "
