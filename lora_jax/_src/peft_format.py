@@ -64,10 +64,16 @@ def _is_embedding(path: str) -> bool:
   return path.endswith("embedding")
 
 
+def _layout_known(path: str, layout: str, shape: tuple[int, ...], ins: tuple[int, ...]) -> bool:
+  """Input axes stated or settled by the shapes (``plan.layout_is_certain``); an embedding's
+  rows are its input (a Flax ``Embed`` table is ``(vocab, features)``, looked up by row)."""
+  return _is_embedding(path) or layout_is_certain(layout, shape, ins)
+
+
 def _is_conv(path: str, ndim: int, conv_paths: tuple[str, ...] | None) -> bool:
   if conv_paths is not None:
     return any(re.search(p, path) for p in conv_paths)
-  return ndim > 3 and "Conv" in path
+  return ndim > 2 and "Conv" in path
 
 
 def _layout_error(path: str, shape: tuple[int, ...], guessed: tuple[int, ...], why: str,
@@ -115,7 +121,7 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
       ``adapter_model.safetensors``.
     module_name: maps a leaf path to the PyTorch module name.
     conv_paths: regexes of paths that are convolution kernels (default: kernels
-      with more than three axes whose path contains ``Conv``).
+      with more than two axes whose path contains ``Conv``).
     fan_in_fan_out: the PyTorch modules store their weight ``(in, out)``
       (Hugging Face ``Conv1D``, as in GPT-2); written to the config. The
       adapter tensors are the same either way.
@@ -156,9 +162,10 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
                     "stores one module per layer. Unstack them into per-layer paths first.")
       continue
     target = targets.get(path)
-    certain = (target.layout_certain if target is not None
-               else config.in_axes_for(path) is not None)
-    if not certain and not _is_embedding(path):
+    known = (_layout_known(path, target.layout, target.shape, target.in_axes)
+             if target is not None
+             else _is_embedding(path) or config.in_axes_for(path) is not None)
+    if not known:
       guessed = target.in_axes if target is not None else tuple(range(a.ndim - 1))
       shape = target.shape if target is not None else (*a.shape[:-1], *b.shape[1:])
       why = "no LoraConfig.in_axes pattern names it" + (
@@ -172,7 +179,7 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
     if _is_embedding(path):
       put(key + ".lora_embedding_A", a.reshape(-1, rank).T, path)
       put(key + ".lora_embedding_B", b.reshape(rank, -1).T, path)
-    elif _is_conv(path, a.ndim + 1, conv_paths):  # A (*window, cin, r) -> (r, cin, *window)
+    elif _is_conv(path, a.ndim, conv_paths):  # A (*window, cin, r) -> (r, cin, *window)
       window = a.ndim - 2
       put(key + ".lora_A.weight", np.transpose(a, (a.ndim - 1, a.ndim - 2, *range(window))), path)
       put(key + ".lora_B.weight", b.T.reshape(b.shape[1], rank, *(1,) * window), path)
@@ -249,11 +256,10 @@ def _export_trained(base: PyTree, config: LoraConfig, targets: dict[str, Target]
     value = np.asarray(by_path[path], np.float32)
     if leaf_name in ("kernel", "weight", "embedding") and value.ndim >= 2:
       stack, ins, layout = leaf_axes(path, value.shape, config, by_path)
-      certain = layout_is_certain(layout, value.shape, ins)
       if stack:
         errors.append(f"{path}: stacked (scanned) leaves have no PEFT equivalent.")
         continue
-      if not certain and not _is_embedding(path):
+      if not _layout_known(path, layout, value.shape, ins):
         errors.append(_layout_error(path, value.shape, ins, "it is trained in full and no "
                                   "LoraConfig.in_axes pattern names it"))
         continue
@@ -266,7 +272,7 @@ def _export_trained(base: PyTree, config: LoraConfig, targets: dict[str, Target]
       put(f"{_PREFIX}{name}.base_layer.{torch_param}", value, path)
     else:
       put(f"{_PREFIX}{name}.{torch_param}", value, path)
-  return bias_mode, sorted({module_name(f"{m}/kernel") if m else "" for m in whole})
+  return bias_mode, sorted({module_name(p) for p in trained if module_of[p] in whole})
 
 
 def _first_match(pattern: Mapping[str, Any], module: str) -> Any:
@@ -386,7 +392,7 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
                       trainable=tuple(f"^{re.escape(p)}$" for p in sorted(trained)))
   errors: list[str] = []
   for target in plan(params, config):
-    if not target.layout_certain and not _is_embedding(target.path):
+    if not _layout_known(target.path, target.layout, target.shape, target.in_axes):
       errors.append(_layout_error(target.path, target.shape, target.in_axes,
                                   "no in_axes pattern names it", "import_peft(..., in_axes="))
       continue
@@ -434,7 +440,7 @@ def _torch_to_leaf(directory: pathlib.Path, path: str, value: np.ndarray, config
                                   "import_peft(..., in_axes="))
       return value
     outs = tuple(p for p in range(len(shape)) if p not in ins)
-    if len(shape) > 2 and "Conv" in path and value.ndim == len(shape):  # OIHW -> HWIO
+    if _is_conv(path, len(shape), None) and value.ndim == len(shape):  # OIHW -> HWIO
       value = np.transpose(value, (*range(2, value.ndim), 1, 0))
     else:
       grouped = value.reshape(*(shape[p] for p in outs), *(shape[p] for p in ins))

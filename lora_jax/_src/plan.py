@@ -43,7 +43,7 @@ class Target(NamedTuple):
   in_axes: tuple[int, ...]
   rank: int
   scale: float
-  layout: str = "config"
+  layout: str
 
   @property
   def out_axes(self) -> tuple[int, ...]:
