@@ -54,3 +54,11 @@ def test_static_jit_argument():
   jitted(jnp.ones(2), lj.LoraConfig(rank=4))
   jitted(jnp.ones(2), lj.LoraConfig(rank=4))
   assert len(calls) == 1
+
+
+def test_axis_positions_survive_json_and_yaml_lists():
+  config = lj.LoraConfig(in_axes={r"c_attn/kernel$": (1,)}, stack_axes={r"kv/w$": [0]})
+  assert config.in_axes == ((r"c_attn/kernel$", (1,)),)
+  assert config.stack_axes == ((r"kv/w$", (0,)),)  # a YAML/JSON list becomes a tuple
+  assert lj.LoraConfig.from_json(config.to_json()) == config
+  assert hash(config) == hash(lj.LoraConfig.from_dict(config.to_dict()))

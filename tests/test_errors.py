@@ -89,6 +89,16 @@ def test_all_errors_reported_together():
      r"\(3, 8, 4\) has 2 axes after its 1 stacked axes; use a value from 1 to 1"),
     (dict(targets=r"dense/kernel$", in_axes={"dense": 0}),
      r"in_axes gives 0 input axes"),
+    (dict(targets=r"stack/kernel$", in_axes={"stack": (3,)}),
+     r"params/stack/kernel: LoraConfig.in_axes gives axis positions \(3,\), but the leaf of "
+     r"shape \(3, 8, 4\) has axes 0 to 2"),
+    (dict(targets=r"stack/kernel$", stack_axes={"stack": (0,)}, in_axes={"stack": (0, 1)}),
+     r"in_axes positions \(0, 1\) do not fit the kernel of shape \(3, 8, 4\) with stacked "
+     r"axes \(0,\): axes \[0\] are also stacked axes"),
+    (dict(targets=r"dense/kernel$", in_axes={"dense": (0, -1)}),
+     r"in_axes positions \(0, -1\) do not fit[^$]*no output axis would be left"),
+    (dict(targets=r"stack/kernel$", in_axes={"stack": (1, -2)}),
+     r"names the same axis twice in \(1, -2\)"),
 ])
 def test_axes_out_of_range(kwargs, match):
   with pytest.raises(ValueError, match=match):
