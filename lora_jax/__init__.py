@@ -1,11 +1,7 @@
 """lora_jax: LoRA for JAX and Flax as a pure functional transform."""
 
-from lora_jax._src.checkpoint import (
-    load_adapters,
-    restore_train_state,
-    save_adapters,
-    save_train_state,
-)
+from lora_jax._src.checkpoint import CheckpointMismatch, load_adapters, save_adapters
+from lora_jax._src.checksums import ChecksumError
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.factored import FallbackWarning
 from lora_jax._src.job import load_job_config, run_job
@@ -16,16 +12,19 @@ from lora_jax._src.peft_format import export_peft, import_peft
 from lora_jax._src.plan import Target, plan
 from lora_jax._src.streaming import merge_checkpoint
 from lora_jax._src.summary import Summary, SummaryRow, summary
+from lora_jax._src.train_state import restore_train_state, save_train_state
 from lora_jax._src.tree import PyTree, paths
 from lora_jax._src.wrap import wrap
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "save_train_state",
     "save_adapters",
     "restore_train_state",
     "load_adapters",
+    "CheckpointMismatch",
+    "ChecksumError",
     "FallbackWarning",
     "LoraConfig",
     "LoraParams",

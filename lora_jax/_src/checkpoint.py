@@ -1,16 +1,21 @@
-"""Adapter and training-state checkpoints with orbax-checkpoint.
+"""Adapter checkpoints with orbax-checkpoint: atomic saves, verified loads.
 
 An adapter checkpoint is a directory holding orbax items: ``adapters`` (the
-arrays), ``config`` (the ``LoraConfig`` as JSON) and, when saved from a
-``LoraParams``, ``trained`` (the base leaves trained in full). Orbax writes into a
-temporary directory and renames it when complete, so a crash never leaves a
-half-written checkpoint under the final name.
+arrays), ``config`` (the ``LoraConfig`` as JSON), ``checksums`` (shape, dtype
+and SHA-256 of every array) and, when saved from a ``LoraParams``, ``trained``
+(the base leaves trained in full). It is written under a staging name and moved
+into place only when complete (``atomic.py``), so a crash never leaves a
+half-written checkpoint under the final name and an overwrite never deletes the
+old checkpoint before the new one is whole. Loading verifies every array against
+its checksum and every adapter against the saved config.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,26 +23,103 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lora_jax._src import atomic
+from lora_jax._src.checksums import ChecksumError, check_record, record
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.lift import LoraParams
-from lora_jax._src.tree import PyTree, leaves_with_paths, trained_leaves
+from lora_jax._src.tree import PyTree, adapter_paths, leaves_with_paths, lookup, trained_leaves
 
-_ADAPTERS, _CONFIG, _STATE, _TRAINED = "adapters", "config", "state", "trained"
+_ADAPTERS, _CONFIG, _TRAINED, _CHECKSUMS = "adapters", "config", "trained", "checksums"
 
 
 def _composite() -> ocp.Checkpointer:
   return ocp.Checkpointer(ocp.CompositeCheckpointHandler())
 
 
-def _manager(directory: pathlib.Path, max_to_keep: int | None = None) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
-  return ocp.CheckpointManager(directory, options=options)
-
-
-def _steps(directory: pathlib.Path) -> list[int]:
+def steps(directory: pathlib.Path) -> list[int]:
+  """The step folders (``directory/<step>``) present, ascending."""
   if not directory.is_dir():
     return []
   return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def check_step(step: Any) -> int:
+  """A step number: an int >= 0 (``step=-1`` or ``1.5`` would name a folder no load finds)."""
+  if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+    raise ValueError(f"step must be a non-negative integer (the number of completed training "
+                     f"steps), got {step!r}.")
+  return int(step)
+
+
+def is_checkpoint(path: pathlib.Path) -> bool:
+  """Whether ``path`` is a checkpoint written by lora_jax (it has the JSON ``config`` item)."""
+  return path.is_dir() and (path / _CONFIG).is_dir()
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _staging(final: pathlib.Path) -> pathlib.Path:
+  """A staging name all processes agree on (process 0's pid and token)."""
+  if jax.process_count() == 1:
+    return atomic.staging_path(final)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  mine = np.array([os.getpid(), int.from_bytes(os.urandom(3), "little")], np.int32)
+  pid, token = (int(v) for v in multihost_utils.broadcast_one_to_all(mine))
+  return atomic.staging_path(final, pid=pid, token=f"{token:06x}")
+
+
+def write(final: pathlib.Path, items: dict[str, Any], config: LoraConfig, *, overwrite: bool,
+          what: str = "checkpoint") -> pathlib.Path:
+  """Writes orbax items, the config and the arrays' checksums to ``final`` atomically.
+
+  Args:
+    final: the checkpoint folder to create or replace.
+    items: ``{item name: tree of arrays}``, each saved with ``StandardSave``.
+    config: saved as the JSON ``config`` item.
+    overwrite: replace an existing lora_jax checkpoint at ``final``.
+    what: how messages name it.
+  """
+  final.parent.mkdir(parents=True, exist_ok=True)
+  primary = jax.process_index() == 0
+
+  def refuse_existing() -> None:
+    if atomic.occupied(final):
+      if not overwrite:
+        raise FileExistsError(f"{final} already exists; pass overwrite=True to replace it, "
+                              "or save with step=N to keep several checkpoints.")
+      if not is_checkpoint(final):
+        raise FileExistsError(f"{final} exists and is not a lora_jax {what} (no '{_CONFIG}/' "
+                              "item); refusing to replace it even with overwrite=True. Remove "
+                              "it yourself or choose another path.")
+
+  refuse_existing()  # before any work
+  args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
+  args[_CONFIG] = ocp.args.JsonSave(config.to_dict())
+  args[_CHECKSUMS] = ocp.args.JsonSave({k: record(v) for k, v in items.items()})
+  staging = _staging(final)
+  with atomic.locked(final) if primary else contextlib.nullcontext():
+    if primary:
+      atomic.clean_stale(final)
+      refuse_existing()  # again: another writer may have finished meanwhile
+    try:
+      with _composite() as checkpointer:
+        checkpointer.save(staging, ocp.args.Composite(**args))
+      _sync("lora_jax_checkpoint_written")
+      if primary:
+        atomic.commit(staging, final)
+      _sync("lora_jax_checkpoint_committed")
+    except BaseException:
+      if primary:  # the staging folder and orbax's own pending folders beside it
+        for partial in final.parent.glob(f"{staging.name}*"):
+          atomic.remove(partial)
+      raise
+  return final
 
 
 def save_adapters(directory: str | os.PathLike[str], adapters: LoraParams | Mapping[str, Any],
@@ -47,23 +129,29 @@ def save_adapters(directory: str | os.PathLike[str], adapters: LoraParams | Mapp
 
   Pass the whole ``LoraParams`` to save everything a run trained: the adapters
   and the base leaves trained in full (``config.trainable``: a head, biases).
-  The frozen base is never saved here.
+  The frozen base is never saved here. The checkpoint is written under a
+  staging name and moved into place when complete: a crash at any moment
+  leaves the previous checkpoint (or none) under ``directory``, never a partial
+  one, and two processes saving to one place are serialized by a lock.
 
   Args:
     directory: where to write. With ``step``, a step folder ``directory/<step>``
-      is written (orbax ``CheckpointManager`` layout) and others are kept.
+      is written and others are kept.
     adapters: the ``LoraParams`` (adapters and trained leaves), or ``lp.adapters``.
       Saving only ``lp.adapters`` while ``config.trainable`` names leaves is an
       error: those leaves would be lost.
     config: the ``LoraConfig`` they were made with (saved as JSON beside them).
-    step: optional training step.
-    overwrite: replace an existing checkpoint at the same place.
+    step: optional training step (an int >= 0).
+    overwrite: replace an existing lora_jax checkpoint at the same place;
+      anything else there is never replaced.
 
   Returns:
     The directory of the written checkpoint.
 
   Raises:
-    FileExistsError: if a checkpoint is already there and ``overwrite`` is False.
+    FileExistsError: if something is already there and ``overwrite`` is False,
+      or it is not a lora_jax checkpoint.
+    ValueError: for a bad ``step`` or adapters that do not fit ``config``.
 
   Example:
     >>> import jax, jax.numpy as jnp, tempfile
@@ -78,56 +166,76 @@ def save_adapters(directory: str | os.PathLike[str], adapters: LoraParams | Mapp
   if not isinstance(config, LoraConfig):
     raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}.")
   directory = pathlib.Path(directory).absolute()
-  items = {_CONFIG: ocp.args.JsonSave(config.to_dict())}
+  final = directory if step is None else directory / str(check_step(step))
+  items: dict[str, Any] = {}
   if isinstance(adapters, LoraParams):
     if adapters.adapters is None:
       raise ValueError("save_adapters: the LoraParams has no adapters (lora_jax.disable?).")
     trained = trained_leaves(adapters.base, config.is_trainable)
     if trained:
-      items[_TRAINED] = ocp.args.StandardSave(trained)
+      items[_TRAINED] = trained
     adapters = adapters.adapters
   elif config.trainable:
     raise ValueError(
         f"save_adapters: config.trainable {list(config.trainable)} names base leaves trained "
         "in full, which lp.adapters does not hold; saving it alone would lose them. Pass the "
         "whole LoraParams: save_adapters(directory, lp, config).")
-  items[_ADAPTERS] = ocp.args.StandardSave(adapters)
-  args = ocp.args.Composite(**items)
-  if step is None:
-    if directory.exists() and not overwrite:
-      raise FileExistsError(f"{directory} already exists; pass overwrite=True to replace it, "
-                            "or save with step=N to keep several checkpoints.")
-    with _composite() as checkpointer:
-      checkpointer.save(directory, args, force=overwrite)
-    return directory
-  with _manager(directory) as manager:
-    if step in manager.all_steps():
-      if not overwrite:
-        raise FileExistsError(f"{directory / str(step)} already exists; pass overwrite=True.")
-      manager.delete(step)
-    manager.save(step, args=args)
-    manager.wait_until_finished()
-  return directory / str(step)
+  if not jax.tree.leaves(adapters):
+    raise ValueError("save_adapters: the adapter tree is empty (does config.targets select any "
+                     "leaf? see lora_jax.paths); there is nothing to save.")
+  check_fits_config(adapters, items.get(_TRAINED, {}), config, "save_adapters")
+  items[_ADAPTERS] = adapters
+  return write(final, items, config, overwrite=overwrite, what="adapter checkpoint")
+
+
+def check_fits_config(adapters: Any, trained: Any, config: LoraConfig, where: str) -> None:
+  """Raises a ``CheckpointMismatch`` unless every adapter has the rank and layout ``config`` gives.
+
+  Every leaf must sit in an ``{"a": A, "b": B}`` pair at a path ``config``
+  targets, ``A.shape[-1]`` and ``B``'s rank axis must equal ``config.rank_for``,
+  and A and B must share their stack axes; every trained leaf must be one
+  ``config.trainable`` names.
+  """
+  errors = []
+  pairs = adapter_paths(adapters) if isinstance(adapters, Mapping) else []
+  covered = {f"{p}/{n}" for p in pairs for n in ("a", "b")}
+  errors += [f"{p}: not part of an {{'a', 'b'}} adapter pair"
+             for p, _ in leaves_with_paths(adapters) if p not in covered]
+  for path in pairs:
+    a, b = lookup(adapters, path)["a"], lookup(adapters, path)["b"]
+    if not config.is_target(path):
+      errors.append(f"{path}: has an adapter, but the config's targets/exclude do not select it")
+      continue
+    rank, stack = config.rank_for(path), config.stack_axes_for(path)
+    n_stack = stack if isinstance(stack, int) else len(stack)
+    a_shape, b_shape = tuple(np.shape(a)), tuple(np.shape(b))
+    if (len(a_shape) < n_stack + 2 or len(b_shape) < n_stack + 2
+        or a_shape[-1] != rank or b_shape[n_stack] != rank
+        or a_shape[:n_stack] != b_shape[:n_stack]):
+      errors.append(f"{path}: A {a_shape} and B {b_shape} do not fit the config (rank {rank}, "
+                    f"{n_stack} stack axes: A = stack + in + ({rank},), "
+                    f"B = stack + ({rank},) + out)")
+  errors += [f"{p}: a trained leaf, but config.trainable does not name it"
+             for p, _ in leaves_with_paths(trained) if not config.is_trainable(p)]
+  if errors:
+    raise CheckpointMismatch(f"{where}: the adapters do not match their LoraConfig:\n  - "
+                             + "\n  - ".join(errors))
 
 
 def _resolve(directory: pathlib.Path, step: int | None) -> pathlib.Path:
   """The folder holding the ``adapters`` and ``config`` items."""
   if (directory / _CONFIG).is_dir() and step is None:
     return directory
-  steps = _steps(directory)
+  found = steps(directory)
   if step is not None:
-    if step not in steps:
-      raise FileNotFoundError(f"No checkpoint for step {step} in {directory}; found steps {steps}.")
+    if check_step(step) not in found:
+      raise FileNotFoundError(f"No checkpoint for step {step} in {directory}; found steps {found}.")
     return directory / str(step)
-  if steps:
-    return directory / str(steps[-1])
+  if found:
+    return directory / str(found[-1])
   raise FileNotFoundError(
       f"No adapter checkpoint at {directory}: expected the folders '{_ADAPTERS}/' and "
       f"'{_CONFIG}/' written by lora_jax.save_adapters, or step folders of them.")
-
-
-def _array_metadata(tree: Any) -> dict[str, tuple[tuple[int, ...], Any]]:
-  return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in leaves_with_paths(tree)}
 
 
 class CheckpointMismatch(ValueError):
@@ -136,11 +244,15 @@ class CheckpointMismatch(ValueError):
 
 def check_tree_matches(found: Mapping[str, tuple[tuple[int, ...], Any]],
                        expected: Mapping[str, tuple[tuple[int, ...], Any]], where: str) -> None:
-  """Raises a ValueError listing missing, unexpected and mis-shaped leaves."""
+  """Raises a ValueError listing missing, unexpected, mis-shaped and mis-typed leaves."""
   errors = [f"missing {p}: expected shape {expected[p][0]}" for p in expected if p not in found]
   errors += [f"unexpected {p}: shape {found[p][0]}" for p in found if p not in expected]
   errors += [f"{p}: shape {found[p][0]} in the checkpoint, expected {expected[p][0]}"
              for p in expected if p in found and found[p][0] != expected[p][0]]
+  errors += [f"{p}: dtype {found[p][1]} in the checkpoint, the target has {expected[p][1]} "
+             f"(restore onto {found[p][1]} and cast afterwards if a cast is meant)"
+             for p in expected if p in found and found[p][0] == expected[p][0]
+             and np.dtype(found[p][1]) != np.dtype(expected[p][1])]
   if errors:
     raise CheckpointMismatch(f"{where} does not match the expected tree:\n  - "
                              + "\n  - ".join(errors))
@@ -153,14 +265,76 @@ def _abstract(tree: PyTree) -> PyTree:
       tree)
 
 
+def read(path: pathlib.Path, targets: Mapping[str, Any], what: str
+         ) -> tuple[LoraConfig, dict[str, Any]]:
+  """Reads the config and the array items of a checkpoint folder and verifies their checksums.
+
+  Args:
+    path: the checkpoint folder.
+    targets: ``{item: target tree or None}``; None restores the saved structure,
+      a callable gets the saved ``LoraConfig`` and returns the target.
+    what: how messages name the checkpoint ("Adapter checkpoint").
+
+  Raises:
+    CheckpointMismatch: when an item does not match its target.
+    ChecksumError: when an array's bytes differ from the recorded checksum.
+    ValueError: for anything unreadable, naming ``path``.
+  """
+  where = f"{what} {path}"
+  try:
+    with _composite() as checkpointer:
+      def json_item(name: str) -> Any:
+        return checkpointer.restore(
+            path, ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[name]
+
+      config = LoraConfig.from_dict(json_item(_CONFIG))
+      sums = json_item(_CHECKSUMS) if (path / _CHECKSUMS).is_dir() else None
+      restored = {}
+      for item, target in targets.items():
+        target = target(config) if callable(target) else target
+        # The handler reads the item's own metadata; a Checkpointer would look for a
+        # checkpoint-level _CHECKPOINT_METADATA inside the item and log a warning.
+        saved = ocp.PyTreeCheckpointHandler().metadata(path / item)
+        saved = getattr(saved, "tree", saved)
+        if target is not None:
+          found = {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in leaves_with_paths(saved)}
+          expected = {p: (tuple(x.shape), np.dtype(x.dtype)) for p, x in leaves_with_paths(target)}
+          check_tree_matches(found, expected, f"{where} ({item})")
+          restore = ocp.args.StandardRestore(_abstract(target))
+        else:
+          restore = ocp.args.StandardRestore()
+        restored[item] = checkpointer.restore(
+            path, ocp.args.Composite(**{item: restore}))[item]
+  except (CheckpointMismatch, FileNotFoundError):
+    raise
+  except Exception as e:  # orbax, tensorstore and json raise many kinds for damaged files
+    message = str(e).splitlines()[0][:300] if str(e) else ""
+    raise ValueError(f"Cannot read the {what.lower()} at {path}: it is damaged or not written "
+                     f"by lora_jax ({type(e).__name__}: {message}).") from e
+  if sums is None:
+    warnings.warn(f"{where} has no checksums (written by lora_jax 0.1.0 or earlier): its arrays "
+                  "cannot be verified. Save it again to add them.", stacklevel=3)
+  else:
+    if not isinstance(sums, Mapping):
+      raise ChecksumError(f"{where}: its checksum record is damaged.")
+    lost = sorted(set(sums) - set(restored) - {i for i in sums if (path / i).is_dir()})
+    if lost:
+      raise ChecksumError(f"{where} is damaged: the item(s) {lost} were written but are gone.")
+    for item, tree in restored.items():
+      check_record(dict(leaves_with_paths(tree)), sums.get(item), f"{where} ({item})")
+  return config, restored
+
+
 def load_adapters(directory: str | os.PathLike[str], *, target: PyTree | None = None,
                   step: int | None = None
                   ) -> tuple[dict[str, Any] | LoraParams, LoraConfig]:
-  """Loads adapters and their config saved by ``save_adapters``.
+  """Loads adapters and their config saved by ``save_adapters``, verifying both.
 
-  Restoring is strict: with ``target`` (arrays or ``jax.ShapeDtypeStruct``,
-  e.g. ``lp.adapters`` or ``jax.eval_shape`` of them), any missing, unexpected
-  or mis-shaped leaf is an error, and arrays are restored straight onto the
+  Every array is checked against the SHA-256 recorded when it was saved, and
+  every adapter's rank and layout against the saved config. With ``target``
+  (arrays or ``jax.ShapeDtypeStruct``, e.g. ``lp.adapters`` or
+  ``jax.eval_shape`` of them), any missing, unexpected, mis-shaped or
+  differently typed leaf is an error, and arrays are restored straight onto the
   target's shardings.
 
   Args:
@@ -179,106 +353,24 @@ def load_adapters(directory: str | os.PathLike[str], *, target: PyTree | None = 
 
   Raises:
     FileNotFoundError: when there is no checkpoint.
-    ValueError: when the checkpoint does not match ``target`` or cannot be read.
+    ValueError: when the checkpoint is damaged (``ChecksumError`` names the
+      leaf), does not match its config or ``target``, or cannot be read.
   """
   path = _resolve(pathlib.Path(directory).absolute(), step)
-  try:
-    with _composite() as checkpointer:
-      config_dict = checkpointer.restore(
-          path, ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()}))[_CONFIG]
-      config = LoraConfig.from_dict(config_dict)
-      has_trained = (path / _TRAINED).is_dir()
-      is_lp = isinstance(target, LoraParams)
-      targets = {_ADAPTERS: target.adapters if is_lp else target}
-      if has_trained:
-        targets[_TRAINED] = trained_leaves(target.base, config.is_trainable) if is_lp else None
-      elif is_lp and config.trainable:
-        raise CheckpointMismatch(
-            f"Adapter checkpoint {path} holds no trained leaves, but its config trains "
-            f"{list(config.trainable)} in full.")
-      restored = {}
-      for item, item_target in targets.items():
-        # The handler reads the item's own metadata; a Checkpointer would look for a
-        # checkpoint-level _CHECKPOINT_METADATA inside the item and log a warning.
-        saved = ocp.PyTreeCheckpointHandler().metadata(path / item)
-        saved = getattr(saved, "tree", saved)
-        if item_target is not None:
-          expected = {p: (tuple(x.shape), np.dtype(x.dtype))
-                      for p, x in leaves_with_paths(item_target)}
-          check_tree_matches(_array_metadata(saved), expected,
-                             f"Adapter checkpoint {path} ({item})")
-          restore = ocp.args.StandardRestore(_abstract(item_target))
-        else:
-          restore = ocp.args.StandardRestore()
-        restored[item] = checkpointer.restore(
-            path, ocp.args.Composite(**{item: restore}))[item]
-  except (CheckpointMismatch, FileNotFoundError):
-    raise
-  except Exception as e:  # orbax and tensorstore raise many kinds for damaged files
-    raise ValueError(f"Cannot read the adapter checkpoint at {path}: it is damaged or not a "
-                     f"lora_jax checkpoint ({type(e).__name__}: {e}).") from e
-  adapters = restored[_ADAPTERS]
+  is_lp = isinstance(target, LoraParams)
+  has_trained = (path / _TRAINED).is_dir()
+  targets: dict[str, Any] = {_ADAPTERS: target.adapters if is_lp else target}
+  if has_trained:  # the trained leaves' target follows from the saved config
+    targets[_TRAINED] = ((lambda config: trained_leaves(target.base, config.is_trainable))
+                         if is_lp else None)
+  config, restored = read(path, targets, "Adapter checkpoint")
+  if is_lp and not has_trained and config.trainable:
+    raise CheckpointMismatch(
+        f"Adapter checkpoint {path} holds no trained leaves, but its config trains "
+        f"{list(config.trainable)} in full.")
+  check_fits_config(restored[_ADAPTERS], restored.get(_TRAINED, {}), config,
+                    f"Adapter checkpoint {path}")
   if has_trained:
-    return LoraParams(restored[_TRAINED], adapters), config
-  return adapters, config
+    return LoraParams(restored[_TRAINED], restored[_ADAPTERS]), config
+  return restored[_ADAPTERS], config
 
-
-def save_train_state(directory: str | os.PathLike[str], step: int, state: PyTree,
-                     config: LoraConfig, *, max_to_keep: int | None = 3) -> pathlib.Path:
-  """Saves a training state (adapters, optimizer state, anything else) for exact resume.
-
-  Each step is a separate orbax checkpoint ``directory/<step>``; older ones
-  beyond ``max_to_keep`` are deleted. A save interrupted by a crash leaves only
-  a temporary folder that ``restore_train_state`` ignores, so the previous
-  checkpoint stays usable.
-
-  Args:
-    directory: the folder of step checkpoints.
-    step: the number of completed training steps.
-    state: a pytree of arrays, e.g. ``{"adapters": lp.adapters, "opt_state": opt_state}``.
-    config: the ``LoraConfig``, saved beside the state.
-    max_to_keep: how many step checkpoints to keep (None keeps all).
-
-  Returns:
-    The step checkpoint's directory.
-  """
-  directory = pathlib.Path(directory).absolute()
-  args = ocp.args.Composite(**{_STATE: ocp.args.StandardSave(state),
-                               _CONFIG: ocp.args.JsonSave(config.to_dict())})
-  with _manager(directory, max_to_keep) as manager:
-    manager.save(step, args=args, force=True)
-    manager.wait_until_finished()
-  return directory / str(step)
-
-
-def restore_train_state(directory: str | os.PathLike[str], target: PyTree
-                        ) -> tuple[int, PyTree] | None:
-  """Restores the latest complete training state saved by ``save_train_state``.
-
-  Args:
-    directory: the folder of step checkpoints.
-    target: a tree like the saved ``state`` (arrays or ``jax.ShapeDtypeStruct``),
-      giving structure, dtypes and shardings.
-
-  Returns:
-    ``(step, state)``, or None when there is no complete checkpoint yet.
-
-  Example (the resume recipe)::
-
-    start, state = 0, {"adapters": lp.adapters, "opt_state": tx.init(lp)}
-    if (found := lj.restore_train_state(ckpt_dir, state)) is not None:
-      start, state = found
-    for step in range(start, num_steps):
-      ...  # train; then every k steps:
-      lj.save_train_state(ckpt_dir, step + 1, state, config)
-  """
-  directory = pathlib.Path(directory).absolute()
-  if not directory.is_dir():
-    return None
-  with _manager(directory) as manager:
-    step = manager.latest_step()
-    if step is None:
-      return None
-    restored = manager.restore(step, args=ocp.args.Composite(
-        **{_STATE: ocp.args.StandardRestore(_abstract(target))}))
-  return step, restored[_STATE]

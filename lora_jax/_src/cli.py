@@ -19,10 +19,17 @@ def _merge(args: argparse.Namespace) -> int:
   report = merge_checkpoint(args.base, args.adapters, args.out, dtype=args.dtype, safe=args.safe,
                             output_format=args.format, group_bytes=args.group_mb << 20,
                             overwrite=args.overwrite)
+  for path in report["removed_stale"]:
+    print(f"removed {path}: staging left by a merge that was killed")
   print(f"merged {report['merged']} of {report['leaves']} leaves ({report['trained']} trained "
         f"in full), wrote "
         f"{report['bytes'] / 2**20:.1f} MiB to {report['out']} in "
         f"{time.perf_counter() - start:.1f} s")
+  if report["verified"] is None:
+    print("base: no checksum record (not written by lora_jax), so its bytes were not verified; "
+          "the output records the SHA-256 of every leaf")
+  else:
+    print(f"base: all {report['verified']} leaves verified against their SHA-256 record")
   return 0
 
 
@@ -119,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
     return args.run(args)
-  except (ValueError, FileNotFoundError, FileExistsError) as e:
+  except (ValueError, OSError) as e:
     print(f"lora-jax {args.command}: error: {e}", file=sys.stderr)
     return 2
 

@@ -2,9 +2,16 @@
 
 One bounded group of leaves at a time is read, merged with a jit-compiled
 kernel and written before the next group is read, so host memory stays near
-the largest leaf plus the adapters instead of two copies of the model. Output
-is written under a temporary name and renamed when complete: a failed or
-refused merge (``safe=True`` and a NaN) leaves no output behind.
+the largest leaf plus the adapters instead of two copies of the model.
+
+Nothing is lost and nothing is silently wrong: every input is checked before
+anything is written; an output that is, contains or lies inside an input is
+refused; the output is written under a staging name (``atomic.py``) and moved
+into place only when complete, so a failed, refused or killed merge leaves the
+previous output as it was; the output records the SHA-256 of every leaf
+(``lora_jax_checksums.json`` in an orbax folder, the ``__metadata__`` of a
+safetensors file), and a base that carries such a record is verified as it is
+read.
 """
 
 from __future__ import annotations
@@ -14,7 +21,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
 import struct
 from collections.abc import Iterator
 from typing import Any, NamedTuple, Protocol
@@ -24,11 +30,20 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lora_jax._src import atomic
 from lora_jax._src.checkpoint import load_adapters
+from lora_jax._src.checksums import ChecksumError, check_record, entry
 from lora_jax._src.lift import LoraParams
 from lora_jax._src.merge import check_adapters, low_rank_product
 from lora_jax._src.plan import Target, plan
 from lora_jax._src.tree import leaves_with_paths, nest
+
+CHECKSUMS_FILE = "lora_jax_checksums.json"
+_ST_FORMAT = "lora_jax merged checkpoint"
+_ST_CHECKSUMS = "lora_jax_checksums"
+# Output dtypes each format stores (--dtype): floating only, as merged weights are.
+OUTPUT_DTYPES = {"orbax": ("float16", "bfloat16", "float32", "float64"),
+                 "safetensors": ("float16", "bfloat16", "float32", "float64")}
 
 # safetensors dtype names (format facts from the safetensors specification).
 _ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
@@ -50,6 +65,7 @@ class BaseReader(Protocol):
   """Reads the leaves of a base checkpoint a few at a time."""
 
   leaves: list[Leaf]
+  recorded: dict[str, Any] | None  # the checksum record, when lora_jax wrote the base
 
   def read(self, paths: list[str]) -> dict[str, np.ndarray]: ...
 
@@ -62,14 +78,22 @@ class OrbaxReader:
     self._checkpointer = ocp.PyTreeCheckpointer()
     try:
       metadata = self._checkpointer.metadata(path)
-    except Exception as e:
-      raise ValueError(f"Cannot read the base checkpoint {path}: {type(e).__name__}: {e}") from e
-    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
-    self.leaves = [Leaf(p, tuple(m.shape), np.dtype(m.dtype))
-                   for p, m in leaves_with_paths(tree)]
+      tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
+      self.leaves = [Leaf(p, tuple(m.shape), np.dtype(m.dtype))
+                     for p, m in leaves_with_paths(tree)]
+    except Exception as e:  # orbax gives other metadata objects for damaged folders
+      raise ValueError(f"Cannot read the base checkpoint {path}: it is damaged or not a "
+                       f"parameter tree ({type(e).__name__}: {str(e)[:300]}).") from e
     if nest({leaf.path: 0 for leaf in self.leaves}) != jax.tree.map(lambda _: 0, tree):
       raise ValueError(f"{path}: the streaming merge handles trees of nested dicts (Flax and "
                        "NNX parameters); this checkpoint holds other containers.")
+    self.recorded = None
+    if (path / CHECKSUMS_FILE).is_file():
+      try:
+        self.recorded = json.loads((path / CHECKSUMS_FILE).read_text())
+      except (ValueError, UnicodeDecodeError) as e:
+        raise ChecksumError(f"Base checkpoint {path}: its {CHECKSUMS_FILE} is damaged "
+                            f"({type(e).__name__}).") from e
 
   def read(self, paths: list[str]) -> dict[str, np.ndarray]:
     by_path = {leaf.path: leaf for leaf in self.leaves}
@@ -95,18 +119,28 @@ class SafetensorsReader:
       self._file = safe_open(str(path), framework="flax")
       keys = list(self._file.keys())
       slices = {k: self._file.get_slice(k) for k in keys}
-      self.leaves = [Leaf(k, tuple(s.get_shape()), _dtype_of(s.get_dtype())) for k, s in
+      self.leaves = [Leaf(k, tuple(s.get_shape()), _dtype_of(k, s.get_dtype())) for k, s in
                      slices.items()]
+      metadata = self._file.metadata() or {}
     except Exception as e:
       raise ValueError(f"Cannot read the safetensors file {path}: it is damaged or truncated "
                        f"({type(e).__name__}: {e}).") from e
+    self.recorded = None
+    if _ST_CHECKSUMS in metadata:
+      try:
+        self.recorded = json.loads(metadata[_ST_CHECKSUMS])
+      except ValueError as e:
+        raise ChecksumError(f"Base checkpoint {path}: its checksum record is damaged.") from e
 
   def read(self, paths: list[str]) -> dict[str, np.ndarray]:
     return {p: np.asarray(self._file.get_tensor(p)) for p in paths}
 
 
-def _dtype_of(name: str) -> np.dtype:
+def _dtype_of(key: str, name: str) -> np.dtype:
   reverse = {v: k for k, v in _ST_DTYPES.items()}
+  if name not in reverse:
+    raise ValueError(f"tensor {key}: dtype {name} is not supported by the streaming merge "
+                     f"(supported: {sorted(reverse)}).")
   return jnp.dtype(reverse[name])
 
 
@@ -134,59 +168,95 @@ def _merge_leaf(w, a, b, *, target: Target, out_dtype: Any):
   return merged.astype(out_dtype)
 
 
+_delta = jax.jit(low_rank_product, static_argnums=0)
+
+
+def merged_leaf(w: np.ndarray, a: Any, b: Any, target: Target, out_dtype: np.dtype
+                ) -> np.ndarray:
+  """``W + scale * A @ B`` as ``out_dtype``; float64 leaves are summed in float64 with numpy
+  (without ``jax_enable_x64`` JAX would compute, and return, float32)."""
+  if np.dtype(out_dtype).itemsize > 4 or np.dtype(w.dtype).itemsize > 4:
+    delta = np.asarray(_delta(target, a, b), np.float64)
+    return (np.asarray(w, np.float64) + delta).astype(out_dtype)
+  return np.asarray(_merge_leaf(w, a, b, target=target, out_dtype=out_dtype))
+
+
 class _OrbaxWriter:
+  """An orbax PyTree checkpoint written with orbax's partial saves, plus our checksums."""
+
   def __init__(self, out: pathlib.Path):
     import orbax.checkpoint.experimental.v1 as ocp_v1  # pylint: disable=import-outside-toplevel
 
     self._v1 = ocp_v1
     self.out = out
-    self.staging = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    self.staging = atomic.staging_path(out)
+    self.record: dict[str, Any] = {}
 
   def write(self, arrays: dict[str, np.ndarray]) -> None:
+    self.record.update({p: entry(v) for p, v in arrays.items()})
     self._v1.partial.save(self.staging, nest(arrays))
 
   def finish(self) -> None:
     self._v1.partial.finalize(self.staging)
     # The finalized checkpoint keeps the tree in its "state" item: a plain PyTree
     # checkpoint, moved into place so StandardCheckpointer().restore(out) reads it.
-    os.replace(self.staging / "state", self.out)
-    shutil.rmtree(self.staging)
+    tree = self.staging / "state"
+    (tree / CHECKSUMS_FILE).write_text(json.dumps(self.record))
+    atomic.commit(tree, self.out)
+    atomic.remove(self.staging)
 
   def abort(self) -> None:
     # The staging folder and orbax's own pending folders beside it all carry its name.
     for stale in self.out.parent.glob(f"{self.staging.name}*"):
-      shutil.rmtree(stale, ignore_errors=True)
+      atomic.remove(stale)
 
 
 class _SafetensorsWriter:
-  """Writes the header first (all shapes are known), then each tensor as it arrives."""
+  """Writes the header first (all shapes are known), then each tensor as it arrives; the
+  header's checksum record is filled in at the end (placeholders of the same length)."""
 
   def __init__(self, out: pathlib.Path, leaves: list[Leaf]):
     self.out = out
-    self.staging = out.with_name(f"{out.name}.partial-{os.getpid()}")
-    header: dict[str, Any] = {"__metadata__": {"format": "lora_jax merged checkpoint"}}
+    self.staging = atomic.staging_path(out)
+    self._leaves = leaves
+    self._record = {leaf.path: {"shape": list(leaf.shape), "dtype": np.dtype(leaf.dtype).name,
+                                "sha256": "0" * 64} for leaf in leaves}
+    header = self._header()
+    self._order = [leaf.path for leaf in leaves]
+    self._file = open(self.staging, "wb")  # noqa: SIM115 - closed in finish/abort
+    self._file.write(header)
+
+  def _header(self) -> bytes:
+    header: dict[str, Any] = {"__metadata__": {
+        "format": _ST_FORMAT, _ST_CHECKSUMS: json.dumps(self._record, separators=(",", ":"))}}
     offset = 0
-    for leaf in leaves:
+    for leaf in self._leaves:
       header[leaf.path] = {"dtype": _ST_DTYPES[np.dtype(leaf.dtype).name],
                            "shape": list(leaf.shape), "data_offsets": [offset,
                                                                        offset + leaf.nbytes]}
       offset += leaf.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    self._order = [leaf.path for leaf in leaves]
-    self._file = open(self.staging, "wb")  # noqa: SIM115 - closed in finish/abort
-    self._file.write(struct.pack("<Q", len(text)) + text)
+    return struct.pack("<Q", len(text)) + text
 
   def write(self, arrays: dict[str, np.ndarray]) -> None:
     for path in list(arrays):
       if path != self._order[0]:
         raise RuntimeError(f"safetensors leaves must arrive in order; got {path}")
       self._order.pop(0)
-      self._file.write(np.ascontiguousarray(arrays[path]).tobytes())
+      value = np.asarray(arrays[path])
+      self._record[path] = entry(value)
+      value = np.ascontiguousarray(value)
+      self._file.write(value.tobytes())
 
   def finish(self) -> None:
+    header = self._header()  # the same length: only the digests changed
+    self._file.seek(0)
+    self._file.write(header)
+    self._file.flush()
+    os.fsync(self._file.fileno())
     self._file.close()
-    os.replace(self.staging, self.out)
+    atomic.commit(self.staging, self.out)
 
   def abort(self) -> None:
     self._file.close()
@@ -206,11 +276,70 @@ def _groups(leaves: list[Leaf], limit: int) -> Iterator[list[Leaf]]:
     yield group
 
 
+def is_merge_output(path: pathlib.Path) -> bool:
+  """Whether ``path`` is an output of ``merge_checkpoint`` (so ``overwrite`` may replace it)."""
+  if path.is_dir():
+    return (path / CHECKSUMS_FILE).is_file()
+  if path.is_file() and path.suffix == ".safetensors":
+    try:
+      from safetensors import safe_open  # pylint: disable=import-outside-toplevel
+
+      with safe_open(str(path), framework="numpy") as f:
+        return (f.metadata() or {}).get("format") == _ST_FORMAT
+    except Exception:  # not a readable safetensors file: not ours to replace
+      return False
+  return False
+
+
+def _output_dtype(dtype: Any, output_format: str) -> np.dtype | None:
+  if dtype is None:
+    return None
+  allowed = OUTPUT_DTYPES[output_format]
+  try:
+    found = np.dtype(jnp.dtype(dtype))
+  except (TypeError, ValueError):
+    found = None
+  if found is None or found.name not in allowed:
+    raise ValueError(f"dtype {dtype!r} is not an output dtype of the {output_format} format; "
+                     f"merged weights are floating point: choose one of {list(allowed)}.")
+  return found
+
+
+def _check_collisions(leaves: list[Leaf], output_format: str) -> None:
+  """Two base leaves that one output name (or nesting) would merge into one are refused."""
+  errors = []
+  seen: dict[str, str] = {}
+  paths = {leaf.path for leaf in leaves}
+  for leaf in leaves:
+    parts = leaf.path.split("/")
+    if any(not part for part in parts):
+      errors.append(f"{leaf.path!r}: an empty path component")
+    # orbax names each array by its keys joined with "." on disk.
+    name = ".".join(parts) if output_format == "orbax" else leaf.path
+    if name in seen:
+      errors.append(f"{seen[name]!r} and {leaf.path!r} would both be written as {name!r}")
+    seen.setdefault(name, leaf.path)
+    for i in range(1, len(parts)):
+      if "/".join(parts[:i]) in paths:
+        errors.append(f"{'/'.join(parts[:i])!r} is a leaf and also a prefix of {leaf.path!r}")
+  if errors:
+    raise ValueError("The base's leaf names collide in the merged output, which would silently "
+                     "merge or drop leaves:\n  - " + "\n  - ".join(errors[:20])
+                     + "\nRename the tensors in the base so every path is distinct.")
+
+
 def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[str],
                      out: str | os.PathLike[str], *, dtype: str | None = None,
                      safe: bool = False, output_format: str = "orbax",
                      group_bytes: int = 128 << 20, overwrite: bool = False) -> dict[str, Any]:
   """Merges an adapter checkpoint into a base checkpoint, streaming leaf by leaf.
+
+  Every input is checked before anything is written; the output goes to a
+  staging name beside ``out`` and replaces ``out`` only when complete (a
+  failed, refused or killed merge leaves the previous ``out`` as it was, and
+  staging left by a killed merge is removed by the next merge to ``out``). The
+  output records the SHA-256 of every leaf; a base that carries such a record
+  (an earlier merge's output) is verified as it is read.
 
   Args:
     base: an orbax checkpoint of a parameter tree (as written by
@@ -221,44 +350,65 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
       leaves it holds as trained in full (saved from a ``LoraParams``) replace
       the base's.
     out: where to write the merged tree (an orbax checkpoint folder, or a
-      ``.safetensors`` file with ``output_format="safetensors"``).
-    dtype: cast floating leaves to this dtype (default: keep the base's dtypes).
+      ``.safetensors`` file with ``output_format="safetensors"``). It must not
+      be, contain or lie inside an input.
+    dtype: cast floating leaves to this floating dtype (default: keep the base's).
     safe: refuse to write when a merged leaf holds NaN or Inf.
     output_format: ``"orbax"`` or ``"safetensors"``.
     group_bytes: read at most this many bytes of base leaves at once (at least one leaf).
-    overwrite: replace an existing ``out``.
+    overwrite: replace an existing ``out`` that an earlier merge wrote (anything
+      else there is never replaced).
 
   Returns:
-    A report: leaves written, leaves merged, bytes written.
+    A report: leaves written, merged and trained in full, bytes written, how
+    many base leaves were verified against a checksum record (None when the
+    base has none), and the stale staging paths removed.
 
   Raises:
     ValueError: when the adapters do not fit the base, on a non-finite merged
-      leaf with ``safe``, or on unreadable input; no output is left behind.
+      leaf with ``safe``, a damaged or unreadable input (``ChecksumError``),
+      a bad ``dtype`` or an ``out`` that overlaps an input; the previous
+      output, if any, is untouched.
+    FileExistsError: when ``out`` exists and ``overwrite`` is False, or it is
+      not an earlier merge's output.
   """
-  if output_format not in ("orbax", "safetensors"):
+  if output_format not in OUTPUT_DTYPES:
     raise ValueError(f"output_format must be 'orbax' or 'safetensors', got {output_format!r}.")
+  out_dtype = _output_dtype(dtype, output_format)
+  if isinstance(group_bytes, bool) or not isinstance(group_bytes, int) or group_bytes < 0:
+    raise ValueError(f"group_bytes must be an integer >= 0 (0 reads one leaf at a time), got "
+                     f"{group_bytes!r}.")
   out = pathlib.Path(out).absolute()
-  if out.exists():
-    if not overwrite:
-      raise FileExistsError(f"{out} already exists; choose another output or pass overwrite.")
-    if out.is_dir():
-      shutil.rmtree(out)
-    else:
-      out.unlink()
+  atomic.check_separate(out, [("base", base), ("adapters", adapters)], "merge")
+
+  def refuse_existing() -> None:
+    if atomic.occupied(out):
+      if not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another output or pass overwrite.")
+      if not is_merge_output(out):
+        raise FileExistsError(f"{out} exists and is not the output of a lora_jax merge; "
+                              "refusing to replace it even with overwrite. Remove it yourself "
+                              "or choose another output.")
+
+  refuse_existing()
   reader = open_base(base)
   adapter_tree, config = load_adapters(adapters)
   trained: dict[str, np.ndarray] = {}
   if isinstance(adapter_tree, LoraParams):
     trained = dict(leaves_with_paths(adapter_tree.base))
     adapter_tree = adapter_tree.adapters
-  base_shapes = {leaf.path: tuple(leaf.shape) for leaf in reader.leaves}
-  misfits = [f"{p}: shape {tuple(v.shape)} in the adapter checkpoint, "
-             f"{base_shapes.get(p, 'absent')} in the base" for p, v in trained.items()
-             if base_shapes.get(p) != tuple(v.shape)]
+  base_leaves = {leaf.path: leaf for leaf in reader.leaves}
+  misfits = [f"{p}: shape {tuple(v.shape)} dtype {np.dtype(v.dtype).name} in the adapter "
+             f"checkpoint, " + (f"shape {base_leaves[p].shape} dtype "
+                                f"{np.dtype(base_leaves[p].dtype).name}" if p in base_leaves
+                                else "absent") + " in the base"
+             for p, v in trained.items()
+             if p not in base_leaves or base_leaves[p].shape != tuple(v.shape)
+             or np.dtype(v.dtype).kind != np.dtype(base_leaves[p].dtype).kind]
   if misfits:
     raise ValueError(f"The leaves trained in full in {adapters} do not fit the base {base}:\n"
                      "  - " + "\n  - ".join(misfits))
-  out_dtype = None if dtype is None else jnp.dtype(dtype)
+  _check_collisions(reader.leaves, output_format)
   abstract = nest({leaf.path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
                    for leaf in reader.leaves})
   pairs = {t.path: (t, a, b) for t, a, b in check_adapters(plan(abstract, config), adapter_tree)}
@@ -268,40 +418,54 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
     return out_dtype if out_dtype is not None and floating else leaf.dtype
 
   out_leaves = [leaf._replace(dtype=final_dtype(leaf)) for leaf in reader.leaves]
+  unsupported = sorted({np.dtype(leaf.dtype).name for leaf in out_leaves} - set(_ST_DTYPES))
+  if output_format == "safetensors" and unsupported:
+    raise ValueError(f"The safetensors output cannot hold dtype(s) {unsupported} of the base; "
+                     "pass dtype= a floating dtype, or write the orbax format.")
+  recorded = reader.recorded
+  if recorded is not None and (not isinstance(recorded, dict)
+                               or set(recorded) != set(base_leaves)):
+    raise ChecksumError(f"Base checkpoint {base} is damaged: its checksum record does not list "
+                        "exactly its leaves.")
   out.parent.mkdir(parents=True, exist_ok=True)
-  writer = (_OrbaxWriter(out) if output_format == "orbax"
-            else _SafetensorsWriter(out, out_leaves))
-  written = merged_count = 0
-  try:
-    for group in _groups(reader.leaves, group_bytes):
-      arrays = reader.read([leaf.path for leaf in group])
-      result = {}
-      for leaf in group:
-        w = arrays.pop(leaf.path)
-        if leaf.path in trained:
-          value = np.asarray(trained[leaf.path]).astype(final_dtype(leaf), copy=False)
-          merged_count += 1
-        elif leaf.path in pairs:
-          target, a, b = pairs[leaf.path]
-          value = np.asarray(_merge_leaf(w, a, b, target=target._replace(path=""),
-                                         out_dtype=final_dtype(leaf)))
-          merged_count += 1
-        else:
-          value = np.asarray(w).astype(final_dtype(leaf), copy=False)
-        if safe and jnp.issubdtype(value.dtype, jnp.floating):
-          bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
-          if bad:
-            raise ValueError(f"--safe: merged leaf {leaf.path} (shape {leaf.shape}) has {bad} "
-                             "NaN/Inf values; nothing was written. Check the adapters' scale "
-                             "and the base checkpoint.")
-        result[leaf.path] = value
-        written += value.nbytes
-      writer.write(result)
-      del arrays, result
-    writer.finish()
-  except BaseException:
-    writer.abort()
-    raise
+  with atomic.locked(out):
+    removed = atomic.clean_stale(out)
+    refuse_existing()
+    writer = (_OrbaxWriter(out) if output_format == "orbax"
+              else _SafetensorsWriter(out, out_leaves))
+    written = merged_count = 0
+    try:
+      for group in _groups(reader.leaves, group_bytes):
+        arrays = reader.read([leaf.path for leaf in group])
+        if recorded is not None:
+          check_record(arrays, {p: recorded[p] for p in arrays}, f"Base checkpoint {base}")
+        result = {}
+        for leaf in group:
+          w = arrays.pop(leaf.path)
+          if leaf.path in trained:
+            value = np.asarray(trained[leaf.path]).astype(final_dtype(leaf), copy=False)
+            merged_count += 1
+          elif leaf.path in pairs:
+            target, a, b = pairs[leaf.path]
+            value = merged_leaf(w, a, b, target._replace(path=""), final_dtype(leaf))
+            merged_count += 1
+          else:
+            value = np.asarray(w).astype(final_dtype(leaf), copy=False)
+          if safe and jnp.issubdtype(value.dtype, jnp.floating):
+            bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+            if bad:
+              raise ValueError(f"--safe: merged leaf {leaf.path} (shape {leaf.shape}) has {bad} "
+                               "NaN/Inf values; nothing was written. Check the adapters' scale "
+                               "and the base checkpoint.")
+          result[leaf.path] = value
+          written += value.nbytes
+        writer.write(result)
+        del arrays, result
+      writer.finish()
+    except BaseException:
+      writer.abort()
+      raise
   return {"leaves": len(reader.leaves), "merged": merged_count, "trained": len(trained),
-          "bytes": written,
-          "out": str(out)}
+          "bytes": written, "out": str(out),
+          "verified": None if reader.recorded is None else len(reader.leaves),
+          "removed_stale": [str(p) for p in removed]}

@@ -51,13 +51,31 @@ def _variable_key_paths(tree: PyTree) -> set[tuple[Any, ...]]:
 def _path_strings(key_paths: Iterable[tuple[Any, ...]], tree: PyTree) -> list[str]:
   variables = _variable_key_paths(tree)
   names = []
-  for key_path in key_paths:
+  key_paths_list = [tuple(k) for k in key_paths]
+  for key_path in key_paths_list:
     keys = list(key_path)
     if (variables and keys and isinstance(keys[-1], jax.tree_util.GetAttrKey)
         and tuple(keys[:-1]) in variables):
       keys = keys[:-1]
     names.append("/".join(_key_str(k) for k in keys))
+  if len(set(names)) != len(names):
+    _raise_collisions(names, key_paths_list)
   return names
+
+
+def _raise_collisions(names: list[str], key_paths: list[tuple[Any, ...]]) -> None:
+  first: dict[str, tuple[Any, ...]] = {}
+  errors = []
+  for name, key_path in zip(names, key_paths):
+    if name in first:
+      errors.append(f"{name!r}: the leaves at {jax.tree_util.keystr(first[name])} and "
+                    f"{jax.tree_util.keystr(key_path)}")
+    first.setdefault(name, key_path)
+  raise ValueError(
+      "Two leaves of the parameter tree have the same path, so patterns, adapters and "
+      "checkpoints could not tell them apart (a key containing '/' beside nested keys, or two "
+      "keys that print alike):\n  - " + "\n  - ".join(errors[:10])
+      + "\nRename the keys so every '/'-joined path is distinct.")
 
 
 def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
@@ -98,14 +116,28 @@ def paths(tree: PyTree) -> list[str]:
 
 
 def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
-  """Builds a nested dict from ``{"a/b/c": value}`` entries."""
+  """Builds a nested dict from ``{"a/b/c": value}`` entries.
+
+  Raises:
+    ValueError: when one path is a prefix of another (``a/b`` and ``a/b/c``),
+      which would silently drop a value.
+  """
   root: dict[str, Any] = {}
+  leaf = object()
+  seen: dict[str, Any] = {}
   for path, value in flat.items():
     node = root
     *parents, last = path.split("/")
-    for part in parents:
+    for i, part in enumerate(parents):
       node = node.setdefault(part, {})
+      if not isinstance(node, dict) or seen.get("/".join(parents[:i + 1])) is leaf:
+        raise ValueError(f"Paths collide: {'/'.join(parents[:i + 1])!r} is a leaf and also a "
+                         f"prefix of {path!r}.")
+    if last in node:
+      raise ValueError(f"Paths collide: {path!r} is given twice, or is also a prefix of "
+                       "another path.")
     node[last] = value
+    seen[path] = leaf
   return root
 
 

@@ -1,0 +1,180 @@
+"""Writing outputs so that a crash, a kill or a second writer never loses data.
+
+Every checkpoint, merge output and PEFT export is written under a staging name
+beside its destination (``<name>.lora-jax-partial-<host>-<pid>-<token>``) and
+moved into place only when complete:
+
+* a new destination is a plain ``rename``;
+* an existing one is swapped with the staging copy in one atomic
+  ``renameat2(RENAME_EXCHANGE)`` on Linux, so the destination name always holds
+  a complete old or new output; elsewhere the old output is first renamed aside
+  and deleted only after the new one is in place (a crash in between leaves it
+  under ``<name>.lora-jax-old-...``, never deleted);
+* writers to one destination take an exclusive lock
+  (``.<name>.lora-jax-lock`` beside it, ``flock``): concurrent writers are
+  serialized, each output is complete, and the last to finish is what stays;
+* staging folders left by killed processes (their pid no longer runs on this
+  host) are removed by the next writer to the same destination, and listed by
+  ``stale_staging``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import os
+import pathlib
+import secrets
+import shutil
+import socket
+from collections.abc import Iterable, Iterator
+
+_PARTIAL = ".lora-jax-partial-"
+_OLD = ".lora-jax-old-"
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _host() -> str:
+  return socket.gethostname().replace("-", "_").replace("/", "_") or "host"
+
+
+def staging_path(final: pathlib.Path, *, pid: int | None = None,
+                 token: str | None = None) -> pathlib.Path:
+  """A fresh staging name beside ``final``, naming this host and process (or ``pid``)."""
+  pid = os.getpid() if pid is None else pid
+  token = secrets.token_hex(4) if token is None else token
+  return final.with_name(f"{final.name}{_PARTIAL}{_host()}-{pid}-{token}")
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # exists, owned by another user
+    return True
+  return True
+
+
+def stale_staging(final: pathlib.Path) -> list[pathlib.Path]:
+  """Staging folders or files for ``final`` whose writer no longer runs on this host.
+
+  Staging names written on another host are never reported: their writer may
+  still be running there.
+  """
+  final = pathlib.Path(final).absolute()
+  found = []
+  prefix = f"{final.name}{_PARTIAL}"
+  if not final.parent.is_dir():
+    return []
+  for entry in final.parent.iterdir():
+    if not entry.name.startswith(prefix):
+      continue
+    parts = entry.name[len(prefix):].split("-")
+    if len(parts) < 3 or parts[0] != _host() or not parts[1].isdigit():
+      continue
+    if not _pid_alive(int(parts[1])):
+      found.append(entry)
+  return sorted(found)
+
+
+def remove(path: pathlib.Path) -> None:
+  """Removes a file or a folder tree (missing is fine)."""
+  if path.is_dir() and not path.is_symlink():
+    shutil.rmtree(path, ignore_errors=True)
+  else:
+    path.unlink(missing_ok=True)
+
+
+def clean_stale(final: pathlib.Path) -> list[pathlib.Path]:
+  """Removes ``stale_staging(final)``; returns what was removed."""
+  stale = stale_staging(final)
+  for path in stale:
+    remove(path)
+  return stale
+
+
+@contextlib.contextmanager
+def locked(final: pathlib.Path) -> Iterator[None]:
+  """Holds an exclusive lock for writing ``final`` (waits for another writer to finish)."""
+  import fcntl  # pylint: disable=import-outside-toplevel  # POSIX only
+
+  final.parent.mkdir(parents=True, exist_ok=True)
+  lock_file = final.parent / f".{final.name}.lora-jax-lock"
+  fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
+
+
+def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
+  """Atomically swaps two paths (Linux ``renameat2``); False where unsupported."""
+  try:
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = libc.renameat2
+  except (OSError, AttributeError):
+    return False
+  renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                        ctypes.c_uint]
+  if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    return True
+  code = ctypes.get_errno()
+  if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+    return False  # the file system cannot exchange
+  raise OSError(code, os.strerror(code), str(a))
+
+
+def commit(staging: pathlib.Path, final: pathlib.Path) -> None:
+  """Moves a complete ``staging`` output to ``final``, replacing what is there.
+
+  Call while holding ``locked(final)``. The old output, if any, is deleted
+  only after the new one is in place.
+  """
+  if not (final.exists() or final.is_symlink()):
+    os.rename(staging, final)
+    return
+  if _exchange(staging, final):
+    remove(staging)  # now holds the old output
+    return
+  aside = final.with_name(f"{final.name}{_OLD}{secrets.token_hex(4)}")
+  os.rename(final, aside)
+  os.rename(staging, final)
+  remove(aside)
+
+
+def occupied(path: pathlib.Path) -> bool:
+  """Whether writing ``path`` would replace something: a file, a link or a non-empty folder."""
+  if path.is_symlink() or path.is_file():
+    return True
+  return path.is_dir() and any(path.iterdir())
+
+
+def _inside(path: pathlib.Path, folder: pathlib.Path) -> bool:
+  return path == folder or folder in path.parents
+
+
+def check_separate(out: str | os.PathLike[str],
+                   inputs: Iterable[tuple[str, str | os.PathLike[str]]], what: str) -> None:
+  """Refuses an output that is, contains, or lies inside one of the inputs.
+
+  Args:
+    out: the output path.
+    inputs: ``(name, path)`` of each input (e.g. ``("--base", base)``).
+    what: the writer, for the message (e.g. ``"lora-jax merge"``).
+
+  Raises:
+    ValueError: naming the clashing input.
+  """
+  out_real = pathlib.Path(os.path.realpath(out))
+  for name, path in inputs:
+    real = pathlib.Path(os.path.realpath(path))
+    if _inside(out_real, real) or _inside(real, out_real):
+      relation = ("is" if out_real == real else
+                  "lies inside" if _inside(out_real, real) else "contains")
+      raise ValueError(f"{what}: the output {out} {relation} the input {name} {path}; "
+                       "writing there could destroy the input. Choose an output path outside "
+                       "every input.")

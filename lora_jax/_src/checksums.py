@@ -1,0 +1,86 @@
+"""Per-array checksums: recorded when arrays are saved, verified when they are read.
+
+A record maps each leaf path to its shape, dtype and the SHA-256 of its bytes
+(C order, native little-endian layout as numpy holds them). Any flipped,
+truncated or swapped array then fails loudly, naming the file and the leaf,
+instead of loading as slightly wrong numbers. Arrays spread over several
+processes (not fully addressable here) cannot be hashed by one process; they
+are recorded as ``None`` and the record says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from lora_jax._src.tree import PyTree, leaves_with_paths
+
+ALGORITHM = "sha256"
+
+
+def _host_array(value: Any) -> np.ndarray | None:
+  if not getattr(value, "is_fully_addressable", True):
+    return None
+  return np.require(np.asarray(value), requirements="C")
+
+
+def digest(value: Any) -> str | None:
+  """The SHA-256 hex digest of an array's bytes; None if this process cannot see all of it."""
+  array = _host_array(value)
+  if array is None:
+    return None
+  return hashlib.sha256(array.reshape(-1).view(np.uint8)).hexdigest()
+
+
+def entry(value: Any) -> dict[str, Any]:
+  """``{"shape", "dtype", "sha256"}`` for one array."""
+  return {"shape": list(np.shape(value)), "dtype": np.dtype(value.dtype).name,
+          ALGORITHM: digest(value)}
+
+
+def record(tree: PyTree) -> dict[str, dict[str, Any]]:
+  """The checksum record of every leaf of ``tree``, keyed by path."""
+  return {path: entry(leaf) for path, leaf in leaves_with_paths(tree)}
+
+
+class ChecksumError(ValueError):
+  """Saved arrays whose bytes no longer match the checksums recorded when they were written."""
+
+
+def check_record(found: Mapping[str, Any], recorded: Any, where: str) -> None:
+  """Raises ``ChecksumError`` naming every leaf whose shape, dtype or digest differs.
+
+  Args:
+    found: ``{path: array}`` as read back.
+    recorded: the record written with them (``record``'s output, from JSON).
+    where: names the file or checkpoint in the message.
+  """
+  if not isinstance(recorded, Mapping):
+    raise ChecksumError(f"{where}: the checksum record is damaged (expected a mapping of "
+                        f"leaf paths, found {type(recorded).__name__}).")
+  errors = [f"{p}: read, but no checksum was recorded for it" for p in found
+            if p not in recorded]
+  errors += [f"{p}: recorded, but not read" for p in recorded if p not in found]
+  for path, value in found.items():
+    want = recorded.get(path)
+    if want is None:
+      continue
+    if not isinstance(want, Mapping):
+      errors.append(f"{path}: its checksum entry is damaged")
+      continue
+    got = entry(value)
+    for field in ("shape", "dtype"):
+      if got[field] != want.get(field):
+        errors.append(f"{path}: {field} {got[field]} read, {want.get(field)} recorded")
+    if got[ALGORITHM] is not None and want.get(ALGORITHM) is not None \
+        and got[ALGORITHM] != want[ALGORITHM]:
+      errors.append(f"{path}: its bytes changed since it was written ({ALGORITHM} "
+                    f"{got[ALGORITHM][:12]}... read, {str(want[ALGORITHM])[:12]}... recorded)")
+  if errors:
+    raise ChecksumError(f"{where} is damaged: its arrays do not match the checksums recorded "
+                        "when it was written:\n  - " + "\n  - ".join(errors[:20])
+                        + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
+                        + "\nRestore it from a backup or write it again.")

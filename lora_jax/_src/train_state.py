@@ -1,0 +1,112 @@
+"""Training-state checkpoints for exact resume: one verified step folder per save.
+
+``directory/<step>`` holds the ``state`` item (adapters, optimizer state,
+anything else), the ``config`` and the arrays' checksums, written atomically as
+adapter checkpoints are (``checkpoint.write``). Restoring takes the newest step
+that reads back intact and falls back past damaged ones, saying which it skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import warnings
+
+from lora_jax._src import atomic
+from lora_jax._src.checkpoint import (
+    CheckpointMismatch,
+    check_step,
+    is_checkpoint,
+    read,
+    steps,
+    write,
+)
+from lora_jax._src.config import LoraConfig
+from lora_jax._src.tree import PyTree
+
+_STATE = "state"
+
+
+def save_train_state(directory: str | os.PathLike[str], step: int, state: PyTree,
+                     config: LoraConfig, *, max_to_keep: int | None = 3) -> pathlib.Path:
+  """Saves a training state (adapters, optimizer state, anything else) for exact resume.
+
+  Each step is a separate checkpoint ``directory/<step>``, written under a
+  staging name and moved into place when complete: a save interrupted by a
+  crash leaves the earlier steps untouched. Saving a step that exists replaces
+  it atomically. Once the new step is in place, the oldest steps beyond
+  ``max_to_keep`` are deleted.
+
+  Args:
+    directory: the folder of step checkpoints.
+    step: the number of completed training steps (an int >= 0).
+    state: a pytree of arrays, e.g. ``{"adapters": lp.adapters, "opt_state": opt_state}``.
+    config: the ``LoraConfig``, saved beside the state.
+    max_to_keep: how many step checkpoints to keep (None keeps all).
+
+  Returns:
+    The step checkpoint's directory.
+  """
+  if not isinstance(config, LoraConfig):
+    raise TypeError(f"config must be a LoraConfig, got {type(config).__name__}.")
+  if max_to_keep is not None and (isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int)
+                                  or max_to_keep < 1):
+    raise ValueError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}.")
+  directory = pathlib.Path(directory).absolute()
+  final = write(directory / str(check_step(step)), {_STATE: state}, config, overwrite=True,
+                what="training-state checkpoint")
+  if max_to_keep is not None:
+    for old in steps(directory)[:-max_to_keep]:
+      if is_checkpoint(directory / str(old)):
+        atomic.remove(directory / str(old))
+  return final
+
+
+def restore_train_state(directory: str | os.PathLike[str], target: PyTree
+                        ) -> tuple[int, PyTree] | None:
+  """Restores the newest intact training state saved by ``save_train_state``.
+
+  Every array is verified against its recorded checksum. A step that cannot
+  be read or fails verification is skipped with a ``UserWarning`` naming it,
+  and the next older step is tried.
+
+  Args:
+    directory: the folder of step checkpoints.
+    target: a tree like the saved ``state`` (arrays or ``jax.ShapeDtypeStruct``),
+      giving structure, dtypes and shardings.
+
+  Returns:
+    ``(step, state)``, or None when there is no checkpoint yet.
+
+  Raises:
+    CheckpointMismatch: when a checkpoint does not hold a tree like ``target``
+      (another model or optimizer: not skipped, as every step would differ).
+    ValueError: when step folders exist but none reads back intact.
+
+  Example (the resume recipe)::
+
+    start, state = 0, {"adapters": lp.adapters, "opt_state": tx.init(lp)}
+    if (found := lj.restore_train_state(ckpt_dir, state)) is not None:
+      start, state = found
+    for step in range(start, num_steps):
+      ...  # train; then every k steps:
+      lj.save_train_state(ckpt_dir, step + 1, state, config)
+  """
+  directory = pathlib.Path(directory).absolute()
+  skipped: list[str] = []
+  for step in reversed(steps(directory)):
+    try:
+      _, restored = read(directory / str(step), {_STATE: target}, "Training-state checkpoint")
+    except CheckpointMismatch:
+      raise
+    except ValueError as e:
+      skipped.append(f"step {step}: {str(e).splitlines()[0]}")
+      continue
+    if skipped:
+      warnings.warn(f"restore_train_state: resuming from step {step}; skipped newer damaged "
+                    "step(s):\n  - " + "\n  - ".join(skipped), stacklevel=2)
+    return step, restored[_STATE]
+  if skipped:
+    raise ValueError(f"restore_train_state: no intact checkpoint in {directory}:\n  - "
+                     + "\n  - ".join(skipped))
+  return None
