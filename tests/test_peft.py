@@ -135,7 +135,8 @@ def test_bad_peft_files(tmp_path):
   (tmp_path / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
   with pytest.raises(ValueError, match=r"peft_type is 'IA3', only LORA"):
     lj.import_peft(tmp_path, params={})
-  (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4}))
+  (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4,
+                                                                  "lora_alpha": 8}))
   (tmp_path / "adapter_model.safetensors").write_bytes(b"\xff\xff")
   with pytest.raises(ValueError, match=r"Cannot read the PEFT adapter in"):
     lj.import_peft(tmp_path, params={})
@@ -308,8 +309,14 @@ def test_import_checks_exact_peft_shapes(tmp_path):
   file = tmp_path / "peft" / "adapter_model.safetensors"
   tensors = load_file(str(file))
   key = "base_model.model.Dense_0.lora_B.weight"
-  tensors[key] = np.ascontiguousarray(tensors[key].reshape(2, 12))
+  good = tensors[key]
+  tensors[key] = np.ascontiguousarray(good.reshape(2, 12))
   save_file(tensors, str(file))
-  with pytest.raises(ValueError, match=r"Dense_0/kernel: PEFT's lora_B has shape \(2, 12\), "
+  with pytest.raises(ValueError, match=r"Dense_0: lora_A.weight \(2, 6\) and lora_B.weight "
+                     r"\(2, 12\) are not a PEFT pair \(Linear: \(r, in\) and \(out, r\)"):
+    lj.import_peft(tmp_path / "peft", params=params)
+  tensors[key] = np.concatenate([good, good[:1]])  # (13, 2): a pair, but not this kernel's
+  save_file(tensors, str(file))
+  with pytest.raises(ValueError, match=r"Dense_0/kernel: PEFT's lora_B has shape \(13, 2\), "
                      r"expected \(12, 2\)"):
     lj.import_peft(tmp_path / "peft", params=params)

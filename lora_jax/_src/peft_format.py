@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._src import atomic
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.lift import LoraParams
 from lora_jax._src.plan import Target, layout_is_certain, leaf_axes, plan
@@ -110,8 +111,12 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
                 directory: str | os.PathLike[str], *,
                 module_name: Callable[[str], str] = default_module_name,
                 conv_paths: tuple[str, ...] | None = None,
-                fan_in_fan_out: bool = False) -> pathlib.Path:
+                fan_in_fan_out: bool = False, overwrite: bool = False) -> pathlib.Path:
   """Writes adapters (and leaves trained in full) so ``peft.PeftModel.from_pretrained`` loads them.
+
+  The folder is written under a staging name and moved into place when
+  complete, so an existing export is replaced (with ``overwrite``) only by a
+  whole new one.
 
   Args:
     adapters: the ``LoraParams`` (adapters plus the base, whose ``config.trainable``
@@ -125,6 +130,8 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
     fan_in_fan_out: the PyTorch modules store their weight ``(in, out)``
       (Hugging Face ``Conv1D``, as in GPT-2); written to the config. The
       adapter tensors are the same either way.
+    overwrite: replace an existing PEFT adapter folder at ``directory``
+      (anything else there is never replaced).
 
   Returns:
     The output folder.
@@ -135,12 +142,15 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
       ``LoraParams`` so the bias rule can confirm them), trained leaves that
       PEFT's ``modules_to_save`` / ``bias`` cannot express, or two leaves that
       map to the same PEFT name.
+    FileExistsError: when ``directory`` exists and ``overwrite`` is False, or it
+      is not a PEFT adapter folder.
   """
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
 
+  directory = pathlib.Path(directory).absolute()
+  _refuse_existing(directory, overwrite)
   adapter_tree, base = _split(adapters)
   targets = {t.path: t for t in plan(base, config)} if base is not None else {}
-  directory = pathlib.Path(directory)
   tensors: dict[str, np.ndarray] = {}
   sources: dict[str, str] = {}
   modules: dict[str, tuple[int, float]] = {}
@@ -204,10 +214,32 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
       "alpha_pattern": {re.escape(n): al for n, (_, al) in modules.items()
                         if al != config.alpha},
   }
-  directory.mkdir(parents=True, exist_ok=True)
-  save_file(tensors, str(directory / WEIGHTS_FILE))
-  (directory / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  with atomic.locked(directory):
+    atomic.clean_stale(directory)
+    _refuse_existing(directory, overwrite)
+    staging = atomic.staging_path(directory)
+    try:
+      staging.mkdir()
+      save_file(tensors, str(staging / WEIGHTS_FILE))
+      (staging / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
+      atomic.commit(staging, directory)
+    except BaseException:
+      atomic.remove(staging)
+      raise
   return directory
+
+
+def _refuse_existing(directory: pathlib.Path, overwrite: bool) -> None:
+  if atomic.occupied(directory):
+    if not overwrite:
+      raise FileExistsError(f"export_peft: {directory} already exists; pass overwrite=True to "
+                            "replace it, or choose another folder.")
+    if not (directory / CONFIG_FILE).is_file() or set(os.listdir(directory)) - {
+        CONFIG_FILE, WEIGHTS_FILE, "README.md"}:
+      raise FileExistsError(f"export_peft: {directory} exists and is not a PEFT adapter folder "
+                            f"(only {CONFIG_FILE}, {WEIGHTS_FILE} and README.md); refusing to "
+                            "replace it even with overwrite=True.")
 
 
 def _export_trained(base: PyTree, config: LoraConfig, targets: dict[str, Target],
@@ -283,23 +315,86 @@ def _first_match(pattern: Mapping[str, Any], module: str) -> Any:
   return None
 
 
+# PEFT config fields that change what the tensors mean: importing such an adapter as plain
+# LoRA would compute something else, so a true value is refused.
+_UNSUPPORTED = {"use_dora": "DoRA (weight-decomposed LoRA, with magnitude vectors)",
+                "lora_bias": "a trainable bias in lora_B",
+                "use_qalora": "QA-LoRA", "layer_replication": "layer replication",
+                "megatron_config": "Megatron parallel layers",
+                "target_parameters": "LoRA on bare nn.Parameter tensors",
+                "alora_invocation_tokens": "activated LoRA (aLoRA)",
+                "trainable_token_indices": "trainable token embeddings"}
+_UNSUPPORTED_TENSORS = {"lora_magnitude_vector": "DoRA magnitude vectors",
+                        "lora_B.bias": "lora_B biases (lora_bias=True)",
+                        "trainable_tokens": "trainable token embeddings"}
+
+
+def _positive(where: str, field: str, value: Any, integer: bool) -> Any:
+  ok = (isinstance(value, int) if integer else isinstance(value, (int, float))) \
+      and not isinstance(value, bool) and math.isfinite(value) and value > 0
+  if not ok:
+    kind = "a positive integer" if integer else "a positive number"
+    raise ValueError(f"{where}: {field} must be {kind}, found {value!r}.")
+  return int(value) if integer else float(value)
+
+
+def _read_config(directory: pathlib.Path) -> dict[str, Any]:
+  where = directory / CONFIG_FILE
+  try:
+    peft_config = json.loads(where.read_text(encoding="utf-8"))
+  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+    raise ValueError(f"{where} is not valid JSON ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0][:200]}).") from None
+  if not isinstance(peft_config, dict):
+    raise ValueError(f"{where}: expected a JSON object, found {type(peft_config).__name__}.")
+  if peft_config.get("peft_type") != "LORA":
+    raise ValueError(f"{where}: peft_type is {peft_config.get('peft_type')!r}, only LORA "
+                     "adapters can be imported.")
+  for field, what in _UNSUPPORTED.items():
+    if peft_config.get(field):
+      raise ValueError(f"{where}: {field} is {peft_config[field]!r}: {what} is not plain LoRA "
+                       "and import_peft does not support it; importing it as plain LoRA "
+                       "would give other outputs.")
+  for field in ("r", "lora_alpha"):
+    if field not in peft_config:
+      raise ValueError(f"{where}: the required field {field!r} is missing.")
+  peft_config["r"] = _positive(str(where), "r", peft_config["r"], integer=True)
+  peft_config["lora_alpha"] = _positive(str(where), "lora_alpha", peft_config["lora_alpha"],
+                                        integer=False)
+  for field, integer in (("rank_pattern", True), ("alpha_pattern", False)):
+    pattern = peft_config.get(field) or {}
+    if not isinstance(pattern, dict):
+      raise ValueError(f"{where}: {field} must be an object of {{module pattern: value}}, "
+                       f"found {type(pattern).__name__}.")
+    for key, value in pattern.items():
+      try:
+        re.compile(key)
+      except re.error as e:
+        raise ValueError(f"{where}: {field} key {key!r} is not a valid regular expression "
+                         f"({e}).") from None
+      _positive(str(where), f"{field}[{key!r}]", value, integer)
+    peft_config[field] = pattern
+  return peft_config
+
+
 def _read(directory: pathlib.Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
 
-  try:
-    peft_config = json.loads((directory / CONFIG_FILE).read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{directory / CONFIG_FILE} is not valid JSON ({e}).") from e
-  if peft_config.get("peft_type") != "LORA":
-    raise ValueError(f"{directory / CONFIG_FILE}: peft_type is "
-                     f"{peft_config.get('peft_type')!r}, only LORA adapters can be imported.")
+  for name in (CONFIG_FILE, WEIGHTS_FILE):
+    if not (directory / name).is_file():
+      raise FileNotFoundError(f"No PEFT adapter in {directory}: {name} is missing (expected "
+                              f"{CONFIG_FILE} and {WEIGHTS_FILE}, as save_pretrained writes).")
+  peft_config = _read_config(directory)
   try:
     tensors = load_file(str(directory / WEIGHTS_FILE))
-  except FileNotFoundError:
-    raise
   except Exception as e:
     raise ValueError(f"Cannot read the PEFT adapter in {directory}: {type(e).__name__}: {e}") \
         from e
+  for key in tensors:
+    for marker, what in _UNSUPPORTED_TENSORS.items():
+      if marker in key:
+        raise ValueError(f"{directory / WEIGHTS_FILE}: tensor {key} holds {what}, which "
+                         "import_peft does not support (plain LoRA only).")
   return peft_config, tensors
 
 
@@ -357,20 +452,20 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
   lora_keys = {k for k in tensors if _LORA_SUFFIX.search(k)}
   for key in sorted({_LORA_SUFFIX.sub("", k) for k in lora_keys}):
     name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+    a_t, b_t = _pair(directory, tensors, key)
     if key + ".lora_embedding_A" in tensors:
-      a_t, b_t = tensors[key + ".lora_embedding_A"], tensors[key + ".lora_embedding_B"]
       a, b = a_t.T, b_t.T
+    elif a_t.ndim > 2:  # conv: (r, cin, *window) -> (*window, cin, r); B (cout, r, 1, ...)
+      a = np.transpose(a_t, (*range(2, a_t.ndim), 1, 0))
+      b = b_t.reshape(b_t.shape[0], b_t.shape[1]).T
     else:
-      a_t, b_t = tensors[key + ".lora_A.weight"], tensors[key + ".lora_B.weight"]
-      if a_t.ndim > 2:  # conv: (r, cin, *window) -> (*window, cin, r)
-        a = np.transpose(a_t, (*range(2, a_t.ndim), 1, 0))
-        b = b_t.reshape(b_t.shape[0], b_t.shape[1]).T
-      else:
-        a, b = a_t.T, b_t.T
+      a, b = a_t.T, b_t.T
     path = leaf_path(key, name, "weight")
     flat[path + "/a"], flat[path + "/b"] = a, b
-    module_rank = _first_match(peft_config.get("rank_pattern") or {}, name) or rank
-    module_alpha = _first_match(peft_config.get("alpha_pattern") or {}, name) or alpha
+    module_rank = _first_match(peft_config["rank_pattern"], name)
+    module_rank = rank if module_rank is None else module_rank
+    module_alpha = _first_match(peft_config["alpha_pattern"], name)
+    module_alpha = alpha if module_alpha is None else module_alpha
     if a.shape[-1] != module_rank:
       raise ValueError(f"{key}: lora_A has rank {a.shape[-1]} but the config gives {module_rank}.")
     if module_rank != rank:
@@ -384,12 +479,18 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
     module = module.removesuffix(".base_layer").removesuffix(".modules_to_save")
     trained[leaf_path(key, module, torch_param)] = tensors[key]
   paths = sorted({p.rsplit("/", 1)[0] for p in flat})
-  config = LoraConfig(rank=rank, alpha=alpha, targets=tuple(f"^{re.escape(p)}$" for p in paths),
-                      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                      use_rslora=bool(peft_config.get("use_rslora", False)),
-                      dropout=float(peft_config.get("lora_dropout", 0.0)),
-                      in_axes=in_axes or (),
-                      trainable=tuple(f"^{re.escape(p)}$" for p in sorted(trained)))
+  if not paths:
+    raise ValueError(f"{directory / WEIGHTS_FILE}: no lora_A / lora_B tensors found.")
+  try:
+    config = LoraConfig(rank=rank, alpha=alpha,
+                        targets=tuple(f"^{re.escape(p)}$" for p in paths),
+                        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                        use_rslora=peft_config.get("use_rslora", False) is True,
+                        dropout=peft_config.get("lora_dropout") or 0.0,
+                        in_axes=in_axes or (),
+                        trainable=tuple(f"^{re.escape(p)}$" for p in sorted(trained)))
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"{directory / CONFIG_FILE}: {e}") from None
   errors: list[str] = []
   for target in plan(params, config):
     if not _layout_known(target.path, target.layout, target.shape, target.in_axes):
@@ -406,6 +507,28 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
   if trained:
     return LoraParams(jax.tree.map(jnp.asarray, nest(trained)), adapters), config
   return adapters, config
+
+
+def _pair(directory: pathlib.Path, tensors: Mapping[str, np.ndarray], key: str
+          ) -> tuple[np.ndarray, np.ndarray]:
+  """The (A, B) tensors of one module, with PEFT's ranks of dimensions checked."""
+  names = ((".lora_embedding_A", ".lora_embedding_B") if key + ".lora_embedding_A" in tensors
+           or key + ".lora_embedding_B" in tensors else (".lora_A.weight", ".lora_B.weight"))
+  missing = [key + n for n in names if key + n not in tensors]
+  if missing:
+    raise ValueError(f"{directory / WEIGHTS_FILE}: {missing[0]} is missing; every LoRA module "
+                     f"needs both {names[0][1:]} and {names[1][1:]}.")
+  a_t, b_t = tensors[key + names[0]], tensors[key + names[1]]
+  conv = a_t.ndim > 2
+  ok = (a_t.ndim == b_t.ndim and a_t.shape[0] == b_t.shape[1]
+        and (not conv or all(d == 1 for d in b_t.shape[2:]))) if conv else (
+            a_t.ndim == 2 and b_t.ndim == 2 and a_t.shape[0] == b_t.shape[1])
+  if not ok:
+    raise ValueError(f"{directory / WEIGHTS_FILE}: {key}: {names[0][1:]} {a_t.shape} and "
+                     f"{names[1][1:]} {b_t.shape} are not a PEFT pair (Linear: (r, in) and "
+                     "(out, r); Conv: (r, cin, *window) and (cout, r, 1, ...); Embedding: "
+                     "(r, vocab) and (dim, r)).")
+  return a_t, b_t
 
 
 def _fit_to_target(directory: pathlib.Path, target: Target, flat: dict[str, np.ndarray],
