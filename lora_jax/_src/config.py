@@ -184,9 +184,9 @@ class LoraConfig:
       raise TypeError(f"LoraConfig.use_rslora must be True or False, got {self.use_rslora!r}.")
     if self.init not in _INITS:
       raise ValueError(f"LoraConfig.init must be one of {_INITS}, got {self.init!r}.")
-    try:
-      dtype = jnp.dtype(self.dtype)
-    except TypeError:
+    try:  # jnp.dtype(None) is float64: None must not pass as a dtype
+      dtype = None if self.dtype is None else jnp.dtype(self.dtype)
+    except (TypeError, ValueError):
       dtype = None
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
       raise ValueError(
@@ -294,10 +294,10 @@ class LoraConfig:
       >>> lj.LoraConfig.from_yaml("configs/low_rank.yaml").rank  # doctest: +SKIP
       4
     """
-    import yaml  # pylint: disable=import-outside-toplevel
+    from lora_jax._src.yaml_io import load_yaml  # pylint: disable=import-outside-toplevel
 
     with open(path, encoding="utf-8") as f:
-      data = yaml.safe_load(f)
+      data = load_yaml(f.read(), os.fspath(path))
     if key is not None:
       if not isinstance(data, Mapping) or key not in data:
         raise ValueError(f"{os.fspath(path)}: no top-level key {key!r} holding a LoRA config.")

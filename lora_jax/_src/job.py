@@ -10,6 +10,7 @@ and ``loss.svg`` to the run directory and print a summary table.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
 import pathlib
@@ -21,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import yaml
 
 from lora_jax._src.checkpoint import save_adapters
 from lora_jax._src.config import LoraConfig
@@ -33,6 +33,7 @@ from lora_jax._src.progress import Progress
 from lora_jax._src.summary import format_table, summary
 from lora_jax._src.tasks import TASKS, Task
 from lora_jax._src.wrap import wrap
+from lora_jax._src.yaml_io import load_yaml, short
 
 _TRAIN = {"steps": 300, "lr": 1e-3, "batch_size": 64}
 DEFAULTS: dict[str, Any] = {
@@ -63,13 +64,52 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 CHOICES = {"task": tuple(TASKS), "framework": ("linen", "nnx"),
            "data.shift": ("rotate", "noise", "invert")}
+_POSITIVE = lambda v: v > 0  # noqa: E731
+# Ranges of numeric keys (by the key's last part) and of list elements: (test, wording).
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "seed": (lambda v: v >= 0, "an integer >= 0"),
+    "steps": (_POSITIVE, "an integer >= 1"),
+    "batch_size": (_POSITIVE, "an integer >= 1"),
+    "log_every": (_POSITIVE, "an integer >= 1"),
+    "lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "test_fraction": (lambda v: 0 < v < 1, "a number strictly between 0 and 1"),
+    "hidden": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+               "a list of integers >= 1"),
+    "d_model": (_POSITIVE, "an integer >= 1"), "heads": (_POSITIVE, "an integer >= 1"),
+    "layers": (_POSITIVE, "an integer >= 1"), "mlp": (_POSITIVE, "an integer >= 1"),
+    "max_len": (_POSITIVE, "an integer >= 1"),
+    "data": (_POSITIVE, "an integer >= 1"), "model": (_POSITIVE, "an integer >= 1"),
+    "pretrain_packages": (lambda v: isinstance(v, str) and bool(v),
+                          "a list of importable package names"),
+    "finetune_packages": (lambda v: isinstance(v, str) and bool(v),
+                          "a list of importable package names"),
+    "run_dir": (bool, "a non-empty path"), "base_checkpoint": (bool, "a non-empty path"),
+}
+
+
+def _in_range(value: Any, key: str) -> None:
+  rule = RANGES.get(key.rpartition(".")[2])
+  if rule is None:
+    return
+  test, wording = rule
+  items = value if isinstance(value, (list, tuple)) else [value]
+  if isinstance(value, (list, tuple)) and not value and key.endswith("_packages"):
+    items = [""]
+  if not all(test(v) for v in items):
+    raise ValueError(f"config key '{key}': must be {wording}, got {short(value)}.")
 
 
 def _check(value: Any, default: Any, key: str) -> Any:
-  """Validates ``value`` against the default's type and the allowed choices."""
+  """Validates ``value`` against the default's type, the allowed choices and its range."""
   if key in CHOICES and value not in CHOICES[key]:
-    raise ValueError(f"config key '{key}': {value!r} is not one of {list(CHOICES[key])}.")
-  if default is None or value is None:
+    raise ValueError(f"config key '{key}': {short(value)} is not one of {list(CHOICES[key])}.")
+  if value is None:
+    return value
+  if default is None:
+    if not isinstance(value, str):
+      raise ValueError(f"config key '{key}': expected a path (str), got {short(value)} "
+                       f"({type(value).__name__}).")
+    _in_range(value, key)
     return value
   if isinstance(default, bool):
     ok = isinstance(value, bool)
@@ -84,21 +124,26 @@ def _check(value: Any, default: Any, key: str) -> Any:
     ok = isinstance(value, type(default))
   if not ok:
     raise ValueError(f"config key '{key}': expected {type(default).__name__}, got "
-                     f"{value!r} ({type(value).__name__}).")
+                     f"{short(value)} ({type(value).__name__}).")
+  _in_range(value, key)
   return value
 
 
 def _merge_config(defaults: Mapping[str, Any], given: Mapping[str, Any], prefix: str
                   ) -> dict[str, Any]:
+  if not isinstance(given, Mapping):
+    raise ValueError(f"config key '{prefix.rstrip('.')}': expected a mapping of keys "
+                     f"{sorted(defaults)}, got {short(given)}.")
   out = copy.deepcopy(dict(defaults))
   for key, value in given.items():
     full = f"{prefix}{key}"
-    if key not in defaults:
-      raise ValueError(f"unknown config key '{full}'; allowed keys here: {sorted(defaults)}.")
+    if not isinstance(key, str) or key not in defaults:
+      raise ValueError(f"unknown config key '{full[:80]}'; allowed keys here: "
+                       f"{sorted(defaults)}.")
     default = defaults[key]
     if isinstance(default, dict):
       if not isinstance(value, Mapping):
-        raise ValueError(f"config key '{full}': expected a mapping, got {value!r}.")
+        raise ValueError(f"config key '{full}': expected a mapping, got {short(value)}.")
       out[key] = _merge_config(default, value, f"{full}.")
     else:
       out[key] = _check(value, default, full)
@@ -114,18 +159,24 @@ def load_job_config(path: str | pathlib.Path | None = None,
   """
   given: dict[str, Any] = {}
   if path is not None:
-    given = yaml.safe_load(pathlib.Path(path).read_text()) or {}
+    try:
+      text = pathlib.Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+      raise ValueError(f"{path}: not a UTF-8 text file; a job config is YAML.") from None
+    given = load_yaml(text, str(path)) or {}
     if not isinstance(given, dict):
       raise ValueError(f"{path}: a job config is a mapping of keys, got {type(given).__name__}.")
   for item in overrides or []:
     key, sep, raw = item.partition("=")
-    if not sep:
-      raise ValueError(f"--set expects key=value, got {item!r}.")
+    if not sep or not key:
+      raise ValueError(f"--set expects key=value, got {short(item)}.")
     node = given
     *parents, last = key.split(".")
-    for part in parents:
+    for i, part in enumerate(parents):
       node = node.setdefault(part, {})
-    node[last] = yaml.safe_load(raw)
+      if not isinstance(node, dict):
+        raise ValueError(f"--set {key}: '{'.'.join(parents[:i + 1])}' is not a section.")
+    node[last] = load_yaml(raw, f"--set {key}")
   task = given.get("task", DEFAULTS["task"])
   _check(task, DEFAULTS["task"], "task")
   config = _merge_config(DEFAULTS, {k: v for k, v in given.items()
@@ -133,7 +184,15 @@ def load_job_config(path: str | pathlib.Path | None = None,
   for section in ("model", "data"):
     config[section] = _merge_config(TASK_DEFAULTS[task][section], given.get(section) or {},
                                     f"{section}.")
-  config["lora"] = LoraConfig.from_dict({**DEFAULTS["lora"], **(given.get("lora") or {})})
+  lora = given.get("lora") or {}
+  if not isinstance(lora, dict):
+    raise ValueError(f"config key 'lora': expected a mapping of LoraConfig fields, got "
+                     f"{short(lora)}.")
+  try:
+    config["lora"] = LoraConfig.from_dict({**DEFAULTS["lora"], **lora})
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"config key 'lora': {str(e)[:400]}") from None
+  _check_model(config, task)
   mesh = given.get("mesh")
   if mesh is not None:
     config["mesh"] = _merge_config({"data": 1, "model": 1}, mesh, "mesh.")
@@ -145,6 +204,19 @@ def load_job_config(path: str | pathlib.Path | None = None,
   return config
 
 
+def _check_model(config: dict[str, Any], task: str) -> None:
+  """Cross-key checks that a single key's range cannot express."""
+  model, data = config["model"], config["data"]
+  if task in ("textcls", "charlm") and model["d_model"] % model["heads"]:
+    raise ValueError(f"config key 'model.heads': d_model {model['d_model']} must be a multiple "
+                     f"of heads {model['heads']}.")
+  for key in ("pretrain_packages", "finetune_packages"):
+    for name in data.get(key, ()):
+      if importlib.util.find_spec(name.split(".")[0]) is None:
+        raise ValueError(f"config key 'data.{key}': no package {short(name)} is installed; "
+                         "name standard-library packages such as 'email' or 'xml'.")
+
+
 def _batches(data: tuple[np.ndarray, np.ndarray], batch_size: int, seed: int):
   x, y = data
   rng = np.random.default_rng(seed)
@@ -154,6 +226,10 @@ def _batches(data: tuple[np.ndarray, np.ndarray], batch_size: int, seed: int):
     for start in range(0, len(x) - batch_size + 1, batch_size):
       idx = order[start:start + batch_size]
       yield x[idx], y[idx]
+
+
+class TrainingDiverged(ValueError):
+  """A training phase produced a non-finite loss or parameters."""
 
 
 def fit(loss_fn: Callable[..., jax.Array], params: Any, tx: optax.GradientTransformation,
@@ -181,10 +257,23 @@ def fit(loss_fn: Callable[..., jax.Array], params: Any, tx: optax.GradientTransf
     params, opt_state, loss = step(params, opt_state, x, y, jax.random.fold_in(base_key, i))
     if i % max(1, settings.get("log_every", 25)) == 0 or i == total - 1:
       curve.append(float(loss))
+      if not math.isfinite(curve[-1]):
+        progress.close()
+        raise TrainingDiverged(f"{desc}: the loss became {curve[-1]} at step {i + 1}; stopping "
+                               "before anything is saved. Lower the learning rate "
+                               f"(now {settings['lr']}) or check the data and the base.")
       progress.update(i + 1, curve[-1])
     else:
       progress.update(i + 1)
   progress.close()
+  finite = jax.tree.reduce(
+      lambda ok, x: ok & jnp.all(jnp.isfinite(x)),
+      [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.inexact)],
+      jnp.bool_(True))
+  if not bool(finite):
+    raise TrainingDiverged(f"{desc}: the parameters hold NaN or Inf after step {total}; "
+                           "stopping before anything is saved. Lower the learning rate "
+                           f"(now {settings['lr']}).")
   # Finish this phase before the next dispatches: on a CPU mesh, device threads of two
   # multi-device programs in flight at once can starve each other's collectives.
   return jax.block_until_ready(params), curve
@@ -242,6 +331,10 @@ def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[
   start = time.perf_counter()
   task = TASKS[config["task"]](config["model"], config["data"], config["framework"],
                                config["seed"])
+  for name, (x, _) in (("fine-tuning", task.train), ("test", task.test)):
+    if len(x) < 1:
+      raise ValueError(f"config key 'data.test_fraction': {config['data']['test_fraction']} "
+                       f"leaves no {name} examples.")
   lora_config: LoraConfig = config["lora"]
   run_dir = pathlib.Path(config["run_dir"])
   run_dir.mkdir(parents=True, exist_ok=True)
@@ -256,8 +349,14 @@ def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[
     import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
     abstract = jax.eval_shape(task.init, key)
-    params = ocp.StandardCheckpointer().restore(
-        pathlib.Path(config["base_checkpoint"]).absolute(), abstract)
+    where = pathlib.Path(config["base_checkpoint"]).absolute()
+    try:
+      with ocp.StandardCheckpointer() as checkpointer:
+        params = checkpointer.restore(where, abstract)
+    except Exception as e:  # orbax raises many kinds for missing, damaged or other trees
+      raise ValueError(f"config key 'base_checkpoint': cannot restore the base parameters of "
+                       f"this task's model from {where} ({type(e).__name__}: "
+                       f"{str(e).splitlines()[0][:300] if str(e) else ''}).") from e
   else:
     params = shard(task.init(key))
     params, curves["pretrain"] = fit(full_loss(task.apply), params,
@@ -279,8 +378,6 @@ def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[
                                                     lora_config),
                            task.train, config["finetune"], "lora", config["seed"] + 1, put)
   metrics["lora"] = evaluate(task, apply, lp, task.test)
-  # Everything this run trained: the adapters and the leaves trained in full.
-  save_adapters(run_dir / "adapters", jax.device_get(lp), lora_config, overwrite=True)
   merged = jax.block_until_ready(merge(lp, lora_config))
   probe = task.test[0][:64]
   merged_out = np.asarray(jax.jit(task.apply)(merged, probe))
@@ -288,8 +385,11 @@ def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[
   difference = float(np.max(np.abs(merged_out - adapted_out)))
   scale = float(np.max(np.abs(adapted_out))) + 1e-6
   metrics["merged_vs_adapted_max_abs_diff"] = difference
-  if difference > 1e-3 * scale:
-    raise RuntimeError(f"merged model differs from the adapted one by {difference:g}")
+  if not difference <= 1e-3 * scale:  # NaN fails too
+    raise RuntimeError(f"merged model differs from the adapted one by {difference:g} (outputs "
+                       f"up to {scale:g}); nothing was saved.")
+  # Everything this run trained: the adapters and the leaves trained in full.
+  save_adapters(run_dir / "adapters", jax.device_get(lp), lora_config, overwrite=True)
   if task.sample:
     samples["lora"] = task.sample(lp, apply)
 
