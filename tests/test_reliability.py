@@ -508,6 +508,9 @@ def test_restore_train_state_falls_back_past_a_damaged_step(tmp_path):
   states = {s: {"adapters": jax.tree.map(lambda x, s=s: x + s, lp.adapters)} for s in (2, 4, 6)}
   for step, state in states.items():
     lj.save_train_state(tmp_path / "run", step, state, config, max_to_keep=None)
+  # One lock file for the folder of steps, not one per step.
+  assert sorted(p.name for p in tmp_path.iterdir()) == [".run.lora-jax-lock", "run"]
+  assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["2", "4", "6"]
   record = tmp_path / "run" / "6" / "checksums" / "metadata"
   record.write_text(record.read_text().replace('"sha256": "', '"sha256": "0', 1))
   (tmp_path / "run" / "4" / "state" / "_METADATA").write_bytes(b"{")
@@ -601,3 +604,26 @@ def test_yaml_alias_bomb_is_refused_quickly(tmp_path):
     assert len(str(info.value)) < 300
   (tmp_path / "ok.yaml").write_text("rank: &r 4\nrank_pattern: {out: *r}\n")
   assert lj.LoraConfig.from_yaml(tmp_path / "ok.yaml").rank_for("out") == 4
+
+
+def test_trained_leaves_may_change_precision_not_kind(tmp_path):
+  """A float32 trained bias merges into a bfloat16 base (cast); an integer one is refused."""
+  from safetensors.flax import save_file
+  base = {"layer/kernel": jnp.ones((4, 4), jnp.bfloat16), "layer/bias": jnp.zeros(4, jnp.bfloat16)}
+  save_file(base, str(tmp_path / "base.safetensors"))
+  config = lj.LoraConfig(rank=2, trainable=r"bias$", in_axes={"kernel": 1})
+  for dtype, ok in ((jnp.float32, True), (jnp.int32, False)):
+    params = {"layer": {"kernel": jnp.ones((4, 4)), "bias": jnp.full(4, 3, dtype)}}
+    lp = lj.lift(params, config, key=jax.random.key(0))
+    lj.save_adapters(tmp_path / f"ad-{dtype.__name__}", lp, config)
+    args = (tmp_path / "base.safetensors", tmp_path / f"ad-{dtype.__name__}",
+            tmp_path / f"out-{dtype.__name__}.safetensors")
+    if ok:
+      lj.merge_checkpoint(*args, output_format="safetensors")
+      from safetensors.flax import load_file
+      bias = load_file(str(args[2]))["layer/bias"]
+      assert bias.dtype == jnp.bfloat16 and bias.tolist() == [3.0] * 4
+    else:
+      with pytest.raises(ValueError, match=r"layer/bias: shape \(4,\) dtype int32 in the adapter "
+                         r"checkpoint, shape \(4,\) dtype bfloat16 in the base"):
+        lj.merge_checkpoint(*args, output_format="safetensors")

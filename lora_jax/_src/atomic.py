@@ -15,7 +15,8 @@ moved into place only when complete:
   serialized, each output is complete, and the last to finish is what stays;
 * staging folders left by killed processes (their pid no longer runs on this
   host) are removed by the next writer to the same destination, and listed by
-  ``stale_staging``.
+  ``stale_staging``. A multi-process save's staging names no host (all
+  processes must agree on it), so it is never removed automatically.
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ def _host() -> str:
   return socket.gethostname().replace("-", "_").replace("/", "_") or "host"
 
 
-def staging_path(final: pathlib.Path, *, pid: int | None = None,
+def staging_path(final: pathlib.Path, *, host: str | None = None, pid: int | None = None,
                  token: str | None = None) -> pathlib.Path:
-  """A fresh staging name beside ``final``, naming this host and process (or ``pid``)."""
+  """A fresh staging name beside ``final``, naming this host and process (or those given)."""
+  host = _host() if host is None else host
   pid = os.getpid() if pid is None else pid
   token = secrets.token_hex(4) if token is None else token
-  return final.with_name(f"{final.name}{_PARTIAL}{_host()}-{pid}-{token}")
+  return final.with_name(f"{final.name}{_PARTIAL}{host}-{pid}-{token}")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -71,11 +71,11 @@ def _staging(final: pathlib.Path) -> pathlib.Path:
 
   mine = np.array([os.getpid(), int.from_bytes(os.urandom(3), "little")], np.int32)
   pid, token = (int(v) for v in multihost_utils.broadcast_one_to_all(mine))
-  return atomic.staging_path(final, pid=pid, token=f"{token:06x}")
+  return atomic.staging_path(final, host="multiprocess", pid=pid, token=f"{token:06x}")
 
 
 def write(final: pathlib.Path, items: dict[str, Any], config: LoraConfig, *, overwrite: bool,
-          what: str = "checkpoint") -> pathlib.Path:
+          what: str = "checkpoint", lock: pathlib.Path | None = None) -> pathlib.Path:
   """Writes orbax items, the config and the arrays' checksums to ``final`` atomically.
 
   Args:
@@ -84,6 +84,8 @@ def write(final: pathlib.Path, items: dict[str, Any], config: LoraConfig, *, ove
     config: saved as the JSON ``config`` item.
     overwrite: replace an existing lora_jax checkpoint at ``final``.
     what: how messages name it.
+    lock: the path whose lock serializes writers (default ``final``; the folder of
+      step checkpoints for a step, so that steps leave one lock file, not one each).
   """
   final.parent.mkdir(parents=True, exist_ok=True)
   primary = jax.process_index() == 0
@@ -103,7 +105,7 @@ def write(final: pathlib.Path, items: dict[str, Any], config: LoraConfig, *, ove
   args[_CONFIG] = ocp.args.JsonSave(config.to_dict())
   args[_CHECKSUMS] = ocp.args.JsonSave({k: record(v) for k, v in items.items()})
   staging = _staging(final)
-  with atomic.locked(final) if primary else contextlib.nullcontext():
+  with atomic.locked(lock or final) if primary else contextlib.nullcontext():
     if primary:
       atomic.clean_stale(final)
       refuse_existing()  # again: another writer may have finished meanwhile
@@ -185,7 +187,8 @@ def save_adapters(directory: str | os.PathLike[str], adapters: LoraParams | Mapp
                      "leaf? see lora_jax.paths); there is nothing to save.")
   check_fits_config(adapters, items.get(_TRAINED, {}), config, "save_adapters")
   items[_ADAPTERS] = adapters
-  return write(final, items, config, overwrite=overwrite, what="adapter checkpoint")
+  return write(final, items, config, overwrite=overwrite, what="adapter checkpoint",
+               lock=None if step is None else directory)
 
 
 def check_fits_config(adapters: Any, trained: Any, config: LoraConfig, where: str) -> None:

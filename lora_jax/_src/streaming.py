@@ -291,6 +291,14 @@ def is_merge_output(path: pathlib.Path) -> bool:
   return False
 
 
+def _kind(dtype: Any) -> str:
+  """floating / integer / bool / other: a trained leaf may change precision, not kind."""
+  for kind in (jnp.floating, jnp.integer, jnp.bool_, jnp.complexfloating):
+    if jnp.issubdtype(dtype, kind):
+      return kind.__name__
+  return np.dtype(dtype).name
+
+
 def _output_dtype(dtype: Any, output_format: str) -> np.dtype | None:
   if dtype is None:
     return None
@@ -404,7 +412,7 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
                                 else "absent") + " in the base"
              for p, v in trained.items()
              if p not in base_leaves or base_leaves[p].shape != tuple(v.shape)
-             or np.dtype(v.dtype).kind != np.dtype(base_leaves[p].dtype).kind]
+             or _kind(v.dtype) != _kind(base_leaves[p].dtype)]
   if misfits:
     raise ValueError(f"The leaves trained in full in {adapters} do not fit the base {base}:\n"
                      "  - " + "\n  - ".join(misfits))

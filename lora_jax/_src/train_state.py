@@ -54,7 +54,7 @@ def save_train_state(directory: str | os.PathLike[str], step: int, state: PyTree
     raise ValueError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}.")
   directory = pathlib.Path(directory).absolute()
   final = write(directory / str(check_step(step)), {_STATE: state}, config, overwrite=True,
-                what="training-state checkpoint")
+                what="training-state checkpoint", lock=directory)
   if max_to_keep is not None:
     for old in steps(directory)[:-max_to_keep]:
       if is_checkpoint(directory / str(old)):
