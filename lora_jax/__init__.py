@@ -4,6 +4,7 @@ from lora_jax._src.checkpoint import CheckpointMismatch, load_adapters, save_ada
 from lora_jax._src.checksums import ChecksumError
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.factored import FallbackWarning
+from lora_jax._src.infer import infer_axes
 from lora_jax._src.job import load_job_config, run_job
 from lora_jax._src.lift import LoraParams, disable, lift, overlay
 from lora_jax._src.merge import merge, unmerge
@@ -35,6 +36,7 @@ __all__ = [
     "disable",
     "export_peft",
     "import_peft",
+    "infer_axes",
     "labels",
     "lift",
     "load_job_config",

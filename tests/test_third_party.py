@@ -69,6 +69,23 @@ def test_gpt2_factored_equals_merged_with_params_kwarg():
                grads.adapters, reference.adapters)
 
 
+def test_gpt2_layout_is_inferred_from_the_model():
+  """infer_axes finds the (out, in) Conv1D layout that GPT2_IN_AXES states by hand."""
+  model, ids = _gpt2()
+  base = lj.LoraConfig(rank=4, targets=r"(c_attn|c_proj|c_fc)/kernel$")
+  config = lj.infer_axes(lambda p, ids: model(ids, params=p).logits, model.params,
+                         jax.ShapeDtypeStruct(ids.shape, ids.dtype), config=base)
+  targets = lj.plan(model.params, config)
+  assert len(targets) == 8 and all(t.in_axes == (1,) and t.layout_certain for t in targets)
+  assert all(r"\d+" in pattern for pattern, _ in config.in_axes)  # one pattern for all layers
+  lp = _perturbed(lj.lift(model.params, config, key=jax.random.key(1)))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", lj.FallbackWarning)
+    logits = lj.wrap(model.__call__, config, params_kwarg="params")(lp, ids).logits
+  np.testing.assert_allclose(logits, model(ids, params=lj.merge(lp, config)).logits,
+                             rtol=1e-4, atol=1e-5)
+
+
 def test_roberta_dense_kernels_factored_equals_merged():
   config = transformers.RobertaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
                                       num_attention_heads=2, intermediate_size=64,
