@@ -24,8 +24,8 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
+from lora_jax._src import experts, recompute
 from lora_jax._src import lowrank as lr_ops
-from lora_jax._src import recompute
 from lora_jax._src.lowrank import LowRank
 
 # jax.extend.core has DropVar from JAX 0.8 on; JAX 0.7 keeps it in jax.core only.
@@ -146,8 +146,11 @@ def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
     rhs = isinstance(w, LowRank)
     lr, x = (w, x) if rhs else (x, w)
     ctx.record(lr, lr_ops.contracted_side(lr, params, rhs) or name)
-    out = lr_ops.dot_general_apply(x, lr, rhs, params, ctx.dropout_mask(x),
+    mask = ctx.dropout_mask(x)
+    out = lr_ops.dot_general_apply(x, lr, rhs, params, mask,
                                    recompute_of(eqn.invars[0 if rhs else 1]))
+    if out is None:
+      out = experts.batched_dot_apply(x, lr, rhs, params, mask)
     if out is None:
       return _fallback(eqn, invals, ctx, "the contraction is neither over all input axes nor "
                        "over all output axes of the weight, or uses batch dimensions")
@@ -169,6 +172,16 @@ def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
     if out is not None:
       return [out]
     return _fallback(eqn, invals, ctx, "only row lookups over the input axes stay factored")
+  if name in ("ragged_dot_general", "ragged_dot"):
+    x, w, group_sizes = invals[:3]
+    if isinstance(w, LowRank) and not isinstance(x, LowRank) and len(invals) == 3:
+      ctx.record(w, "in")
+      out = experts.ragged_dot_apply(x, w, group_sizes, eqn.primitive, params,
+                                     ctx.dropout_mask(x))
+      if out is not None:
+        return [out]
+    return _fallback(eqn, invals, ctx, "only ragged_dot(x, W[groups, in, out]) over the "
+                     "weight's stacked group axis stays factored")
   if name == "transpose":
     return [lr_ops.transpose_apply(invals[0], tuple(params["permutation"]))]
   if name in ("convert_element_type", "sharding_constraint", "copy", "copy_p"):

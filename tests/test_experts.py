@@ -1,0 +1,88 @@
+"""MoE expert kernels: per-expert adapters stay factored through batched einsums and ragged_dot."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax as lj
+
+E, C, D, F, R = 4, 3, 16, 32, 2
+S = jax.ShapeDtypeStruct
+
+
+def _params(dtype=jnp.float32):
+  k = jax.random.split(jax.random.key(0), 2)
+  return {"moe": {"w_in": jax.random.normal(k[0], (E, D, F)).astype(dtype) / 4,
+                  "w_out": jax.random.normal(k[1], (E, F, D)).astype(dtype) / 4}}
+
+
+def einsum_moe(p, x):  # x: (experts, capacity, D), tokens already dispatched
+  h = jax.nn.gelu(jnp.einsum("ECD,EDF->ECF", x, p["moe"]["w_in"]))
+  return jnp.einsum("ECF,EFD->ECD", h, p["moe"]["w_out"])
+
+
+def transposed_moe(p, x):  # the weight as the left operand: dot_general(W, x)
+  h = jnp.einsum("EDF,ECD->EFC", p["moe"]["w_in"], x)
+  return jnp.einsum("EFC,EFD->ECD", jax.nn.gelu(h), p["moe"]["w_out"])
+
+
+GROUPS = jnp.array([2, 0, 5, 5], jnp.int32)  # tokens per expert, one expert empty
+
+
+def ragged_moe(p, x):  # x: (tokens, D), sorted by expert
+  h = jax.nn.gelu(jax.lax.ragged_dot(x, p["moe"]["w_in"], GROUPS))
+  return jax.lax.ragged_dot(h, p["moe"]["w_out"], GROUPS)
+
+
+CASES = [(einsum_moe, (E, C, D)), (transposed_moe, (E, C, D)), (ragged_moe, (12, D))]
+
+
+@pytest.mark.parametrize("fn, x_shape", CASES, ids=["einsum", "weight-lhs", "ragged_dot"])
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 5e-2)])
+def test_expert_adapters_stay_factored(fn, x_shape, dtype, tol):
+  params = _params(dtype)
+  config = lj.infer_axes(fn, params, S(x_shape, dtype),
+                         config=lj.LoraConfig(rank=R, targets=r"w_(in|out)$"))
+  lp = lj.lift(params, config, key=jax.random.key(1))
+  assert lp.adapters["moe"]["w_in"]["a"].shape == (E, D, R)   # one adapter per expert
+  lp = lj.LoraParams(lp.base, jax.tree.map(
+      lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), lp.adapters))
+  x = jax.random.normal(jax.random.key(3), x_shape).astype(dtype)
+  apply = lj.wrap(fn, config)
+  loss = lambda lp: jnp.sum(apply(lp, x).astype(jnp.float32) ** 2)  # noqa: E731
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", lj.FallbackWarning)
+    out = jax.jit(apply)(lp, x)
+    grads = jax.jit(jax.grad(loss))(lp)
+  merged = lj.wrap(fn, config, mode="merge")
+  np.testing.assert_allclose(np.asarray(out, np.float32),
+                             np.asarray(fn(lj.merge(lp, config), x), np.float32),
+                             rtol=tol, atol=tol)
+  reference = jax.grad(lambda lp: jnp.sum(merged(lp, x).astype(jnp.float32) ** 2))(lp)
+  for g, r in zip(jax.tree.leaves(grads.adapters), jax.tree.leaves(reference.adapters)):
+    scale = float(jnp.max(jnp.abs(r))) + 1e-6
+    np.testing.assert_allclose(np.asarray(g) / scale, np.asarray(r) / scale, atol=tol)
+
+
+@pytest.mark.parametrize("fn, x_shape", CASES, ids=["einsum", "weight-lhs", "ragged_dot"])
+def test_no_weight_sized_product_in_the_training_step(fn, x_shape):
+  """Structural: the factored step costs about the frozen model, far below the merged one."""
+  params = _params()
+  config = lj.infer_axes(fn, params, S(x_shape, jnp.float32),
+                         config=lj.LoraConfig(rank=R, targets=r"w_(in|out)$"))
+  lp = lj.lift(params, config, key=jax.random.key(1))
+  x = jnp.ones(x_shape)
+
+  def flops(apply):
+    step = jax.jit(jax.grad(lambda lp: jnp.sum(apply(lp, x) ** 2)))
+    return step.lower(lp).compile().cost_analysis()["flops"]
+
+  frozen = jax.jit(jax.grad(lambda x: jnp.sum(fn(params, x) ** 2)))
+  floor = frozen.lower(x).compile().cost_analysis()["flops"]
+  factored = flops(lj.wrap(fn, config))
+  merged = flops(lj.wrap(fn, config, mode="merge"))
+  assert factored < merged
+  assert factored <= 1.15 * floor, (factored, floor)  # measured 1.06 (einsum), 1.09 (ragged)
