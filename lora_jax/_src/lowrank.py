@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lora_jax._src.lowrank_conv import lowrank_conv
 from lora_jax._src.lowrank_dot import ascending, lowrank_dot
 from lora_jax._src.plan import Target
 
@@ -133,15 +134,8 @@ def conv_apply(x: jax.Array, lr: LowRank, params: dict[str, Any],
   a, b = lr.factors()
   # A in the kernel's layout, its output-feature axis holding the rank.
   perm = tuple(len(lr.ins) if p == out_dim else lr.ins.index(p) for p in range(lr.w.ndim))
-  a_kernel = jnp.transpose(a, perm)
-  base = lax.conv_general_dilated_p.bind(x, lr.w, **params)
-  xa = lax.conv_general_dilated_p.bind(
-      x if dropout_mask is None else x * dropout_mask, a_kernel, **params)
-  feature = dn.out_spec[1]
-  xa = jnp.moveaxis(xa, feature, -1) * jnp.asarray(lr.scale, xa.dtype)
-  y = lax.dot_general(xa, b, (((xa.ndim - 1,), (0,)), ((), ())),
-                      precision=params.get("precision"), preferred_element_type=base.dtype)
-  return base + jnp.moveaxis(y, -1, feature).astype(base.dtype)
+  return lowrank_conv(x, lr.w, jnp.transpose(a, perm), b, dropout_mask, params=params,
+                      scale=float(lr.scale))
 
 
 def gather_apply(lr: LowRank, indices: jax.Array, params: dict[str, Any]) -> jax.Array | None:
