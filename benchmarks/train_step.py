@@ -1,30 +1,41 @@
-"""Training-step cost of LoRA variants on a fixed decoder LM, as ratios to the frozen floor.
+"""Training-step cost of LoRA variants on fixed models, as ratios to the frozen floor.
 
-Model: decoder LM, vocabulary 1024, d_model 512, 8 heads (Flax SelfAttention, DenseGeneral
-kernels), 4 blocks with a 2048-wide GELU MLP, LayerNorm, sequence 128, batch 8, float32.
-LoRA r=8 on query, key, value, out, both MLP kernels and the LM head.
+Models (--model, default lm; float32; LoRA r=8 unless noted):
+  lm     decoder LM, vocabulary 1024, d_model 512, 8 heads (Flax SelfAttention, DenseGeneral
+         kernels), 4 blocks with a 2048-wide GELU MLP, LayerNorm, sequence 128, batch 8;
+         LoRA on query, key, value, out, both MLP kernels and the LM head
+  gemma  Gemma-style decoder (DeepMind gemma's einsum layouts: q_einsum (heads, embed,
+         head_dim), kv_einsum (2, kv_heads, embed, head_dim), attn_vec_einsum, gated MLP
+         gating_einsum (2, hidden, embed) and linear), GQA 8/2 heads, RMSNorm, d_model 512,
+         4 blocks, MLP 2048, sequence 128, batch 8; LoRA on every einsum kernel, axes from
+         lora_jax.infer_axes
+  moe    decoder whose MLPs are top-1 mixture-of-experts (8 experts, 512 -> 1024 -> 512)
+         through jax.lax.ragged_dot, 4 blocks of attention + MoE, sequence 128, batch 8;
+         LoRA on attention kernels and on every expert (per-expert adapters)
+  conv   3-layer ConvNet, 3x3 convolutions, 64 channels, input 16x24x24x16, r=4
 
 Variants, each a jitted step (loss, gradient, Adam update of what it trains):
   floor     gradient for biases and LayerNorm parameters only (forward + input-gradient backward)
   full      full fine-tuning (gradient for every parameter)
   merge     lora_jax, mode="merge" (W + s*A*B formed inside the step)
   factored  lora_jax, default factored mode
-  qwix      qwix.LoraProvider on the same model and targets (skipped if qwix is not installed)
+  qwix      qwix.LoraProvider on the same model and targets (lm only; skipped if qwix is not
+            installed)
 
 Reports medians over interleaved repeats of wall time, XLA cost-analysis FLOPs and XLA
 temporary memory, all as ratios to the floor, plus compile time and forward-only inference
 time (factored vs merged weights).
 
-Run: python benchmarks/train_step.py [--repeats 7] [--json out.json]
+Run: python benchmarks/train_step.py [--model lm|gemma|moe|conv] [--repeats 7] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import time
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -57,6 +68,88 @@ class DecoderLM(nn.Module):
     return nn.Dense(VOCAB, name="lm_head")(nn.LayerNorm()(x))
 
 
+class RMSNorm(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.zeros, (x.shape[-1],))
+    return x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True) + 1e-6) * (1 + scale)
+
+
+def _w(module, name, shape, fan_in):
+  return module.param(name, nn.initializers.normal(fan_in ** -0.5), shape)
+
+
+class EinsumAttention(nn.Module):
+  """Gemma's attention layouts: the input axis sits inside the q and kv kernels."""
+
+  heads: int = HEADS
+  kv_heads: int = 2
+
+  @nn.compact
+  def __call__(self, x, mask):
+    dh = D // self.heads
+    q = jnp.einsum("BTD,NDH->BTNH", x,
+                   _w(self, "q_einsum", (self.heads, D, dh), D))
+    k, v = jnp.einsum("BSD,CKDH->CBSKH", x,
+                      _w(self, "kv_einsum", (2, self.kv_heads, D, dh), D))
+    k, v = (jnp.repeat(t, self.heads // self.kv_heads, axis=2) for t in (k, v))
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k) * dh ** -0.5
+    logits = jnp.where(mask, logits, -1e9)
+    mix = jnp.einsum("BNTS,BSNH->BTNH", jax.nn.softmax(logits, -1), v)
+    return jnp.einsum("BTNH,NHD->BTD", mix, _w(self, "attn_vec_einsum", (self.heads, dh, D), D))
+
+
+class GatedMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    gate, up = jnp.einsum("BTD,CFD->CBTF", x, _w(self, "gating_einsum", (2, MLP, D), D))
+    return jnp.einsum("BTF,FD->BTD", jax.nn.gelu(gate) * up, _w(self, "linear", (MLP, D), MLP))
+
+
+EXPERTS, EXPERT_MLP = 8, 1024
+
+
+class MoE(nn.Module):
+  """Top-1 routing; tokens sorted by expert and run through ragged_dot."""
+
+  @nn.compact
+  def __call__(self, x):
+    shape = x.shape
+    x = x.reshape(-1, D)
+    router = nn.Dense(EXPERTS, use_bias=False, name="router")(x)
+    expert = jnp.argmax(router, -1)
+    gate = jnp.take_along_axis(jax.nn.softmax(router, -1), expert[:, None], -1)
+    order = jnp.argsort(expert)
+    sizes = jnp.bincount(expert, length=EXPERTS).astype(jnp.int32)
+    xs = x[order]
+    h = jax.nn.gelu(jax.lax.ragged_dot(xs, _w(self, "w_in", (EXPERTS, D, EXPERT_MLP), D), sizes))
+    ys = jax.lax.ragged_dot(h, _w(self, "w_out", (EXPERTS, EXPERT_MLP, D), EXPERT_MLP), sizes)
+    y = jnp.zeros_like(ys).at[order].set(ys)
+    return (y * gate).reshape(shape)
+
+
+class EinsumLM(nn.Module):
+  moe: bool = False
+
+  @nn.compact
+  def __call__(self, tokens):
+    x = nn.Embed(VOCAB, D)(tokens)
+    mask = nn.make_causal_mask(tokens)
+    for i in range(LAYERS):
+      x = x + EinsumAttention(name=f"block_{i}_attn")(RMSNorm(name=f"block_{i}_norm1")(x), mask)
+      mlp = MoE(name=f"block_{i}_moe") if self.moe else GatedMLP(name=f"block_{i}_mlp")
+      x = x + mlp(RMSNorm(name=f"block_{i}_norm2")(x))
+    return nn.Dense(VOCAB, name="lm_head")(RMSNorm(name="final_norm")(x))
+
+
+class ConvNet(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for i in range(3):
+      x = jax.nn.relu(nn.Conv(64, (3, 3), name=f"conv{i}")(x))
+    return x
+
+
 def lm_loss(logits, tokens):
   logp = jax.nn.log_softmax(logits[:, :-1])
   return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
@@ -75,52 +168,83 @@ def split(tree, predicate):
   return train, frozen, join
 
 
-def joined_loss(apply_fn, join):
-  """loss(trainable, frozen, tokens) for a model applied to the joined parameter tree."""
-  return lambda t, f, x: lm_loss(apply_fn(join(t, f), x), x)
+class Spec(NamedTuple):
+  model: nn.Module
+  batch: jax.Array
+  loss: Any            # loss(output, batch) -> scalar
+  targets: str
+  rank: int
+  qwix_modules: str | None
+
+
+def lm_spec(model: nn.Module, targets: str, qwix_modules: str | None = None) -> Spec:
+  tokens = jax.random.randint(jax.random.key(0), (BATCH, SEQ), 0, VOCAB)
+  return Spec(model, tokens, lm_loss, targets, RANK, qwix_modules)
+
+
+MODELS = {
+    "lm": lambda: lm_spec(DecoderLM(), TARGETS, QWIX_MODULES),
+    "gemma": lambda: lm_spec(EinsumLM(), r"(einsum|linear)$|lm_head/kernel$"),
+    "moe": lambda: lm_spec(EinsumLM(moe=True), r"einsum$|w_(in|out)$|lm_head/kernel$"),
+    "conv": lambda: Spec(ConvNet(), jax.random.normal(jax.random.key(0), (16, 24, 24, 16)),
+                         lambda out, x: jnp.mean(out ** 2), r"kernel$", 4, None),
+}
+
+
+def joined_loss(apply_fn, join, loss):
+  """loss(trainable, frozen, batch) for a model applied to the joined parameter tree."""
+  return lambda t, f, x: loss(apply_fn(join(t, f), x), x)
 
 
 def make_step(loss_fn, tx):
-  """loss_fn(trainable, frozen, tokens) -> scalar; returns the jitted training step."""
+  """loss_fn(trainable, frozen, batch) -> scalar; returns the jitted training step."""
 
-  def step(trainable, frozen, opt_state, tokens):
-    loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, tokens)
+  def step(trainable, frozen, opt_state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, batch)
     updates, opt_state = tx.update(grads, opt_state, trainable)
     return optax.apply_updates(trainable, updates), opt_state, loss
 
   return jax.jit(step, donate_argnums=(0, 2))
 
 
-def variants(params, tokens):
-  model = DecoderLM()
+def variants(spec: Spec, params):
+  model = spec.model
   tx = optax.adam(1e-4)
   out = {}
 
-  is_floor = lambda n: n.endswith("/bias") or re.search(r"LayerNorm_\d+/scale$", n)  # noqa: E731
+  is_floor = lambda n: n.endswith("/bias") or n.endswith("/scale")  # noqa: E731
   train, frozen, join = split(params, is_floor)
-  out["floor"] = (make_step(joined_loss(model.apply, join), tx), train, frozen)
+  out["floor"] = (make_step(joined_loss(model.apply, join, spec.loss), tx), train, frozen)
 
   train, frozen, join = split(params, lambda n: True)
-  out["full"] = (make_step(joined_loss(model.apply, join), tx), train, frozen)
+  out["full"] = (make_step(joined_loss(model.apply, join, spec.loss), tx), train, frozen)
 
-  config = lj.LoraConfig(rank=RANK, alpha=16.0, targets=TARGETS)
+  config = lj.LoraConfig(rank=spec.rank, alpha=2.0 * spec.rank, targets=spec.targets)
+  # The axes of every target, read from the model (standard LoRA shapes for any layout).
+  config = lj.infer_axes(model.apply, params, jax.ShapeDtypeStruct(spec.batch.shape,
+                                                                   spec.batch.dtype),
+                         config=config)
   lp = lj.lift(params, config, key=jax.random.key(1))
   for mode in ("merge", "factored"):
     apply = lj.wrap(model.apply, config, mode=mode)
     join = lambda adapters, base: lj.LoraParams(base, adapters)  # noqa: E731
-    out[mode] = (make_step(joined_loss(apply, join), tx), lp.adapters, lp.base)
+    out[mode] = (make_step(joined_loss(apply, join, spec.loss), tx), lp.adapters, lp.base)
 
+  if spec.qwix_modules is None:
+    print("qwix: not run on this model (its LoraProvider intercepts Flax Dense/Einsum modules; "
+          "this model computes with jnp.einsum, ragged_dot or Conv)")
+    return out, lp, config
   try:
     import qwix  # pylint: disable=import-outside-toplevel
   except ImportError:
     print("qwix not installed: skipping it (pip install qwix)")
   else:
-    rule = qwix.LoraRule(module_path=QWIX_MODULES, rank=RANK, alpha=16.0)
+    rule = qwix.LoraRule(module_path=spec.qwix_modules, rank=spec.rank, alpha=2.0 * spec.rank)
     qmodel = qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]))
-    qparams = jax.jit(qmodel.init)(jax.random.key(0), tokens)
+    qparams = jax.jit(qmodel.init)(jax.random.key(0), spec.batch)
     is_lora = lambda n: "lora_" in n  # noqa: E731
     train, frozen, join = split(qparams, is_lora)
-    out["qwix"] = (make_step(joined_loss(qmodel.apply, join), tx), train, frozen)
+    out["qwix"] = (make_step(joined_loss(qmodel.apply, join, spec.loss), tx), train, frozen)
   return out, lp, config
 
 
@@ -137,13 +261,15 @@ def compiled_stats(step, trainable, frozen, opt_state, tokens):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", choices=sorted(MODELS), default="lm")
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--json", default=None, help="also write the results here")
   args = parser.parse_args()
 
-  tokens = jax.random.randint(jax.random.key(0), (BATCH, SEQ), 0, VOCAB)
-  params = jax.jit(DecoderLM().init)(jax.random.key(0), tokens)
-  steps, lp, config = variants(params, tokens)
+  spec = MODELS[args.model]()
+  tokens = spec.batch
+  params = jax.jit(spec.model.init)(jax.random.key(0), tokens)
+  steps, lp, config = variants(spec, params)
   tx = optax.adam(1e-4)
 
   state, stats = {}, {}
@@ -166,7 +292,7 @@ def main():
       entry[1], entry[3] = trainable, opt_state
 
   # Forward-only inference: factored adapters vs the merged weights.
-  model = DecoderLM()
+  model = spec.model
   lp = lj.LoraParams(lp.base, jax.tree.map(lambda x: x + 0.01, lp.adapters))
   forward_factored = jax.jit(lj.wrap(model.apply, config))
   merged = lj.merge(lp, config)
@@ -181,8 +307,10 @@ def main():
 
   floor = stats["floor"]
   floor_wall = statistics.median(times["floor"])
-  results = {"device": str(jax.devices()[0].device_kind), "repeats": args.repeats, "variants": {}}
-  print(f"device: {results['device']}, {args.repeats} interleaved repeats, medians\n")
+  results = {"model": args.model, "device": str(jax.devices()[0].device_kind),
+             "repeats": args.repeats, "variants": {}}
+  print(f"model: {args.model}; device: {results['device']}, {args.repeats} interleaved repeats, "
+        "medians\n")
   print(f"{'variant':10} {'wall ms':>9} {'wall/floor':>10} {'FLOPs/floor':>11} "
         f"{'temp mem/floor':>14} {'compile s':>9}")
   for name in steps:
