@@ -128,9 +128,21 @@ def conv_apply(x: jax.Array, lr: LowRank, params: dict[str, Any],
   """``conv_general_dilated`` with an adapted kernel: A as a conv, B as a 1x1 projection."""
   dn = params["dimension_numbers"]
   out_dim, in_dim, *spatial = dn.rhs_spec
-  if (params["feature_group_count"] != 1 or params["batch_group_count"] != 1 or lr.stack
-      or lr.outs != (out_dim,) or set(lr.ins) != {in_dim, *spatial}):
+  if (params["batch_group_count"] != 1 or lr.stack or lr.outs != (out_dim,)
+      or set(lr.ins) != {in_dim, *spatial}):
     return None
+  if params["feature_group_count"] != 1:
+    if lr.w.shape[in_dim] != 1:
+      return None
+    # Depthwise: the kernel is one window per channel (window x channels values, not a
+    # weight matrix), so forming W + s·A·B costs less than any factored form (which
+    # would need r filters per channel); its gradient is as small.
+    if dropout_mask is None:
+      return lax.conv_general_dilated_p.bind(x, lr.materialize(), **params)
+    delta = low_rank_delta(lr.a, lr.b, stack=lr.stack, ins=lr.ins, outs=lr.outs,
+                           ndim=lr.w.ndim, scale=lr.scale).astype(lr.w.dtype)
+    return (lax.conv_general_dilated_p.bind(x, lr.w, **params)
+            + lax.conv_general_dilated_p.bind(x * dropout_mask, delta, **params))
   a, b = lr.factors()
   # A in the kernel's layout, its output-feature axis holding the rank.
   perm = tuple(len(lr.ins) if p == out_dim else lr.ins.index(p) for p in range(lr.w.ndim))
