@@ -1,6 +1,5 @@
 """Adapter checkpoints, strict restore, sharded restore and exact resume after SIGKILL."""
 
-import os
 import pathlib
 import signal
 import subprocess
@@ -10,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from child_env import child_env
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -151,18 +151,10 @@ def _job(ckpt, out, total=12, every=3, pause=0.0):
           str(every), str(pause)]
 
 
-def _env():
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
-  env["JAX_PLATFORMS"] = "cpu"
-  env.pop("XLA_FLAGS", None)
-  return env
-
-
 def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
-  subprocess.run(_job(tmp_path / "a", tmp_path / "a.npz"), check=True, env=_env(),
+  subprocess.run(_job(tmp_path / "a", tmp_path / "a.npz"), check=True, env=child_env(),
                  capture_output=True)
-  with subprocess.Popen(_job(tmp_path / "b", tmp_path / "b.npz", pause=0.3), env=_env(),
+  with subprocess.Popen(_job(tmp_path / "b", tmp_path / "b.npz", pause=0.3), env=child_env(),
                         stdout=subprocess.PIPE, text=True) as proc:
     for line in proc.stdout:
       if line.strip() == "saved 6":
@@ -171,7 +163,7 @@ def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
     proc.wait()
   assert proc.returncode == -signal.SIGKILL
   assert not (tmp_path / "b.npz").exists()
-  resumed = subprocess.run(_job(tmp_path / "b", tmp_path / "b.npz"), check=True, env=_env(),
+  resumed = subprocess.run(_job(tmp_path / "b", tmp_path / "b.npz"), check=True, env=child_env(),
                            capture_output=True, text=True)
   assert "resumed" in resumed.stdout
   a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")

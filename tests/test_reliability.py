@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from child_env import child_env
 
 import lora_jax as lj
 from lora_jax._src import atomic
@@ -38,14 +39,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 def _collect_orbax_leftovers():
   yield
   gc.collect()
-
-
-def _env():
-  env = dict(os.environ)
-  env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
-  env["JAX_PLATFORMS"] = "cpu"
-  env.pop("XLA_FLAGS", None)
-  return env
 
 
 def _model(seed=0):
@@ -144,7 +137,7 @@ def test_overwrite_never_replaces_what_lora_jax_did_not_write(merge_setup):
 
 
 def _kill_after(cmd, delay):
-  with subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, text=True) as proc:
+  with subprocess.Popen(cmd, env=child_env(), stdout=subprocess.PIPE, text=True) as proc:
     assert proc.stdout.readline().strip() == "saved 1"  # a good checkpoint exists
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
@@ -170,7 +163,7 @@ def test_concurrent_writers_are_serialized(tmp_path):
   """3: two processes overwriting one checkpoint: every save is whole, the last one stays."""
   ckpt = tmp_path / "ckpt"
   procs = [subprocess.Popen([sys.executable, str(HERE / "save_loop.py"), str(ckpt), str(w), "6"],
-                            env=_env(), stdout=subprocess.PIPE, text=True) for w in (1, 2)]
+                            env=child_env(), stdout=subprocess.PIPE, text=True) for w in (1, 2)]
   for proc in procs:
     proc.communicate(timeout=300)
     assert proc.returncode == 0

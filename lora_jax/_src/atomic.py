@@ -29,7 +29,7 @@ import pathlib
 import secrets
 import shutil
 import socket
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 _PARTIAL = ".lora-jax-partial-"
 _OLD = ".lora-jax-old-"
@@ -153,6 +153,33 @@ def occupied(path: pathlib.Path) -> bool:
   if path.is_symlink() or path.is_file():
     return True
   return path.is_dir() and any(path.iterdir())
+
+
+def check_replaceable(path: pathlib.Path, *, overwrite: bool,
+                      ours: Callable[[pathlib.Path], bool], what: str,
+                      alternative: str = "choose another path") -> None:
+  """Refuses to write ``path`` where that would replace something it must not.
+
+  An empty folder or nothing at all is fine. Anything else needs ``overwrite``,
+  and even then only ``what`` (as ``ours`` recognizes it) is ever replaced.
+
+  Raises:
+    FileExistsError: naming ``path`` and the fix.
+  """
+  if not occupied(path):
+    return
+  if not overwrite:
+    raise FileExistsError(f"{path} already exists; pass overwrite=True (--overwrite on the "
+                          f"command line) to replace it, or {alternative}.")
+  if not ours(path):
+    raise FileExistsError(f"{path} exists and is not {what}; refusing to replace it even with "
+                          "overwrite=True. Remove it yourself or choose another path.")
+
+
+def discard(staging: pathlib.Path) -> None:
+  """Removes a staging output and the pending folders a writer left beside it under its name."""
+  for partial in staging.parent.glob(f"{staging.name}*"):
+    remove(partial)
 
 
 def _inside(path: pathlib.Path, folder: pathlib.Path) -> bool:

@@ -91,14 +91,9 @@ def write(final: pathlib.Path, items: dict[str, Any], config: LoraConfig, *, ove
   primary = jax.process_index() == 0
 
   def refuse_existing() -> None:
-    if atomic.occupied(final):
-      if not overwrite:
-        raise FileExistsError(f"{final} already exists; pass overwrite=True to replace it, "
-                              "or save with step=N to keep several checkpoints.")
-      if not is_checkpoint(final):
-        raise FileExistsError(f"{final} exists and is not a lora_jax {what} (no '{_CONFIG}/' "
-                              "item); refusing to replace it even with overwrite=True. Remove "
-                              "it yourself or choose another path.")
+    atomic.check_replaceable(final, overwrite=overwrite, ours=is_checkpoint,
+                             what=f"a lora_jax {what} (no '{_CONFIG}/' item)",
+                             alternative="save with step=N to keep several checkpoints")
 
   refuse_existing()  # before any work
   args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
@@ -118,8 +113,7 @@ def write(final: pathlib.Path, items: dict[str, Any], config: LoraConfig, *, ove
       _sync("lora_jax_checkpoint_committed")
     except BaseException:
       if primary:  # the staging folder and orbax's own pending folders beside it
-        for partial in final.parent.glob(f"{staging.name}*"):
-          atomic.remove(partial)
+        atomic.discard(staging)
       raise
   return final
 
@@ -205,7 +199,8 @@ def check_fits_config(adapters: Any, trained: Any, config: LoraConfig, where: st
   errors += [f"{p}: not part of an {{'a', 'b'}} adapter pair"
              for p, _ in leaves_with_paths(adapters) if p not in covered]
   for path in pairs:
-    a, b = lookup(adapters, path)["a"], lookup(adapters, path)["b"]
+    entry = lookup(adapters, path)
+    a, b = entry["a"], entry["b"]
     if not config.is_target(path):
       errors.append(f"{path}: has an adapter, but the config's targets/exclude do not select it")
       continue
@@ -261,6 +256,11 @@ def check_tree_matches(found: Mapping[str, tuple[tuple[int, ...], Any]],
                              + "\n  - ".join(errors))
 
 
+def _shapes_and_dtypes(tree: PyTree) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """``{path: (shape, dtype)}`` of arrays, ``ShapeDtypeStruct``s or orbax array metadata."""
+  return {p: (tuple(x.shape), np.dtype(x.dtype)) for p, x in leaves_with_paths(tree)}
+
+
 def _abstract(tree: PyTree) -> PyTree:
   """ShapeDtypeStructs (with the leaves' shardings, if any) that orbax restores onto."""
   return jax.tree.map(
@@ -300,9 +300,8 @@ def read(path: pathlib.Path, targets: Mapping[str, Any], what: str
         saved = ocp.PyTreeCheckpointHandler().metadata(path / item)
         saved = getattr(saved, "tree", saved)
         if target is not None:
-          found = {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in leaves_with_paths(saved)}
-          expected = {p: (tuple(x.shape), np.dtype(x.dtype)) for p, x in leaves_with_paths(target)}
-          check_tree_matches(found, expected, f"{where} ({item})")
+          check_tree_matches(_shapes_and_dtypes(saved), _shapes_and_dtypes(target),
+                             f"{where} ({item})")
           restore = ocp.args.StandardRestore(_abstract(target))
         else:
           restore = ocp.args.StandardRestore()

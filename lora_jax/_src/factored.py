@@ -129,10 +129,14 @@ def _materialized(values: Sequence[Any], ctx: Context, primitive: str, reason: s
   return [ctx.materialize(v, primitive, reason) for v in values]
 
 
-def _fallback(eqn: Any, invals: Sequence[Any], ctx: Context, reason: str) -> list[Any]:
+def _record_uses(invals: Sequence[Any], ctx: Context, use: str) -> None:
   for value in invals:
     if isinstance(value, LowRank):
-      ctx.record(value, eqn.primitive.name)
+      ctx.record(value, use)
+
+
+def _fallback(eqn: Any, invals: Sequence[Any], ctx: Context, reason: str) -> list[Any]:
+  _record_uses(invals, ctx, eqn.primitive.name)
   return _bind(eqn, _materialized(invals, ctx, eqn.primitive.name, reason))
 
 
@@ -156,9 +160,7 @@ def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
                        "over all output axes of the weight, or uses batch dimensions")
     return [out]
   if name in ("conv_general_dilated", "gather"):
-    for value in invals:
-      if isinstance(value, LowRank):
-        ctx.record(value, name)
+    _record_uses(invals, ctx, name)
   if name == "conv_general_dilated":
     x, w = invals
     if isinstance(w, LowRank) and not isinstance(x, LowRank):

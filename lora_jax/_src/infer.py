@@ -73,6 +73,8 @@ class _Walker:
     self.uses: dict[str, list[Use]] = {}
 
   def note(self, track: _Track, op: str, stack: Any = None, ins: Any = None) -> None:
+    """Records a use; with both ``stack`` and ``ins`` (leaf axes; None where an axis is not the
+    leaf's own) it is a contraction that says the axes, else a use that says nothing."""
     if stack is not None and ins is not None:
       use = Use(op, tuple(sorted(set(stack) | track.indexed)), tuple(ins))
     else:
@@ -144,16 +146,17 @@ class _Walker:
       return none
     if name == "while":
       nc, nb = params["cond_nconsts"], params["body_nconsts"]
-      for t in ins[nc + nb:]:
-        if t is not None:
-          self.note(t, "while (loop carry)")
+      self.note_all(ins[nc + nb:], "while (loop carry)")
       self.walk(params["cond_jaxpr"].jaxpr, [*ins[:nc], *[None] * (len(ins) - nc - nb)])
       self.walk(params["body_jaxpr"].jaxpr, [*ins[nc:nc + nb], *[None] * (len(ins) - nc - nb)])
       return none
+    self.note_all(ins, name)
+    return none
+
+  def note_all(self, ins: list[_Track | None], op: str) -> None:
     for t in ins:
       if t is not None:
-        self.note(t, name)
-    return none
+        self.note(t, op)
 
   def reshape(self, eqn: Any, track: _Track) -> _Track | None:
     """Only reshapes that add or drop size-1 axes keep the axes' identities."""
@@ -178,32 +181,23 @@ class _Walker:
         axes[position] = a
       gone = {track.axes[d] for d in collapsed if track.axes[d] is not None}
       return dataclasses.replace(track, axes=tuple(axes), indexed=track.indexed | gone)
-    leaf = _leaf_axes(track, collapsed)
-    if leaf is None or not collapsed:
-      self.note(track, "gather")
-    else:
-      self.note(track, "gather (embedding lookup)", (), leaf)
+    leaf = _leaf_axes(track, collapsed) if collapsed else None
+    self.note(track, "gather" if leaf is None else "gather (embedding lookup)", (), leaf)
     return None
 
   def dot(self, eqn: Any, ins: list[_Track | None]) -> None:
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     if ins[0] is not None and ins[1] is not None:
-      for t in ins:
-        self.note(t, "dot_general (two weights)")
+      self.note_all(ins, "dot_general (two weights)")
       return None
     track, contract, batch = (ins[1], rc, rb) if ins[1] is not None else (ins[0], lc, lb)
-    ins_axes, stack = _leaf_axes(track, contract), _leaf_axes(track, batch)
-    if ins_axes is None or stack is None or not contract:
-      self.note(track, "dot_general")
-    else:
-      self.note(track, "dot_general", stack, ins_axes)
+    self.note(track, "dot_general", _leaf_axes(track, batch),
+              _leaf_axes(track, contract) if contract else None)
     return None
 
   def ragged(self, eqn: Any, ins: list[_Track | None]) -> None:
     if ins[0] is not None or ins[1] is None:
-      for t in ins:
-        if t is not None:
-          self.note(t, eqn.primitive.name)
+      self.note_all(ins, eqn.primitive.name)
       return None
     track = ins[1]
     dn = eqn.params.get("ragged_dot_dimension_numbers")
@@ -212,26 +206,16 @@ class _Walker:
     else:
       (_, contract), (_, batch) = dn.dot_dimension_numbers
       groups = tuple(dn.rhs_group_dimensions)
-    ins_axes, stack = _leaf_axes(track, contract), _leaf_axes(track, (*batch, *groups))
-    if ins_axes is None or stack is None:
-      self.note(track, "ragged_dot")
-    else:
-      self.note(track, "ragged_dot", stack, ins_axes)
+    self.note(track, "ragged_dot", _leaf_axes(track, (*batch, *groups)),
+              _leaf_axes(track, contract))
     return None
 
   def conv(self, eqn: Any, ins: list[_Track | None]) -> None:
     if ins[0] is not None or ins[1] is None:
-      for t in ins:
-        if t is not None:
-          self.note(t, "conv_general_dilated (as the input)")
+      self.note_all(ins, "conv_general_dilated (as the input)")
       return None
-    track = ins[1]
     _, rhs_spec, _ = eqn.params["dimension_numbers"]
-    ins_axes = _leaf_axes(track, (rhs_spec[1], *rhs_spec[2:]))
-    if ins_axes is None:
-      self.note(track, "conv_general_dilated")
-    else:
-      self.note(track, "conv_general_dilated", (), ins_axes)
+    self.note(ins[1], "conv_general_dilated", (), _leaf_axes(ins[1], (rhs_spec[1], *rhs_spec[2:])))
     return None
 
   def scan(self, eqn: Any, ins: list[_Track | None]) -> list[None]:

@@ -230,16 +230,15 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
   return directory
 
 
+def _is_peft_folder(directory: pathlib.Path) -> bool:
+  return (directory / CONFIG_FILE).is_file() and not set(os.listdir(directory)) - {
+      CONFIG_FILE, WEIGHTS_FILE, "README.md"}
+
+
 def _refuse_existing(directory: pathlib.Path, overwrite: bool) -> None:
-  if atomic.occupied(directory):
-    if not overwrite:
-      raise FileExistsError(f"export_peft: {directory} already exists; pass overwrite=True to "
-                            "replace it, or choose another folder.")
-    if not (directory / CONFIG_FILE).is_file() or set(os.listdir(directory)) - {
-        CONFIG_FILE, WEIGHTS_FILE, "README.md"}:
-      raise FileExistsError(f"export_peft: {directory} exists and is not a PEFT adapter folder "
-                            f"(only {CONFIG_FILE}, {WEIGHTS_FILE} and README.md); refusing to "
-                            "replace it even with overwrite=True.")
+  atomic.check_replaceable(directory, overwrite=overwrite, ours=_is_peft_folder,
+                           what=f"a PEFT adapter folder (only {CONFIG_FILE}, {WEIGHTS_FILE} "
+                           "and README.md)")
 
 
 def _export_trained(base: PyTree, config: LoraConfig, targets: dict[str, Target],

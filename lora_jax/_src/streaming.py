@@ -207,8 +207,7 @@ class _OrbaxWriter:
 
   def abort(self) -> None:
     # The staging folder and orbax's own pending folders beside it all carry its name.
-    for stale in self.out.parent.glob(f"{self.staging.name}*"):
-      atomic.remove(stale)
+    atomic.discard(self.staging)
 
 
 class _SafetensorsWriter:
@@ -390,13 +389,8 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
   atomic.check_separate(out, [("base", base), ("adapters", adapters)], "merge")
 
   def refuse_existing() -> None:
-    if atomic.occupied(out):
-      if not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another output or pass overwrite.")
-      if not is_merge_output(out):
-        raise FileExistsError(f"{out} exists and is not the output of a lora_jax merge; "
-                              "refusing to replace it even with overwrite. Remove it yourself "
-                              "or choose another output.")
+    atomic.check_replaceable(out, overwrite=overwrite, ours=is_merge_output,
+                             what="the output of a lora_jax merge")
 
   refuse_existing()
   reader = open_base(base)

@@ -1,0 +1,15 @@
+"""The environment for test scripts run as child processes (kill and resume tests)."""
+
+import os
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def child_env() -> dict[str, str]:
+  """This environment on CPU, with the project importable and no fake-device flags."""
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+  env["JAX_PLATFORMS"] = "cpu"
+  env.pop("XLA_FLAGS", None)
+  return env
