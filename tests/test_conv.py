@@ -83,8 +83,9 @@ def test_training_step_cost(channels, flops_bound):
   factored = stats(jax.grad(lambda lp: jnp.sum(lj.wrap(model.apply, config)(lp, x))), lp)
   merged = stats(jax.grad(lambda lp: jnp.sum(
       lj.wrap(model.apply, config, mode="merge")(lp, x))), lp)
-  # r=4 adds r/channels to the forward convolution: measured 1.22 (16 channels), 1.05 (64).
+  # Two r-feature convolutions in the backward pass: measured 1.121 (16 channels), 1.020 (64).
   assert factored[0] <= flops_bound * floor[0], (factored, floor)
   assert factored[0] < merged[0]  # no weight gradient
-  # Not yet at the target (<= merge mode): measured 1.53x merge (16 channels), 1.33x (64).
-  assert factored[1] <= 1.6 * merged[1], (factored, merged)
+  # The folded forward keeps what merge mode keeps, plus the r-feature x·A and s·dy·Bᵀ of the
+  # backward pass: measured 1.142x merge (16 channels, r/channels = 1/4), 1.035x (64).
+  assert factored[1] <= (1.2 if channels == 16 else 1.06) * merged[1], (factored, merged)

@@ -21,41 +21,43 @@ import jax.numpy as jnp
 from jax import lax
 
 from lora_jax._src.lowrank import LowRank
-from lora_jax._src.lowrank_dot import ascending
+from lora_jax._src.lowrank_dot import accumulation_dtype, ascending
 
 
 def batched_dot_apply(x: jax.Array, lr: LowRank, weight_is_rhs: bool, params: dict[str, Any],
-                      dropout_mask: jax.Array | None) -> jax.Array | None:
+                      dropout_mask: jax.Array | None, out: Any) -> jax.Array | None:
   """A ``dot_general`` batched over the weight's stack axes, contracting its input axes."""
   (lc, rc), (lb, rb) = params["dimension_numbers"]
   if not weight_is_rhs:
     lc, rc, lb, rb = rc, lc, rb, lb
   if not rb or set(rb) != set(lr.stack) or set(rc) != set(lr.ins):
     return None
-  base = lax.dot_general_p.bind(*((x, lr.w) if weight_is_rhs else (lr.w, x)), **params)
-  a, b = lr.factors()
+  a, b = lr.a, lr.b
+  acc = accumulation_dtype(x.dtype, lr.w.dtype, a.dtype, b.dtype)
+  base = lax.dot_general_p.bind(*((x, lr.w) if weight_is_rhs else (lr.w, x)),
+                                **dict(params, preferred_element_type=acc))
   a_axis = {p: i for i, p in enumerate((*lr.stack, *lr.ins))}
   b_axis = {p: i for i, p in enumerate(lr.stack)}
   xd = x if dropout_mask is None else x * dropout_mask
   n_batch = len(lb)
   xa = lax.dot_general(xd, a, ((tuple(lc), tuple(a_axis[p] for p in rc)),
                                (tuple(lb), tuple(a_axis[p] for p in rb))),
-                       precision=params.get("precision"))
+                       precision=params.get("precision"), preferred_element_type=acc)
   # xa: batch, x's free axes, rank. Then B over the rank, batched the same way.
   y = lax.dot_general(xa, b, (((xa.ndim - 1,), (len(lr.stack),)),
                               (tuple(range(n_batch)), tuple(b_axis[p] for p in rb))),
-                      precision=params.get("precision"))
+                      precision=params.get("precision"), preferred_element_type=acc)
   n_x_free = xa.ndim - 1 - n_batch
   y = ascending(y, n_batch + n_x_free, lr.outs) * jnp.asarray(lr.scale, y.dtype)
   if not weight_is_rhs:  # dot_general(W, x): batch, W's free axes, then x's
     n_out = len(lr.outs)
     y = jnp.transpose(y, (*range(n_batch), *range(n_batch + n_x_free, n_batch + n_x_free + n_out),
                           *range(n_batch, n_batch + n_x_free)))
-  return base + y.astype(base.dtype)
+  return (base + y).astype(out)
 
 
 def ragged_dot_apply(x: jax.Array, lr: LowRank, group_sizes: jax.Array, primitive: Any,
-                     params: dict[str, Any], dropout_mask: jax.Array | None
+                     params: dict[str, Any], dropout_mask: jax.Array | None, out: Any
                      ) -> jax.Array | None:
   """``ragged_dot`` with ``rhs [groups, in, out]``: per-group adapters, all factored."""
   dn = params.get("ragged_dot_dimension_numbers")
@@ -65,10 +67,10 @@ def ragged_dot_apply(x: jax.Array, lr: LowRank, group_sizes: jax.Array, primitiv
       and tuple(dn.lhs_ragged_dimensions) == (0,) and tuple(dn.rhs_group_dimensions) == (0,))
   if not standard or x.ndim != 2 or (lr.stack, lr.ins, lr.outs) != ((0,), (1,), (2,)):
     return None
-  a, b = lr.factors()
-  base = primitive.bind(x, lr.w, group_sizes, **params)
+  a, b = lr.a, lr.b
+  acc = accumulation_dtype(x.dtype, lr.w.dtype, a.dtype, b.dtype)
+  wide = dict(params, preferred_element_type=acc)
+  base = primitive.bind(x, lr.w, group_sizes, **wide)
   xd = x if dropout_mask is None else x * dropout_mask
-  low = dict(params, preferred_element_type=None)
-  xa = primitive.bind(xd, a, group_sizes, **low)
-  y = primitive.bind(xa, b, group_sizes, **low) * jnp.asarray(lr.scale, xa.dtype)
-  return base + y.astype(base.dtype)
+  xa = primitive.bind(xd, a, group_sizes, **wide) * jnp.asarray(lr.scale, acc)
+  return (base + primitive.bind(xa, b, group_sizes, **wide)).astype(out)

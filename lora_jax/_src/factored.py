@@ -15,6 +15,7 @@ backward pass instead of keeping it (``recompute.py``).
 from __future__ import annotations
 
 import dataclasses
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -105,7 +106,8 @@ def interpret(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Conte
   for position, eqn in enumerate(jaxpr.eqns):
     invals = [read(v) for v in eqn.invars]
     if any(isinstance(v, LowRank) for v in invals):
-      outs = _lowrank_eqn(eqn, invals, ctx, lambda var: _recompute(var, producers, read))
+      outs = _lowrank_eqn(eqn, invals, ctx,
+                          lambda var, flops: _recompute(var, producers, read, flops))
     else:
       outs = _bind(eqn, invals)
       if recompute.cheap(eqn):
@@ -116,9 +118,10 @@ def interpret(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Conte
   return [read(v) for v in jaxpr.outvars]
 
 
-def _recompute(var: Any, producers: dict[Any, tuple[int, Any]], read: Callable[[Any], Any]) -> Any:
+def _recompute(var: Any, producers: dict[Any, tuple[int, Any]], read: Callable[[Any], Any],
+               product_flops: float) -> Any:
   """``(fn, leaf values)`` recomputing ``var`` elementwise, or None (see recompute.py)."""
-  found = recompute.cone(var, producers)
+  found = recompute.cone(var, producers, product_flops)
   if found is None:
     return None
   eqns, leaves = found
@@ -143,6 +146,8 @@ def _fallback(eqn: Any, invals: Sequence[Any], ctx: Context, reason: str) -> lis
 def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
                  recompute_of: Callable[[Any], Any]) -> list[Any]:
   name, params = eqn.primitive.name, eqn.params
+  # Rules accumulate in float32 or wider and round once to the original result's dtype.
+  out_dtype = eqn.outvars[0].aval.dtype
   if name == "dot_general":
     x, w = invals
     if isinstance(x, LowRank) and isinstance(w, LowRank):
@@ -151,10 +156,12 @@ def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
     lr, x = (w, x) if rhs else (x, w)
     ctx.record(lr, lr_ops.contracted_side(lr, params, rhs) or name)
     mask = ctx.dropout_mask(x)
-    out = lr_ops.dot_general_apply(x, lr, rhs, params, mask,
-                                   recompute_of(eqn.invars[0 if rhs else 1]))
+    contracted = math.prod(x.shape[d] for d in params["dimension_numbers"][0][0 if rhs else 1])
+    flops = 2.0 * math.prod(eqn.outvars[0].aval.shape) * contracted
+    out = lr_ops.dot_general_apply(x, lr, rhs, params, mask, out_dtype,
+                                   recompute_of(eqn.invars[0 if rhs else 1], flops))
     if out is None:
-      out = experts.batched_dot_apply(x, lr, rhs, params, mask)
+      out = experts.batched_dot_apply(x, lr, rhs, params, mask, out_dtype)
     if out is None:
       return _fallback(eqn, invals, ctx, "the contraction is neither over all input axes nor "
                        "over all output axes of the weight, or uses batch dimensions")
@@ -164,7 +171,7 @@ def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
   if name == "conv_general_dilated":
     x, w = invals
     if isinstance(w, LowRank) and not isinstance(x, LowRank):
-      out = lr_ops.conv_apply(x, w, params, ctx.dropout_mask(x))
+      out = lr_ops.conv_apply(x, w, params, ctx.dropout_mask(x), out_dtype)
       if out is not None:
         return [out]
     return _fallback(eqn, invals, ctx, "only an ungrouped convolution whose kernel's last axis "
@@ -179,7 +186,7 @@ def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
     if isinstance(w, LowRank) and not isinstance(x, LowRank) and len(invals) == 3:
       ctx.record(w, "in")
       out = experts.ragged_dot_apply(x, w, group_sizes, eqn.primitive, params,
-                                     ctx.dropout_mask(x))
+                                     ctx.dropout_mask(x), out_dtype)
       if out is not None:
         return [out]
     return _fallback(eqn, invals, ctx, "only ragged_dot(x, W[groups, in, out]) over the "

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lora_jax._src.lowrank_conv import lowrank_conv
-from lora_jax._src.lowrank_dot import ascending, lowrank_dot
+from lora_jax._src.lowrank_dot import accumulation_dtype, ascending, lowrank_dot
 from lora_jax._src.plan import Target
 
 
@@ -66,10 +66,6 @@ class LowRank:
   def replace(self, **changes: Any) -> LowRank:
     return dataclasses.replace(self, **changes)
 
-  def factors(self) -> tuple[jax.Array, jax.Array]:
-    """A and B in the weight's current dtype."""
-    return self.a.astype(self.w.dtype), self.b.astype(self.w.dtype)
-
   def drop_leading_axis(self) -> LowRank | None:
     """The factored value of ``W[i]`` for a slice along a leading stacked axis."""
     if not self.stack or self.stack[0] != 0:
@@ -98,7 +94,7 @@ def contracted_side(lr: LowRank, params: dict[str, Any], weight_is_rhs: bool) ->
 
 
 def dot_general_apply(x: jax.Array, lr: LowRank, weight_is_rhs: bool, params: dict[str, Any],
-                      dropout_mask: jax.Array | None, recompute: Any = None
+                      dropout_mask: jax.Array | None, out_dtype: Any, recompute: Any = None
                       ) -> jax.Array | None:
   """``dot_general`` of an input with an adapted weight, in factored form.
 
@@ -113,10 +109,10 @@ def dot_general_apply(x: jax.Array, lr: LowRank, weight_is_rhs: bool, params: di
     return None
   contract_in = side == "in"
   free = tuple(sorted(set(range(lr.w.ndim)) - set(rc)))
-  y = lowrank_dot(x, lr.w, *lr.factors(), dropout_mask, lhs_contract=tuple(lc),
+  y = lowrank_dot(x, lr.w, lr.a, lr.b, dropout_mask, lhs_contract=tuple(lc),
                   w_contract=tuple(rc), ins=lr.ins, outs=lr.outs, contract_in=contract_in,
-                  scale=lr.scale, precision=params.get("precision"),
-                  preferred=params.get("preferred_element_type"), recompute=recompute)
+                  scale=lr.scale, precision=params.get("precision"), out=out_dtype,
+                  recompute=recompute)
   if weight_is_rhs:
     return y
   n_x = x.ndim - len(lc)
@@ -124,7 +120,7 @@ def dot_general_apply(x: jax.Array, lr: LowRank, weight_is_rhs: bool, params: di
 
 
 def conv_apply(x: jax.Array, lr: LowRank, params: dict[str, Any],
-               dropout_mask: jax.Array | None) -> jax.Array | None:
+               dropout_mask: jax.Array | None, out_dtype: Any) -> jax.Array | None:
   """``conv_general_dilated`` with an adapted kernel: A as a conv, B as a 1x1 projection."""
   dn = params["dimension_numbers"]
   out_dim, in_dim, *spatial = dn.rhs_spec
@@ -143,11 +139,11 @@ def conv_apply(x: jax.Array, lr: LowRank, params: dict[str, Any],
                            ndim=lr.w.ndim, scale=lr.scale).astype(lr.w.dtype)
     return (lax.conv_general_dilated_p.bind(x, lr.w, **params)
             + lax.conv_general_dilated_p.bind(x * dropout_mask, delta, **params))
-  a, b = lr.factors()
+  a, b = lr.a, lr.b
   # A in the kernel's layout, its output-feature axis holding the rank.
   perm = tuple(len(lr.ins) if p == out_dim else lr.ins.index(p) for p in range(lr.w.ndim))
   return lowrank_conv(x, lr.w, jnp.transpose(a, perm), b, dropout_mask, params=params,
-                      scale=float(lr.scale))
+                      scale=float(lr.scale), out=out_dtype)
 
 
 def gather_apply(lr: LowRank, indices: jax.Array, params: dict[str, Any]) -> jax.Array | None:
@@ -162,7 +158,8 @@ def gather_apply(lr: LowRank, indices: jax.Array, params: dict[str, Any]) -> jax
       or any(sizes[p] != lr.w.shape[p] for p in lr.outs)
       or tuple(dn.offset_dims) != tuple(range(n_batch, out_rank))):
     return None
-  a, b = lr.factors()
+  a, b = lr.a, lr.b
+  acc = accumulation_dtype(lr.w.dtype, a.dtype, b.dtype)
   n_in = len(lr.ins)
   a_dn = lax.GatherDimensionNumbers(
       offset_dims=(n_batch,), collapsed_slice_dims=tuple(range(n_in)),
@@ -171,5 +168,5 @@ def gather_apply(lr: LowRank, indices: jax.Array, params: dict[str, Any]) -> jax
   a_params = dict(params, dimension_numbers=a_dn, slice_sizes=(1,) * n_in + (a.shape[-1],))
   base = lax.gather_p.bind(lr.w, indices, **params)
   rows = lax.gather_p.bind(a, indices, **a_params) * jnp.asarray(lr.scale, a.dtype)
-  y = lax.dot_general(rows, b, (((rows.ndim - 1,), (0,)), ((), ())))
-  return base + ascending(y, n_batch, lr.outs).astype(base.dtype)
+  y = lax.dot_general(rows, b, (((rows.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc)
+  return (base.astype(acc) + ascending(y, n_batch, lr.outs)).astype(base.dtype)

@@ -32,6 +32,18 @@ def ascending(y: jax.Array, n_lead: int, order: tuple[int, ...]) -> jax.Array:
   return jnp.transpose(y, tuple(range(n_lead)) + tuple(n_lead + i for i in ranks))
 
 
+def accumulation_dtype(*dtypes: Any) -> Any:
+  """The dtype the adapter branch accumulates in: float32, or wider if an operand is.
+
+  With a bf16 (or float16) base and float32 adapters, ``x·A`` and ``(x·A)·B``
+  take the factors unrounded and accumulate in float32, and the base product's
+  float32 accumulator is added before the one rounding to the output dtype.
+  """
+  widest = max((jnp.dtype(d) for d in dtypes if jnp.issubdtype(d, jnp.floating)),
+               key=lambda d: d.itemsize, default=jnp.dtype(jnp.float32))
+  return jax.dtypes.canonicalize_dtype(widest if widest.itemsize > 4 else jnp.float32)
+
+
 def _explicit_spec(v: jax.Array) -> tuple[Any, Any] | None:
   """``(mesh, spec)`` of an array typed with explicitly sharded mesh axes, else None."""
   sharding = getattr(jax.typeof(v), "sharding", None)
@@ -102,29 +114,35 @@ def _anti_cse(leaves: tuple[jax.Array, ...], dy: jax.Array) -> tuple[jax.Array, 
   return lax.platform_dependent(leaves, dy, cpu=multiply, default=barrier)
 
 
-def _matmul(w_transposed: bool, scale: float, precision: Any, preferred: Any,
+def _matmul(w_transposed: bool, scale: float, precision: Any, acc: Any, out: Any,
             x_fn: Callable[..., jax.Array], recompute: bool) -> Callable[..., jax.Array]:
   """``y = x·W (or x·Wᵀ) + s·(x·P)·Q`` on 2-D operands, with the lean VJP above.
 
   The input is ``x = x_fn(*leaves)``. The VJP saves the leaves rather than
   ``x``; with ``recompute`` it rebuilds ``x`` from them in the backward pass,
   otherwise ``x_fn`` is only a reshape or transpose of a single leaf.
+
+  Every product accumulates in ``acc`` (at least float32) with the factors in
+  their own dtype; the r-wide ``s·x·P`` and the sum of the two branches stay in
+  ``acc`` and are rounded to ``out`` once (see ``accumulation_dtype``).
   """
   w_axis = 1 if w_transposed else 0
 
   def forward(x, w, p, q, mask, training):
     xd = x if mask is None else x * mask
-    t = _mm(xd, p, 1, 0, precision) * jnp.asarray(scale, p.dtype)
+    t = _mm(xd, p, 1, 0, precision, acc) * jnp.asarray(scale, acc)
     if (training and not w_transposed and x.shape[0] >= x.shape[1] + p.shape[1]
+        and {x.dtype, w.dtype, q.dtype} == {jnp.dtype(acc)}
         and _explicit_spec(x) is None and _explicit_spec(w) is None):
       # One product [x, s·x·P]·[W; Q] when the activations outweigh the weight:
       # if the backward pass needs the output, XLA then keeps one buffer
       # instead of the two summands. (Explicitly sharded operands keep the two
-      # products: their concatenation would need matching shardings.)
+      # products: their concatenation would need matching shardings. So do
+      # low-precision bases: their branches are summed in ``acc``.)
       return _mm(jnp.concatenate([x, t], 1), jnp.concatenate([w, q], 0), 1, 0, precision,
-                 preferred), t
-    base = _mm(x, w, 1, w_axis, precision, preferred)
-    return base + _mm(t, q, 1, 0, precision, base.dtype), t
+                 acc).astype(out), t
+    base = _mm(x, w, 1, w_axis, precision, acc)
+    return (base + _mm(t, q, 1, 0, precision, acc)).astype(out), t
 
   @jax.custom_vjp
   def f(leaves, w, p, q, mask):
@@ -148,15 +166,15 @@ def _matmul(w_transposed: bool, scale: float, precision: Any, preferred: Any,
 
     x, x_vjp = jax.vjp(of_diff, *(leaves[i] for i in diff))
     xd = x if mask is None else x * mask
-    g = _mm(dy, q, 1, 1, precision, q.dtype) * jnp.asarray(scale, q.dtype)  # s·dy·Qᵀ: (M, r)
-    dx_low = _mm(g, p, 1, 1, precision, x.dtype, like=x)
+    g = _mm(dy, q, 1, 1, precision, acc) * jnp.asarray(scale, acc)  # s·dy·Qᵀ: (M, r)
+    dx_low = _mm(g, p, 1, 1, precision, acc, like=x)
     if mask is not None:
       dx_low = dx_low * mask
-    dx = _mm(dy, w, 1, 1 - w_axis, precision, x.dtype, like=x) + dx_low
+    dx = (_mm(dy, w, 1, 1 - w_axis, precision, acc, like=x) + dx_low).astype(x.dtype)
     dw = (_mm(dy, x, 0, 0, precision, w.dtype, like=w) if w_transposed
           else _mm(x, dy, 0, 0, precision, w.dtype, like=w))
-    dp = _mm(xd, g, 0, 0, precision, p.dtype, like=p)
-    dq = _mm(t, dy, 0, 0, precision, q.dtype, like=q)
+    dp = _mm(xd, g, 0, 0, precision, acc, like=p).astype(p.dtype)
+    dq = _mm(t, dy, 0, 0, precision, acc, like=q).astype(q.dtype)
     d_leaves = [None] * len(leaves)
     for i, d in zip(diff, x_vjp(dx)):
       d_leaves[i] = d
@@ -169,7 +187,7 @@ def _matmul(w_transposed: bool, scale: float, precision: Any, preferred: Any,
 def lowrank_dot(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array,
                 mask: jax.Array | None, *, lhs_contract: tuple[int, ...],
                 w_contract: tuple[int, ...], ins: tuple[int, ...], outs: tuple[int, ...],
-                contract_in: bool, scale: float, precision: Any, preferred: Any,
+                contract_in: bool, scale: float, precision: Any, out: Any,
                 recompute: tuple[Callable[..., jax.Array], Sequence[jax.Array]] | None = None
                 ) -> jax.Array:
   """``dot_general(x, W')`` for ``W' = W + scale·A·B`` without forming ``W'``.
@@ -177,7 +195,8 @@ def lowrank_dot(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array,
   ``w_contract`` are the weight axes contracted with ``lhs_contract`` of ``x``;
   they are the weight's input axes (``contract_in``) or its output axes (a
   transposed use such as ``x @ W.T``). The result has ``x``'s free axes, then
-  the weight's free axes in ascending order, like ``lax.dot_general``.
+  the weight's free axes in ascending order, like ``lax.dot_general``, in
+  dtype ``out`` (the original product's).
 
   ``recompute=(fn, leaves)`` says that ``x == fn(*leaves)`` is cheap to
   recompute: the backward pass then keeps the leaves instead of ``x``, and
@@ -200,7 +219,8 @@ def lowrank_dot(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array,
   else:
     fn, leaves = recompute
     x_fn = lambda *values: to_rows(fn(*values))  # noqa: E731
-  f = _matmul(not contract_in, float(scale), precision, preferred, x_fn, recompute is not None)
+  acc = accumulation_dtype(x.dtype, w.dtype, a.dtype, b.dtype)
+  f = _matmul(not contract_in, float(scale), precision, acc, out, x_fn, recompute is not None)
   y = f(tuple(leaves), w2, p, q, None if mask is None else to_rows(mask))
   y = y.reshape(tuple(x.shape[d] for d in x_free) + tuple(w.shape[p] for p in other))
   return ascending(y, len(x_free), other)

@@ -23,7 +23,13 @@ ELEMENTWISE = frozenset({
     "div", "eq", "erf", "erf_inv", "erfc", "exp", "exp2", "expand_dims", "expm1", "ge", "gt",
     "integer_pow", "le", "log", "log1p", "logistic", "lt", "max", "min", "mul", "ne", "neg", "not",
     "or", "pow", "reshape", "rsqrt", "select_n", "sign", "sin", "sqrt", "square", "squeeze",
-    "stop_gradient", "sub", "tan", "tanh"})
+    "slice", "stop_gradient", "sub", "tan", "tanh"})
+# Elementwise primitives whose derivative needs no value of the forward pass (or only a
+# constant operand's): the model's own backward pass through them keeps nothing.
+_LINEAR = frozenset({
+    "add", "broadcast_in_dim", "convert_element_type", "expand_dims", "neg", "reshape",
+    "slice", "squeeze", "stop_gradient", "sub", "and", "or", "not", "eq", "ne", "ge", "gt",
+    "le", "lt", "sign"})
 # Call primitives and the parameter holding their body (shared with the interpreter).
 CALL_BODIES = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
                "core_call": "call_jaxpr", "custom_jvp_call": "call_jaxpr",
@@ -33,6 +39,9 @@ _RECOMPUTABLE_CALLS = frozenset({"pjit", "jit", "closed_call", "custom_jvp_call"
 MAX_EQUATIONS = 64
 # Keep the leaves only if they are at most this much larger than the input itself.
 MAX_LEAF_RATIO = 1.25
+# Recompute only if that costs at most this fraction of the adapted product's FLOPs
+# (counting one operation per output element of every elementwise equation).
+MAX_WORK_RATIO = 1 / 32
 
 
 def cheap(eqn: Any) -> bool:
@@ -51,13 +60,49 @@ def _nbytes(var: Any) -> int:
   return int(np.prod(aval.shape)) * np.dtype(aval.dtype).itemsize
 
 
-def cone(var: Any, producers: dict[Any, tuple[int, Any]]) -> tuple[list[Any], list[Any]] | None:
+def _residuals(eqns: Any) -> int:
+  """Bytes the model's own backward pass keeps for ``eqns`` if ``x`` is not recomputed.
+
+  An estimate: the outputs of every equation whose derivative needs forward values
+  (a product of two computed values, a ``tanh``, a call such as ``jax.nn.gelu``).
+  Recomputing ``x`` from its leaves inside the adapted product's backward pass
+  makes those values dead in the forward pass.
+  """
+  total = 0
+  for eqn in eqns:
+    name = eqn.primitive.name
+    if name in _LINEAR:
+      continue
+    if name == "mul" and any(isinstance(v, jcore.Literal) for v in eqn.invars):
+      continue
+    total += sum(_nbytes(v) for v in eqn.outvars)
+  return total
+
+
+def _work(eqns: Any) -> int:
+  """Output elements of ``eqns``, counting the equations inside call bodies."""
+  total = 0
+  for eqn in eqns:
+    name = eqn.primitive.name
+    body = eqn.params.get(CALL_BODIES[name]) if name in CALL_BODIES else None
+    if body is not None:
+      total += _work(getattr(body, "jaxpr", body).eqns)
+    else:
+      total += sum(int(np.prod(v.aval.shape)) for v in eqn.outvars)
+  return total
+
+
+def cone(var: Any, producers: dict[Any, tuple[int, Any]],
+         product_flops: float) -> tuple[list[Any], list[Any]] | None:
   """``(equations, leaves)``: how ``var`` is computed elementwise from ``leaves``.
 
   ``producers`` maps each variable computed so far by a cheap equation to that
   equation's position and the equation. Returns None when ``var`` has no cheap
-  producer, when the cone is larger than ``MAX_EQUATIONS``, or when keeping the
-  leaves would cost more memory than keeping ``var`` itself.
+  producer, or when the cone is larger than ``MAX_EQUATIONS``. Leaves larger than
+  ``var`` (beyond ``MAX_LEAF_RATIO``) are kept only if what the model's backward pass
+  would keep for the cone (``_residuals``) makes up the difference and recomputing
+  costs at most ``MAX_WORK_RATIO`` of ``product_flops``, the adapted product's: a
+  gated MLP's ``gelu(gate) * up`` from the one projection holding both.
   """
   if var not in producers:
     return None
@@ -75,7 +120,10 @@ def cone(var: Any, producers: dict[Any, tuple[int, Any]]) -> tuple[list[Any], li
       if len(found) > MAX_EQUATIONS:
         return None
       stack.extend(u for u in eqn.invars if not isinstance(u, jcore.Literal))
-  if sum(_nbytes(v) for v in leaves) > _nbytes(var) * MAX_LEAF_RATIO:
+  kept = sum(_nbytes(v) for v in leaves)
+  if kept > _nbytes(var) * MAX_LEAF_RATIO and (
+      kept > _nbytes(var) * MAX_LEAF_RATIO + _residuals(found.values())
+      or _work(found.values()) > product_flops * MAX_WORK_RATIO):
     return None
   return [found[i] for i in sorted(found)], list(leaves)
 
