@@ -185,8 +185,9 @@ def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
     x, w, group_sizes = invals[:3]
     if isinstance(w, LowRank) and not isinstance(x, LowRank) and len(invals) == 3:
       ctx.record(w, "in")
-      out = experts.ragged_dot_apply(x, w, group_sizes, eqn.primitive, params,
-                                     ctx.dropout_mask(x), out_dtype)
+      flops = 2.0 * math.prod(eqn.outvars[0].aval.shape) * x.shape[-1]
+      out = experts.ragged_dot_apply(x, w, group_sizes, params, ctx.dropout_mask(x), out_dtype,
+                                     recompute_of(eqn.invars[0], flops))
       if out is not None:
         return [out]
     return _fallback(eqn, invals, ctx, "only ragged_dot(x, W[groups, in, out]) over the "

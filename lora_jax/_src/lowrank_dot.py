@@ -114,6 +114,34 @@ def _anti_cse(leaves: tuple[jax.Array, ...], dy: jax.Array) -> tuple[jax.Array, 
   return lax.platform_dependent(leaves, dy, cpu=multiply, default=barrier)
 
 
+def rebuild_input(leaves: tuple[jax.Array, ...], x_fn: Callable[..., jax.Array], dy: jax.Array,
+                  recompute: bool) -> tuple[jax.Array, Callable[[jax.Array], tuple[Any, ...]]]:
+  """In a backward pass: ``x = x_fn(*leaves)`` and a map from ``dx`` to the leaves' cotangents.
+
+  With ``recompute`` the leaves are first tied to ``dy`` (``_anti_cse``) so that the
+  recomputation stays in the backward pass.
+  """
+  if recompute:
+    leaves = _anti_cse(leaves, dy)
+  diff = [i for i, v in enumerate(leaves) if _differentiable(v)]
+
+  def of_diff(*values):
+    full = list(leaves)
+    for i, v in zip(diff, values):
+      full[i] = v
+    return x_fn(*full)
+
+  x, x_vjp = jax.vjp(of_diff, *(leaves[i] for i in diff))
+
+  def to_leaves(dx: jax.Array) -> tuple[Any, ...]:
+    d_leaves = [None] * len(leaves)
+    for i, d in zip(diff, x_vjp(dx)):
+      d_leaves[i] = d
+    return tuple(d_leaves)
+
+  return x, to_leaves
+
+
 def _matmul(w_transposed: bool, scale: float, precision: Any, acc: Any, out: Any,
             x_fn: Callable[..., jax.Array], recompute: bool) -> Callable[..., jax.Array]:
   """``y = x·W (or x·Wᵀ) + s·(x·P)·Q`` on 2-D operands, with the lean VJP above.
@@ -154,17 +182,7 @@ def _matmul(w_transposed: bool, scale: float, precision: Any, acc: Any, out: Any
 
   def f_bwd(res, dy):
     leaves, w, p, q, mask, t = res
-    if recompute:
-      leaves = _anti_cse(leaves, dy)
-    diff = [i for i, v in enumerate(leaves) if _differentiable(v)]
-
-    def of_diff(*values):
-      full = list(leaves)
-      for i, v in zip(diff, values):
-        full[i] = v
-      return x_fn(*full)
-
-    x, x_vjp = jax.vjp(of_diff, *(leaves[i] for i in diff))
+    x, to_leaves = rebuild_input(leaves, x_fn, dy, recompute)
     xd = x if mask is None else x * mask
     g = _mm(dy, q, 1, 1, precision, acc) * jnp.asarray(scale, acc)  # s·dy·Qᵀ: (M, r)
     dx_low = _mm(g, p, 1, 1, precision, acc, like=x)
@@ -175,10 +193,7 @@ def _matmul(w_transposed: bool, scale: float, precision: Any, acc: Any, out: Any
           else _mm(x, dy, 0, 0, precision, w.dtype, like=w))
     dp = _mm(xd, g, 0, 0, precision, acc, like=p).astype(p.dtype)
     dq = _mm(t, dy, 0, 0, precision, acc, like=q).astype(q.dtype)
-    d_leaves = [None] * len(leaves)
-    for i, d in zip(diff, x_vjp(dx)):
-      d_leaves[i] = d
-    return tuple(d_leaves), dw, dp, dq, None if mask is None else jnp.zeros_like(mask)
+    return to_leaves(dx), dw, dp, dq, None if mask is None else jnp.zeros_like(mask)
 
   f.defvjp(f_fwd, f_bwd)
   return f
