@@ -19,8 +19,8 @@ Variants, each a jitted step (loss, gradient, Adam update of what it trains):
   full      full fine-tuning (gradient for every parameter)
   merge     lora_jax, mode="merge" (W + s*A*B formed inside the step)
   factored  lora_jax, default factored mode
-  qwix      qwix.LoraProvider on the same model and targets (lm only; skipped if qwix is not
-            installed)
+  qwix      qwix.LoraProvider on the same model and targets (skipped if qwix is not
+            installed; where qwix fails on a model, the reason is printed)
 
 Reports medians over interleaved repeats of wall time, XLA cost-analysis FLOPs and XLA
 temporary memory, all as ratios to the floor, plus compile time and forward-only inference
@@ -174,20 +174,22 @@ class Spec(NamedTuple):
   loss: Any            # loss(output, batch) -> scalar
   targets: str
   rank: int
-  qwix_modules: str | None
+  qwix_modules: str       # qwix LoraRule.module_path for the same targets
 
 
-def lm_spec(model: nn.Module, targets: str, qwix_modules: str | None = None) -> Spec:
+def lm_spec(model: nn.Module, targets: str, qwix_modules: str) -> Spec:
   tokens = jax.random.randint(jax.random.key(0), (BATCH, SEQ), 0, VOCAB)
   return Spec(model, tokens, lm_loss, targets, RANK, qwix_modules)
 
 
 MODELS = {
     "lm": lambda: lm_spec(DecoderLM(), TARGETS, QWIX_MODULES),
-    "gemma": lambda: lm_spec(EinsumLM(), r"(einsum|linear)$|lm_head/kernel$"),
-    "moe": lambda: lm_spec(EinsumLM(moe=True), r"einsum$|w_(in|out)$|lm_head/kernel$"),
+    "gemma": lambda: lm_spec(EinsumLM(), r"(einsum|linear)$|lm_head/kernel$",
+                             r".*block_\d+_(attn|mlp)$|.*lm_head$"),
+    "moe": lambda: lm_spec(EinsumLM(moe=True), r"einsum$|w_(in|out)$|lm_head/kernel$",
+                           r".*block_\d+_(attn|moe)$|.*lm_head$"),
     "conv": lambda: Spec(ConvNet(), jax.random.normal(jax.random.key(0), (16, 24, 24, 16)),
-                         lambda out, x: jnp.mean(out ** 2), r"kernel$", 4, None),
+                         lambda out, x: jnp.mean(out ** 2), r"kernel$", 4, r".*conv\d$"),
 }
 
 
@@ -230,10 +232,6 @@ def variants(spec: Spec, params):
     join = lambda adapters, base: lj.LoraParams(base, adapters)  # noqa: E731
     out[mode] = (make_step(joined_loss(apply, join, spec.loss), tx), lp.adapters, lp.base)
 
-  if spec.qwix_modules is None:
-    print("qwix: not run on this model (its LoraProvider intercepts Flax Dense/Einsum modules; "
-          "this model computes with jnp.einsum, ragged_dot or Conv)")
-    return out, lp, config
   try:
     import qwix  # pylint: disable=import-outside-toplevel
   except ImportError:
@@ -241,7 +239,12 @@ def variants(spec: Spec, params):
   else:
     rule = qwix.LoraRule(module_path=spec.qwix_modules, rank=spec.rank, alpha=2.0 * spec.rank)
     qmodel = qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]))
-    qparams = jax.jit(qmodel.init)(jax.random.key(0), spec.batch)
+    try:
+      qparams = jax.jit(qmodel.init)(jax.random.key(0), spec.batch)
+    except Exception as e:  # report why qwix cannot run this model, and go on
+      print(f"qwix {getattr(qwix, '__version__', '')} fails on this model: "
+            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      return out, lp, config
     is_lora = lambda n: "lora_" in n  # noqa: E731
     train, frozen, join = split(qparams, is_lora)
     out["qwix"] = (make_step(joined_loss(qmodel.apply, join, spec.loss), tx), train, frozen)
