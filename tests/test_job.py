@@ -19,6 +19,7 @@ TINY = ["pretrain.steps=3", "finetune.steps=3", "pretrain.batch_size=8",
 
 @pytest.mark.parametrize("name, extra", [
     ("digits", []), ("digits_nnx", []), ("textcls", TINY_LM), ("charlm", TINY_LM),
+    ("digits", ["finetune.lora_plus_ratio=16", "finetune.freeze_a=true"]),
     ("charlm_scan", TINY_LM), ("charlm_mesh", TINY_LM)])
 def test_example_configs_run_tiny(tmp_path, name, extra, capsys):
   config = lj.load_job_config(ROOT / "configs" / f"{name}.yaml",
@@ -47,7 +48,10 @@ def test_quickstart_lora_beats_frozen_base(tmp_path):
 
 @pytest.mark.parametrize("override, match", [
     ("finetune.stepz=3", r"unknown config key 'finetune.stepz'; allowed keys here: "
-                         r"\['batch_size', 'dropout_rng', 'log_every', 'lr', 'steps'\]"),
+                         r"\['batch_size', 'dropout_rng', 'freeze_a', 'log_every', "
+                         r"'lora_plus_ratio', 'lr', 'steps'\]"),
+    ("finetune.lora_plus_ratio=0",
+     r"config key 'finetune.lora_plus_ratio': must be a finite number > 0, got 0"),
     ("task=vision", r"config key 'task': 'vision' is not one of \['digits', 'charlm', "
                     r"'textcls'\]"),
     ("data.shift=mirror", r"config key 'data.shift': 'mirror' is not one of"),

@@ -45,7 +45,9 @@ DEFAULTS: dict[str, Any] = {
     "data": {},                  # task-specific, see TASK_DEFAULTS
     "base_checkpoint": None,     # orbax checkpoint of the base parameters; skips pretraining
     "pretrain": dict(_TRAIN),
-    "finetune": {**_TRAIN, "lr": 3e-3, "log_every": 25, "dropout_rng": True},
+    "finetune": {**_TRAIN, "lr": 3e-3, "log_every": 25, "dropout_rng": True,
+                 "lora_plus_ratio": 1.0,  # LoRA+: B's learning rate over A's (16 in the paper)
+                 "freeze_a": False},      # LoRA-FA: train B only
     "lora": {"rank": 8, "alpha": 16.0, "targets": ["kernel$"]},  # any LoraConfig field
     "full_finetune": True,       # also fine-tune every parameter, for comparison
     "mesh": None,                # {data: N, model: M}: shard the base and the batch
@@ -72,6 +74,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "batch_size": (_POSITIVE, "an integer >= 1"),
     "log_every": (_POSITIVE, "an integer >= 1"),
     "lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "lora_plus_ratio": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "test_fraction": (lambda v: 0 < v < 1, "a number strictly between 0 and 1"),
     "hidden": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
                "a list of integers >= 1"),
@@ -374,8 +377,10 @@ def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[
   def lora_loss(lp, x, y, key):
     return task.loss(apply(lp, x, lora_rng=key if use_rng else None), y)
 
-  lp, curves["lora"] = fit(lora_loss, lp, optimizer(optax.adam(config["finetune"]["lr"]),
-                                                    lora_config),
+  tx = optimizer(optax.adam(config["finetune"]["lr"]), lora_config,
+                 lora_plus_ratio=config["finetune"]["lora_plus_ratio"],
+                 freeze_a=config["finetune"]["freeze_a"])
+  lp, curves["lora"] = fit(lora_loss, lp, tx,
                            task.train, config["finetune"], "lora", config["seed"] + 1, put)
   metrics["lora"] = evaluate(task, apply, lp, task.test)
   merged = jax.block_until_ready(merge(lp, lora_config))

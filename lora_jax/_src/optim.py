@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -13,6 +14,7 @@ from lora_jax._src.lift import LoraParams
 from lora_jax._src.tree import PyTree, leaves_with_paths, map_with_paths
 
 LORA, TRAINABLE, FROZEN = "lora", "trainable", "frozen"
+LORA_A, LORA_B = "lora_a", "lora_b"  # the optimizer's finer labels for LoRA+ and LoRA-FA
 
 
 def check_differentiable(params: PyTree) -> None:
@@ -59,7 +61,8 @@ def labels(lp: LoraParams, config: LoraConfig) -> LoraParams:
 
 
 def optimizer(tx: optax.GradientTransformation, config: LoraConfig, *,
-              trainable_tx: optax.GradientTransformation | None = None
+              trainable_tx: optax.GradientTransformation | None = None,
+              lora_plus_ratio: float = 1.0, freeze_a: bool = False
               ) -> optax.GradientTransformation:
   """An optax transformation over ``LoraParams`` that trains adapters only.
 
@@ -67,13 +70,29 @@ def optimizer(tx: optax.GradientTransformation, config: LoraConfig, *,
   ``config.trainable`` get ``trainable_tx`` (or ``tx``), every other base leaf
   gets ``optax.set_to_zero()``. Frozen leaves hold no optimizer state.
 
+  Two recipes act on the adapters' factors separately:
+
+  * **LoRA+** (Hayou et al. 2024): ``lora_plus_ratio=λ`` gives every B the learning
+    rate λ·η of its A. B's updates are ``tx``'s scaled by λ
+    (``optax.chain(tx, optax.scale(λ))``), which equals ``tx`` with λ·η for every
+    optax optimizer whose update is proportional to its learning rate (SGD, Adam,
+    AdamW including its weight decay, Lion, ...), schedules included. The paper
+    suggests λ = 16.
+  * **LoRA-FA** (Zhang et al. 2023): ``freeze_a=True`` keeps every A at its
+    initialization (``optax.set_to_zero()``, no optimizer state); only B trains.
+
   Args:
     tx: the optimizer for the adapters, e.g. ``optax.adamw(1e-3)``.
     config: the ``LoraConfig`` used to lift.
     trainable_tx: optional optimizer for the ``trainable`` base leaves.
+    lora_plus_ratio: B's learning rate over A's (1: plain LoRA).
+    freeze_a: train B only.
 
   Returns:
     An ``optax.GradientTransformation`` whose ``init`` and ``update`` take ``LoraParams``.
+
+  Raises:
+    ValueError: for a ``lora_plus_ratio`` that is not a finite number > 0.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -85,9 +104,21 @@ def optimizer(tx: optax.GradientTransformation, config: LoraConfig, *,
     >>> sum(x.size for x in jax.tree.leaves(state))  # 2 moments x 32 values, 2 step counts
     66
   """
+  ratio = lora_plus_ratio
+  if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (
+      math.isfinite(ratio) and ratio > 0):
+    raise ValueError(f"lora_plus_ratio must be a finite number > 0 (B's learning rate over "
+                     f"A's; the LoRA+ paper suggests 16), got {ratio!r}.")
   transforms: dict[str, Any] = {
-      LORA: tx,
+      LORA_A: optax.set_to_zero() if freeze_a else tx,
+      LORA_B: tx if ratio == 1 else optax.chain(tx, optax.scale(float(ratio))),
       TRAINABLE: trainable_tx if trainable_tx is not None else tx,
       FROZEN: optax.set_to_zero(),
   }
-  return optax.multi_transform(transforms, lambda lp: labels(lp, config))
+
+  def factor_labels(lp: LoraParams) -> LoraParams:
+    coarse = labels(lp, config)
+    return LoraParams(coarse.base, map_with_paths(
+        lambda path, _: LORA_A if path.rsplit("/", 1)[-1] == "a" else LORA_B, lp.adapters))
+
+  return optax.multi_transform(transforms, factor_labels)
