@@ -101,8 +101,8 @@ def optimizer(tx: optax.GradientTransformation, config: LoraConfig, *,
     >>> lp = lj.lift({"d": {"kernel": jnp.ones((8, 8))}}, config, key=jax.random.key(0))
     >>> tx = lj.optimizer(optax.adam(1e-3), config)
     >>> state = tx.init(lp)
-    >>> sum(x.size for x in jax.tree.leaves(state))  # 2 moments x 32 values, 2 step counts
-    66
+    >>> sum(x.size for x in jax.tree.leaves(state))  # 2 moments x 32 values, 3 step counts
+    67
   """
   ratio = lora_plus_ratio
   if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not (
