@@ -7,6 +7,7 @@ from lora_jax._src.factored import FallbackWarning
 from lora_jax._src.infer import infer_axes
 from lora_jax._src.job import load_job_config, run_job
 from lora_jax._src.lift import LoraParams, disable, lift, overlay
+from lora_jax._src.lineage import BaseMismatch
 from lora_jax._src.merge import merge, unmerge
 from lora_jax._src.optim import labels, optimizer
 from lora_jax._src.peft_format import export_peft, import_peft
@@ -17,13 +18,14 @@ from lora_jax._src.train_state import restore_train_state, save_train_state
 from lora_jax._src.tree import PyTree, paths
 from lora_jax._src.wrap import wrap
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "save_train_state",
     "save_adapters",
     "restore_train_state",
     "load_adapters",
+    "BaseMismatch",
     "CheckpointMismatch",
     "ChecksumError",
     "FallbackWarning",

@@ -8,6 +8,7 @@ import pytest
 
 import lora_jax as lj
 
+
 @pytest.fixture(autouse=True)
 def standard_promotion():
   """optax's Adam mixes a Python float with an int32 count, which strict promotion rejects."""

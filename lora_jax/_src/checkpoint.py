@@ -23,13 +23,15 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lora_jax._src import atomic
+from lora_jax._src import atomic, lineage
 from lora_jax._src.checksums import ChecksumError, check_record, record
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.lift import LoraParams
+from lora_jax._src.lineage import fingerprint
 from lora_jax._src.tree import PyTree, adapter_paths, leaves_with_paths, lookup, trained_leaves
 
 _ADAPTERS, _CONFIG, _TRAINED, _CHECKSUMS = "adapters", "config", "trained", "checksums"
+_BASE = "base_fingerprint"  # JSON: the adapted base leaves' shapes, dtypes, sampled hashes
 
 
 def _composite() -> ocp.Checkpointer:
@@ -75,7 +77,8 @@ def _staging(final: pathlib.Path) -> pathlib.Path:
 
 
 def write(final: pathlib.Path, items: dict[str, Any], config: LoraConfig, *, overwrite: bool,
-          what: str = "checkpoint", lock: pathlib.Path | None = None) -> pathlib.Path:
+          what: str = "checkpoint", lock: pathlib.Path | None = None,
+          json_items: Mapping[str, Any] | None = None) -> pathlib.Path:
   """Writes orbax items, the config and the arrays' checksums to ``final`` atomically.
 
   Args:
@@ -86,6 +89,7 @@ def write(final: pathlib.Path, items: dict[str, Any], config: LoraConfig, *, ove
     what: how messages name it.
     lock: the path whose lock serializes writers (default ``final``; the folder of
       step checkpoints for a step, so that steps leave one lock file, not one each).
+    json_items: further ``{item name: JSON value}`` items.
   """
   final.parent.mkdir(parents=True, exist_ok=True)
   primary = jax.process_index() == 0
@@ -98,6 +102,7 @@ def write(final: pathlib.Path, items: dict[str, Any], config: LoraConfig, *, ove
   refuse_existing()  # before any work
   args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
   args[_CONFIG] = ocp.args.JsonSave(config.to_dict())
+  args.update({k: ocp.args.JsonSave(v) for k, v in (json_items or {}).items()})
   args[_CHECKSUMS] = ocp.args.JsonSave({k: record(v) for k, v in items.items()})
   staging = _staging(final)
   with atomic.locked(lock or final) if primary else contextlib.nullcontext():
@@ -125,8 +130,11 @@ def save_adapters(directory: str | os.PathLike[str], adapters: LoraParams | Mapp
 
   Pass the whole ``LoraParams`` to save everything a run trained: the adapters
   and the base leaves trained in full (``config.trainable``: a head, biases).
-  The frozen base is never saved here. The checkpoint is written under a
-  staging name and moved into place when complete: a crash at any moment
+  The frozen base is never saved here; a fingerprint of its adapted leaves is
+  (shape, dtype and a hash of 4,096 sampled values each, ``lineage.py``), so that
+  ``load_adapters(..., base=...)`` and ``lora-jax merge`` can refuse another base.
+  The checkpoint is written under a staging name and moved into place when
+  complete: a crash at any moment
   leaves the previous checkpoint (or none) under ``directory``, never a partial
   one, and two processes saving to one place are serialized by a lock.
 
@@ -164,9 +172,13 @@ def save_adapters(directory: str | os.PathLike[str], adapters: LoraParams | Mapp
   directory = pathlib.Path(directory).absolute()
   final = directory if step is None else directory / str(check_step(step))
   items: dict[str, Any] = {}
+  json_items: dict[str, Any] = {}
   if isinstance(adapters, LoraParams):
     if adapters.adapters is None:
       raise ValueError("save_adapters: the LoraParams has no adapters (lora_jax.disable?).")
+    base = dict(leaves_with_paths(adapters.base))
+    json_items[_BASE] = fingerprint({p: base[p] for p in adapter_paths(adapters.adapters)
+                                     if p in base})
     trained = trained_leaves(adapters.base, config.is_trainable)
     if trained:
       items[_TRAINED] = trained
@@ -182,7 +194,7 @@ def save_adapters(directory: str | os.PathLike[str], adapters: LoraParams | Mapp
   check_fits_config(adapters, items.get(_TRAINED, {}), config, "save_adapters")
   items[_ADAPTERS] = adapters
   return write(final, items, config, overwrite=overwrite, what="adapter checkpoint",
-               lock=None if step is None else directory)
+               lock=None if step is None else directory, json_items=json_items)
 
 
 def check_fits_config(adapters: Any, trained: Any, config: LoraConfig, where: str) -> None:
@@ -268,8 +280,8 @@ def _abstract(tree: PyTree) -> PyTree:
       tree)
 
 
-def read(path: pathlib.Path, targets: Mapping[str, Any], what: str
-         ) -> tuple[LoraConfig, dict[str, Any]]:
+def read(path: pathlib.Path, targets: Mapping[str, Any], what: str,
+         json_names: tuple[str, ...] = ()) -> tuple[LoraConfig, dict[str, Any]]:
   """Reads the config and the array items of a checkpoint folder and verifies their checksums.
 
   Args:
@@ -277,6 +289,7 @@ def read(path: pathlib.Path, targets: Mapping[str, Any], what: str
     targets: ``{item: target tree or None}``; None restores the saved structure,
       a callable gets the saved ``LoraConfig`` and returns the target.
     what: how messages name the checkpoint ("Adapter checkpoint").
+    json_names: JSON items to read as well (None for those the checkpoint lacks).
 
   Raises:
     CheckpointMismatch: when an item does not match its target.
@@ -292,7 +305,8 @@ def read(path: pathlib.Path, targets: Mapping[str, Any], what: str
 
       config = LoraConfig.from_dict(json_item(_CONFIG))
       sums = json_item(_CHECKSUMS) if (path / _CHECKSUMS).is_dir() else None
-      restored = {}
+      restored = {name: json_item(name) if (path / name).is_dir() else None
+                  for name in json_names}
       for item, target in targets.items():
         target = target(config) if callable(target) else target
         # The handler reads the item's own metadata; a Checkpointer would look for a
@@ -323,12 +337,13 @@ def read(path: pathlib.Path, targets: Mapping[str, Any], what: str
     if lost:
       raise ChecksumError(f"{where} is damaged: the item(s) {lost} were written but are gone.")
     for item, tree in restored.items():
-      check_record(dict(leaves_with_paths(tree)), sums.get(item), f"{where} ({item})")
+      if item not in json_names:
+        check_record(dict(leaves_with_paths(tree)), sums.get(item), f"{where} ({item})")
   return config, restored
 
 
 def load_adapters(directory: str | os.PathLike[str], *, target: PyTree | None = None,
-                  step: int | None = None
+                  step: int | None = None, base: PyTree | None = None, force: bool = False
                   ) -> tuple[dict[str, Any] | LoraParams, LoraConfig]:
   """Loads adapters and their config saved by ``save_adapters``, verifying both.
 
@@ -346,6 +361,10 @@ def load_adapters(directory: str | os.PathLike[str], *, target: PyTree | None = 
       shardings: the adapters, or a ``LoraParams`` for a checkpoint saved from one
       (its base's trained leaves are the target of the trained leaves).
     step: which step to load from a folder of step checkpoints.
+    base: optional base parameters (or ``LoraParams``) the adapters are for: compared
+      with the fingerprint of the base they were trained on (recorded when saved
+      from a ``LoraParams``); a checkpoint without one gives a warning.
+    force: with ``base``, warn instead of raising when it differs.
 
   Returns:
     ``(adapters, config)``; for a checkpoint saved from a ``LoraParams``,
@@ -357,7 +376,20 @@ def load_adapters(directory: str | os.PathLike[str], *, target: PyTree | None = 
     FileNotFoundError: when there is no checkpoint.
     ValueError: when the checkpoint is damaged (``ChecksumError`` names the
       leaf), does not match its config or ``target``, or cannot be read.
+    BaseMismatch: when ``base`` differs from the base the adapters were trained
+      on (a ``ValueError`` naming the leaves), unless ``force``.
   """
+  loaded, config, record = load_with_lineage(directory, target=target, step=step)
+  if base is not None:
+    leaves = dict(leaves_with_paths(base.base if isinstance(base, LoraParams) else base))
+    lineage.check(record, leaves.get, f"Adapter checkpoint {directory}", force=force)
+  return loaded, config
+
+
+def load_with_lineage(directory: str | os.PathLike[str], *, target: PyTree | None = None,
+                      step: int | None = None
+                      ) -> tuple[dict[str, Any] | LoraParams, LoraConfig, dict[str, Any] | None]:
+  """``load_adapters``'s result and the base fingerprint recorded with it (or None)."""
   path = _resolve(pathlib.Path(directory).absolute(), step)
   is_lp = isinstance(target, LoraParams)
   has_trained = (path / _TRAINED).is_dir()
@@ -365,7 +397,10 @@ def load_adapters(directory: str | os.PathLike[str], *, target: PyTree | None = 
   if has_trained:  # the trained leaves' target follows from the saved config
     targets[_TRAINED] = ((lambda config: trained_leaves(target.base, config.is_trainable))
                          if is_lp else None)
-  config, restored = read(path, targets, "Adapter checkpoint")
+  config, restored = read(path, targets, "Adapter checkpoint", json_names=(_BASE,))
+  record = restored.pop(_BASE)
+  if record is not None and not isinstance(record, Mapping):
+    raise ChecksumError(f"Adapter checkpoint {path}: its base fingerprint is damaged.")
   if is_lp and not has_trained and config.trainable:
     raise CheckpointMismatch(
         f"Adapter checkpoint {path} holds no trained leaves, but its config trains "
@@ -373,6 +408,6 @@ def load_adapters(directory: str | os.PathLike[str], *, target: PyTree | None = 
   check_fits_config(restored[_ADAPTERS], restored.get(_TRAINED, {}), config,
                     f"Adapter checkpoint {path}")
   if has_trained:
-    return LoraParams(restored[_TRAINED], restored[_ADAPTERS]), config
-  return restored[_ADAPTERS], config
+    return LoraParams(restored[_TRAINED], restored[_ADAPTERS]), config, record
+  return restored[_ADAPTERS], config, record
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import time
@@ -18,7 +19,7 @@ def _merge(args: argparse.Namespace) -> int:
   start = time.perf_counter()
   report = merge_checkpoint(args.base, args.adapters, args.out, dtype=args.dtype, safe=args.safe,
                             output_format=args.format, group_bytes=args.group_mb << 20,
-                            overwrite=args.overwrite)
+                            overwrite=args.overwrite, force=args.force)
   for path in report["removed_stale"]:
     print(f"removed {path}: staging left by a merge that was killed")
   print(f"merged {report['merged']} of {report['leaves']} leaves ({report['trained']} trained "
@@ -30,17 +31,25 @@ def _merge(args: argparse.Namespace) -> int:
           "the output records the SHA-256 of every leaf")
   else:
     print(f"base: all {report['verified']} leaves verified against their SHA-256 record")
+  if report["lineage"] is None:
+    print("adapters: no fingerprint of the base they were trained on (saved from lp.adapters "
+          "alone, or by lora_jax < 0.3), so the base could not be checked against it")
+  else:
+    print(f"adapters: {report['lineage']} adapted base leaves match the fingerprint of the base "
+          "they were trained on")
   return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
   import jax  # pylint: disable=import-outside-toplevel
 
-  from lora_jax._src.checkpoint import load_adapters  # pylint: disable=import-outside-toplevel
+  from lora_jax._src.checkpoint import (  # pylint: disable=import-outside-toplevel
+      load_with_lineage,
+  )
   from lora_jax._src.lift import LoraParams  # pylint: disable=import-outside-toplevel
   from lora_jax._src.tree import leaves_with_paths  # pylint: disable=import-outside-toplevel
 
-  loaded, config = load_adapters(args.path)
+  loaded, config, record = load_with_lineage(args.path)
   trained = dict(leaves_with_paths(loaded.base)) if isinstance(loaded, LoraParams) else {}
   adapters = loaded.adapters if isinstance(loaded, LoraParams) else loaded
   print("config:", json.dumps(config.to_dict(), indent=2, sort_keys=True))
@@ -67,6 +76,18 @@ def _inspect(args: argparse.Namespace) -> int:
     full = sum(v.size for v in trained.values())
     print(f"\n{len(trained)} leaves trained in full, {full:,} parameters; "
           f"{total + full:,} trained parameters in all")
+  print()
+  if record is None:
+    print("base fingerprint: none (saved from lp.adapters alone, or by lora_jax < 0.3)")
+  else:
+    def digest(entry: dict) -> str:  # of the sampled values, to compare bases by eye
+      values = entry.get("values")
+      return hashlib.sha256(values.encode()).hexdigest()[:12] if values else "-"
+
+    print(format_table(("trained on base leaf", "shape", "dtype", "sample digest"),
+                       [(p, str(tuple(r["shape"])), r["dtype"], digest(r))
+                        for p, r in sorted(record.items(), key=lambda kv: natural_key(kv[0]))],
+                       right_from=1))
   return 0
 
 
@@ -108,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
   merge.add_argument("--group-mb", type=int, default=128,
                      help="read at most this many MiB of base leaves at once (default 128)")
   merge.add_argument("--overwrite", action="store_true", help="replace an existing output")
+  merge.add_argument("--force", action="store_true",
+                     help="merge even if the base differs from the one the adapters were "
+                          "trained on (their recorded fingerprint)")
   merge.set_defaults(run=_merge)
   train = commands.add_parser("train", help="run a LoRA fine-tuning job from a YAML config")
   train.add_argument("--config", required=True,

@@ -30,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lora_jax._src import atomic
-from lora_jax._src.checkpoint import load_adapters
+from lora_jax._src import atomic, lineage
+from lora_jax._src.checkpoint import load_with_lineage
 from lora_jax._src.checksums import ChecksumError, check_record, entry
 from lora_jax._src.lift import LoraParams
 from lora_jax._src.merge import check_adapters, low_rank_product
@@ -338,7 +338,8 @@ def _check_collisions(leaves: list[Leaf], output_format: str) -> None:
 def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[str],
                      out: str | os.PathLike[str], *, dtype: str | None = None,
                      safe: bool = False, output_format: str = "orbax",
-                     group_bytes: int = 128 << 20, overwrite: bool = False) -> dict[str, Any]:
+                     group_bytes: int = 128 << 20, overwrite: bool = False,
+                     force: bool = False) -> dict[str, Any]:
   """Merges an adapter checkpoint into a base checkpoint, streaming leaf by leaf.
 
   Every input is checked before anything is written; the output goes to a
@@ -365,17 +366,22 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
     group_bytes: read at most this many bytes of base leaves at once (at least one leaf).
     overwrite: replace an existing ``out`` that an earlier merge wrote (anything
       else there is never replaced).
+    force: merge even when the base differs from the fingerprint of the base the
+      adapters were trained on (a warning instead of ``BaseMismatch``).
 
   Returns:
     A report: leaves written, merged and trained in full, bytes written, how
     many base leaves were verified against a checksum record (None when the
-    base has none), and the stale staging paths removed.
+    base has none), how many adapted leaves matched the adapters' base
+    fingerprint (``lineage``; None when the checkpoint records none), and the
+    stale staging paths removed.
 
   Raises:
     ValueError: when the adapters do not fit the base, on a non-finite merged
       leaf with ``safe``, a damaged or unreadable input (``ChecksumError``),
-      a bad ``dtype`` or an ``out`` that overlaps an input; the previous
-      output, if any, is untouched.
+      a bad ``dtype``, an ``out`` that overlaps an input, or a base other than
+      the adapters were trained on (``BaseMismatch``, unless ``force``); the
+      previous output, if any, is untouched.
     FileExistsError: when ``out`` exists and ``overwrite`` is False, or it is
       not an earlier merge's output.
   """
@@ -394,7 +400,7 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
 
   refuse_existing()
   reader = open_base(base)
-  adapter_tree, config = load_adapters(adapters)
+  adapter_tree, config, record = load_with_lineage(adapters)
   trained: dict[str, np.ndarray] = {}
   if isinstance(adapter_tree, LoraParams):
     trained = dict(leaves_with_paths(adapter_tree.base))
@@ -436,6 +442,8 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
     writer = (_OrbaxWriter(out) if output_format == "orbax"
               else _SafetensorsWriter(out, out_leaves))
     written = merged_count = 0
+    mismatched: list[str] = []
+    what = f"lora-jax merge of {adapters} into {base}"
     try:
       for group in _groups(reader.leaves, group_bytes):
         arrays = reader.read([leaf.path for leaf in group])
@@ -449,6 +457,13 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
             merged_count += 1
           elif leaf.path in pairs:
             target, a, b = pairs[leaf.path]
+            found = None if record is None or leaf.path not in record else (
+                lineage.differences(record, leaf.path, w))
+            if found:
+              mismatched.append(found)
+              if not force:  # before anything is committed
+                lineage.report(mismatched, len(record), what + " (stopped at the first group "
+                               "that differs; nothing was written)", force=False)
             value = merged_leaf(w, a, b, target._replace(path=""), final_dtype(leaf))
             merged_count += 1
           else:
@@ -463,6 +478,7 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
           written += value.nbytes
         writer.write(result)
         del arrays, result
+      lineage.report(mismatched, len(record or ()), what, force=True)
       writer.finish()
     except BaseException:
       writer.abort()
@@ -470,4 +486,5 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
   return {"leaves": len(reader.leaves), "merged": merged_count, "trained": len(trained),
           "bytes": written, "out": str(out),
           "verified": None if reader.recorded is None else len(reader.leaves),
+          "lineage": None if record is None else len(record) - len(mismatched),
           "removed_stale": [str(p) for p in removed]}

@@ -1,0 +1,143 @@
+"""Which base an adapter checkpoint was trained on: a fingerprint saved with it, checked on use.
+
+Adapters merged into, or loaded onto, another base than the one they were
+trained on give a model nobody trained, silently: shapes usually still fit (a
+different fine-tune of the same architecture, another release). ``save_adapters``
+therefore records, for every adapted leaf of the base, its shape, dtype and
+``SAMPLE`` of its values at evenly spaced positions (about 1 KB a leaf, cheap for
+any size: the leaf is never read whole). ``load_adapters(..., base=...)`` and
+``lora-jax merge`` compare the base they are given with it and refuse a mismatch
+with ``BaseMismatch``, naming the leaves that differ, unless forced.
+
+Sampled values must be equal: bit for bit in the same dtype; in another floating
+dtype, after rounding the wider to the narrower (the same weights saved in bf16
+after training on a float32 copy match; a fine-tune of them does not, since
+changes of even 0.1% move most values across a rounding step). A sample catches
+another base, not a deliberate edit of values between sampled positions; the
+SHA-256 records of the arrays themselves (``checksums.py``) are for damage.
+"""
+
+from __future__ import annotations
+
+import base64
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SAMPLE = 256
+
+
+class BaseMismatch(ValueError):
+  """The base differs from the one an adapter checkpoint was trained on."""
+
+
+def _sample_positions(size: int) -> np.ndarray:
+  return np.unique(np.linspace(0, size - 1, num=min(size, SAMPLE)).round().astype(np.int64))
+
+
+def _sample(value: Any, shape: tuple[int, ...]) -> np.ndarray:
+  """The values at ``_sample_positions``, read shard by shard (no array is gathered whole)."""
+  positions = _sample_positions(int(np.prod(shape, dtype=np.int64)))
+  if isinstance(value, np.ndarray):
+    return value.reshape(-1)[positions]
+  index = np.unravel_index(positions, shape)
+  out = np.empty(len(positions), np.dtype(value.dtype))
+  filled = np.zeros(len(positions), bool)
+  for shard in value.addressable_shards:
+    bounds = [s.indices(n)[:2] for s, n in zip(shard.index, shape)]
+    inside = ~filled
+    for axis, (start, stop) in enumerate(bounds):
+      inside &= (index[axis] >= start) & (index[axis] < stop)
+    if inside.any():
+      local = tuple(index[axis][inside] - start for axis, (start, _) in enumerate(bounds))
+      out[inside] = np.asarray(shard.data[local] if local else shard.data)
+      filled |= inside
+  return out
+
+
+def leaf_fingerprint(value: Any) -> dict[str, Any]:
+  """``{"shape", "dtype", "values"}`` of one leaf: ``values`` is the sample's bytes in
+  base64, None for values without data here (``jax.ShapeDtypeStruct``, or an array
+  spread over several processes)."""
+  shape, dtype = [int(d) for d in value.shape], np.dtype(value.dtype).name
+  values = None
+  concrete = isinstance(value, np.ndarray) or (
+      isinstance(value, jax.Array) and value.is_fully_addressable)
+  if concrete and np.size(value):
+    raw = np.ascontiguousarray(_sample(value, tuple(shape)))
+    values = base64.b64encode(raw.tobytes()).decode("ascii")
+  return {"shape": shape, "dtype": dtype, "values": values}
+
+
+def _decode(entry: Mapping[str, Any]) -> np.ndarray:
+  return np.frombuffer(base64.b64decode(entry["values"]), np.dtype(jnp.dtype(entry["dtype"])))
+
+
+def _same_values(saved: np.ndarray, found: np.ndarray) -> bool:
+  if saved.dtype == found.dtype:
+    return saved.tobytes() == found.tobytes()
+  floating = [jnp.issubdtype(v.dtype, jnp.floating) for v in (saved, found)]
+  if not all(floating) or saved.shape != found.shape:
+    return False
+  # The narrower dtype (fewer significand bits) is what both are compared in.
+  narrow = min((saved.dtype, found.dtype), key=lambda d: jnp.finfo(d).nmant)
+  as_narrow = [v.astype(np.float64).astype(narrow) for v in (saved, found)]
+  return np.array_equal(as_narrow[0], as_narrow[1], equal_nan=True)
+
+
+def fingerprint(leaves: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  """The fingerprint of ``{path: leaf}`` (the base leaves that carry adapters)."""
+  return {path: leaf_fingerprint(value) for path, value in leaves.items()}
+
+
+def differences(recorded: Mapping[str, Any], path: str, value: Any | None) -> str | None:
+  """How the base leaf ``value`` at ``path`` differs from the record (None: it does not)."""
+  saved = recorded[path]
+  if value is None:
+    return f"{path}: absent from this base"
+  found = leaf_fingerprint(value)
+  if found["shape"] != saved["shape"]:
+    return (f"{path}: shape {tuple(found['shape'])} {found['dtype']} here, trained on "
+            f"{tuple(saved['shape'])} {saved['dtype']}")
+  if found["values"] is not None and saved.get("values") is not None:
+    if not _same_values(_decode(saved), _decode(found)):
+      return (f"{path}: other values ({found['dtype']} here, trained on {saved['dtype']}; "
+              f"compared at {SAMPLE} sampled positions)")
+  return None
+
+
+def report(found: list[str], total: int, what: str, *, force: bool) -> None:
+  """Raises ``BaseMismatch`` for the differences ``found`` (or warns with ``force``)."""
+  if not found:
+    return
+  message = (f"{what}: the base differs from the one these adapters were trained on, in "
+             f"{len(found)} of {total} adapted leaves:\n  - " + "\n  - ".join(found[:10])
+             + (f"\n  - ... and {len(found) - 10} more" if len(found) > 10 else "")
+             + "\nApplied to this base they would give a model nobody trained. Use the base "
+             "they were trained on (the same weights in another floating dtype match); if the "
+             "difference is intended, pass force=True (lora-jax merge --force).")
+  if force:
+    warnings.warn(message, stacklevel=3)
+    return
+  raise BaseMismatch(message)
+
+
+def check(recorded: Mapping[str, Any] | None, lookup: Callable[[str], Any | None], what: str,
+          *, force: bool) -> int | None:
+  """Compares a base (``lookup(path)`` gives its leaf or None) with the record.
+
+  Returns the number of leaves checked, or None (with a warning) when the
+  checkpoint has no record (saved from ``lp.adapters`` alone, or before lora_jax 0.3).
+  """
+  if recorded is None:
+    warnings.warn(f"{what} records no base fingerprint (saved from lp.adapters alone, or "
+                  "by lora_jax before 0.3), so the base it is used with cannot be checked.",
+                  stacklevel=3)
+    return None
+  found = [d for d in (differences(recorded, p, lookup(p)) for p in sorted(recorded)) if d]
+  report(found, len(recorded), what, force=force)
+  return len(recorded)
