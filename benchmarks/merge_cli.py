@@ -47,7 +47,8 @@ def build(workdir: pathlib.Path, layers: int) -> int:
   config = lj.LoraConfig(rank=RANK, alpha=32.0, targets=r"kernel$")
   lp = lj.lift(abstract, config, key=jax.random.key(0))
   adapters = jax.tree.map(lambda s: normal(*s.shape), lp.adapters)  # B non-zero: real work
-  lj.save_adapters(workdir / "adapters", adapters, config)
+  # Saved with the base, so the merge also checks the base's fingerprint (lineage).
+  lj.save_adapters(workdir / "adapters", lj.LoraParams(params, adapters), config)
   return size
 
 
