@@ -20,6 +20,7 @@ TINY = ["pretrain.steps=3", "finetune.steps=3", "pretrain.batch_size=8",
 @pytest.mark.parametrize("name, extra", [
     ("digits", []), ("digits_nnx", []), ("textcls", TINY_LM), ("charlm", TINY_LM),
     ("digits", ["finetune.lora_plus_ratio=16", "finetune.freeze_a=true"]),
+    ("digits", ["lora.init=pissa"]),
     ("charlm_scan", TINY_LM), ("charlm_mesh", TINY_LM)])
 def test_example_configs_run_tiny(tmp_path, name, extra, capsys):
   config = lj.load_job_config(ROOT / "configs" / f"{name}.yaml",

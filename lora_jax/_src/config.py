@@ -14,6 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 
 _INITS = ("default", "gaussian")
+# Initializations that take the adapters from the weight (``principal.py``).
+_PRINCIPAL = re.compile(r"pissa|olora|pissa_niter_[1-9][0-9]*")
+
+
+def is_principal(init: str) -> bool:
+  """Whether ``init`` takes the adapters from the weight (and so changes the base)."""
+  return _PRINCIPAL.fullmatch(init) is not None
 
 Axes = int | tuple[int, ...]
 """A number of axes, or explicit axis positions in a kernel."""
@@ -127,7 +134,10 @@ class LoraConfig:
     use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA).
     trainable: regexes of base leaves trained in full (biases, norms, a head).
     init: ``"default"`` (A he-uniform over its input axes) or ``"gaussian"``
-      (A normal with standard deviation ``1 / r``); B is zero in both.
+      (A normal with standard deviation ``1 / r``), B zero in both; or, from the
+      weight itself (the base leaf becomes ``W − s·A·B``, see ``principal.py``),
+      ``"pissa"`` (top-r singular vectors), ``"pissa_niter_N"`` (the same by a
+      randomized SVD with N subspace iterations) or ``"olora"`` (QR).
     in_axes: ``{regex: n}``, the number of input axes of matching kernels (the
       ``n`` axes after the stacked ones), or ``{regex: (i, ...)}``, their
       positions in the kernel: ``(1,)`` for a kernel stored ``(out, in)`` and
@@ -182,8 +192,9 @@ class LoraConfig:
     set_("dropout", float(self.dropout))
     if not isinstance(self.use_rslora, bool):
       raise TypeError(f"LoraConfig.use_rslora must be True or False, got {self.use_rslora!r}.")
-    if self.init not in _INITS:
-      raise ValueError(f"LoraConfig.init must be one of {_INITS}, got {self.init!r}.")
+    if not isinstance(self.init, str) or not (self.init in _INITS or is_principal(self.init)):
+      raise ValueError(f"LoraConfig.init must be one of {_INITS}, 'pissa', 'pissa_niter_N' "
+                       f"(N >= 1 subspace iterations) or 'olora', got {self.init!r}.")
     try:  # jnp.dtype(None) is float64: None must not pass as a dtype
       dtype = None if self.dtype is None else jnp.dtype(self.dtype)
     except (TypeError, ValueError):

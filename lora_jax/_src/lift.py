@@ -9,7 +9,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lora_jax._src.config import LoraConfig
+from lora_jax._src import principal
+from lora_jax._src.config import LoraConfig, is_principal
 from lora_jax._src.plan import Target, plan, sharding_specs
 from lora_jax._src.tree import PyTree, leaves_with_paths, map_with_paths, nest
 
@@ -79,8 +80,14 @@ def lift(params: PyTree, config: LoraConfig, *, key: jax.Array) -> LoraParams:
     key: a PRNG key; one subkey per adapted leaf, in path order. The same key
       gives the same adapters.
 
+  With ``config.init`` ``"pissa"``, ``"pissa_niter_N"`` or ``"olora"`` the adapters
+  come from each weight instead (``principal.py``) and the base's adapted leaves
+  become ``W − s·A·B`` (same shardings), so the lifted model still starts equal
+  to ``params``; those need concrete leaves.
+
   Returns:
-    ``LoraParams(base=params, adapters)``; ``base`` is ``params`` itself, not a copy.
+    ``LoraParams(base=params, adapters)``; ``base`` is ``params`` itself, not a
+    copy (a new tree with the residual leaves for PiSSA and OLoRA).
 
   Raises:
     ValueError: when the config does not fit the tree (see ``lora_jax.paths``).
@@ -98,11 +105,21 @@ def lift(params: PyTree, config: LoraConfig, *, key: jax.Array) -> LoraParams:
   keys = jax.random.split(key, max(len(targets), 1))
   leaves = dict(_target_leaves(params, targets))
   flat: dict[str, Any] = {}
+  residuals: dict[str, Any] = {}
   for target, subkey in zip(targets, keys):
     leaf = leaves[target.path]
     shardings = sharding_specs(target, concrete_sharding(leaf))
     a_sharding, b_sharding = shardings if shardings else (None, None)
-    if _is_abstract(leaf):
+    if is_principal(config.init):
+      principal.check_concrete(leaf, target.path, config.init)
+      a, b, residual = principal.principal_init(leaf, subkey, target=target, init=config.init,
+                                                dtype=config.dtype)
+      sharding = concrete_sharding(leaf)
+      residuals[target.path] = (jax.device_put(residual, sharding)
+                                if isinstance(sharding, jax.sharding.Sharding) else residual)
+      if a_sharding is not None:
+        a, b = jax.device_put(a, a_sharding), jax.device_put(b, b_sharding)
+    elif _is_abstract(leaf):
       a = jax.ShapeDtypeStruct(target.a_shape, config.dtype, sharding=a_sharding)
       b = jax.ShapeDtypeStruct(target.b_shape, config.dtype, sharding=b_sharding)
     else:
@@ -112,6 +129,8 @@ def lift(params: PyTree, config: LoraConfig, *, key: jax.Array) -> LoraParams:
         a = jax.device_put(a, a_sharding)
         b = jax.device_put(b, b_sharding)
     flat[target.path] = {"a": a, "b": b}
+  if residuals:
+    params = map_with_paths(lambda p, leaf: residuals.get(p, leaf), params)
   return LoraParams(base=params, adapters=nest(flat))
 
 

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src import atomic
-from lora_jax._src.config import LoraConfig
+from lora_jax._src.config import LoraConfig, is_principal
 from lora_jax._src.lift import LoraParams
 from lora_jax._src.plan import Target, layout_is_certain, leaf_axes, plan
 from lora_jax._src.tree import PyTree, adapter_paths, leaves_with_paths, lookup, nest
@@ -140,13 +140,20 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
     ValueError: for stacked (scanned) adapters, a kernel whose input axes are
       guessed rather than known (state ``LoraConfig.in_axes``, or pass the
       ``LoraParams`` so the bias rule can confirm them), trained leaves that
-      PEFT's ``modules_to_save`` / ``bias`` cannot express, or two leaves that
-      map to the same PEFT name.
+      PEFT's ``modules_to_save`` / ``bias`` cannot express, two leaves that
+      map to the same PEFT name, or adapters initialized with PiSSA or OLoRA
+      (they apply to the residual base, which PEFT's files do not carry).
     FileExistsError: when ``directory`` exists and ``overwrite`` is False, or it
       is not a PEFT adapter folder.
   """
   from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
 
+  if is_principal(config.init):
+    raise ValueError(
+        f"export_peft: these adapters were initialized with init={config.init!r}, so they apply "
+        "to the residual base W - s·A0·B0 that lift made, not to the original weights PEFT "
+        "users load; exported alone they would give wrong outputs there. Deploy the merged "
+        "model instead (lj.merge(lp, config), or save lp.base and run lora-jax merge on it).")
   directory = pathlib.Path(directory).absolute()
   _refuse_existing(directory, overwrite)
   adapter_tree, base = _split(adapters)

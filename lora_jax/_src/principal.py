@@ -1,0 +1,96 @@
+"""Adapters initialized from the weight itself: PiSSA (SVD) and OLoRA (QR).
+
+Both move a rank-r part of every adapted weight into its adapters, so that the
+lifted model still starts equal to the base: the base leaf becomes the residual
+``W − s·A·B``.
+
+* ``init="pissa"`` (Meng et al. 2024): ``s·A·B`` is the best rank-r approximation
+  of ``W``, from its top-r singular vectors (``A = U_r·√(S_r/s)``,
+  ``B = √(S_r/s)·V_rᵀ``). ``"pissa_niter_N"`` finds them by a randomized SVD with
+  N subspace iterations (Halko et al.), far cheaper for large kernels.
+* ``init="olora"`` (Büyükakyüz 2024): ``W`` (as ``out × in``) is factored
+  ``Q·R``; A is ``R``'s first r rows and B ``Q``'s first r columns (transposed to
+  this library's layout), as in PEFT.
+
+Each weight is viewed as a ``(in, out)`` matrix per stack entry (input and output
+axes flattened in the kernel's own order), computed in float32 one leaf at a time
+inside ``jax.jit``: a sharded leaf is gathered for its own decomposition only,
+never the whole model at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lora_jax._src.plan import Target
+
+_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
+
+
+def _to_matrix(w: jax.Array, target: Target) -> jax.Array:
+  stack, ins, outs = target.axes
+  k, n = math.prod(target.in_shape), math.prod(target.out_shape)
+  return jnp.transpose(w, stack + ins + outs).reshape(target.stack_shape + (k, n))
+
+
+def _from_matrix(m: jax.Array, target: Target) -> jax.Array:
+  stack, ins, outs = target.axes
+  order = stack + ins + outs
+  m = m.reshape(target.stack_shape + target.in_shape + target.out_shape)
+  return jnp.transpose(m, tuple(order.index(p) for p in range(len(order))))
+
+
+def _randomized_svd(m: jax.Array, rank: int, niter: int, key: jax.Array):
+  """Top-``rank`` SVD of ``m (..., k, n)`` by subspace iteration on ``2·rank`` columns."""
+  q = min(2 * rank, *m.shape[-2:])
+  omega = jax.random.normal(key, m.shape[:-2] + (m.shape[-1], q), m.dtype)
+  basis = jnp.linalg.qr(m @ omega)[0]
+  for _ in range(niter):
+    basis = jnp.linalg.qr(m @ jnp.linalg.qr(jnp.swapaxes(m, -1, -2) @ basis)[0])[0]
+  u, s, vt = jnp.linalg.svd(jnp.swapaxes(basis, -1, -2) @ m, full_matrices=False)
+  return basis @ u, s, vt
+
+
+@functools.partial(jax.jit, static_argnames=("target", "init", "dtype"))
+def principal_init(w: jax.Array, key: jax.Array, *, target: Target, init: str, dtype: str
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(A, B, W − s·A·B)`` for one target; the residual in ``W``'s dtype."""
+  sharding = getattr(jax.typeof(w), "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is not None and jax.sharding.AxisType.Explicit in getattr(mesh, "axis_types", ()):
+    # Explicitly sharded: the decompositions need the whole matrix of this one leaf.
+    w = jax.sharding.reshard(w, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  m = _to_matrix(w.astype(jnp.float32), target)
+  r, s = target.rank, target.scale
+  with jax.default_matmul_precision("highest"):
+    if init == "olora":
+      q, rr = jnp.linalg.qr(jnp.swapaxes(m, -1, -2))  # W as (out, in) = Q·R
+      a = jnp.swapaxes(rr[..., :r, :], -1, -2)          # (in, r)
+      b = jnp.swapaxes(q[..., :, :r], -1, -2)           # (r, out)
+    else:
+      niter = _NITER.fullmatch(init)
+      if niter is None:
+        u, sv, vt = jnp.linalg.svd(m, full_matrices=False)
+      else:
+        u, sv, vt = _randomized_svd(m, r, int(niter.group(1)), key)
+      root = jnp.sqrt(sv[..., :r] / s)
+      a = u[..., :, :r] * root[..., None, :]
+      b = root[..., :, None] * vt[..., :r, :]
+    residual = m - s * (a @ b)
+  a = a.reshape(target.a_shape).astype(dtype)
+  b = b.reshape(target.b_shape).astype(dtype)
+  return a, b, _from_matrix(residual, target).astype(w.dtype)
+
+
+def check_concrete(leaf: Any, path: str, init: str) -> None:
+  if isinstance(leaf, jax.ShapeDtypeStruct):
+    raise ValueError(
+        f"LoraConfig.init={init!r} takes the adapters of {path} from the weight's values, but "
+        "the base leaf is abstract (a jax.ShapeDtypeStruct). Lift the concrete parameters, or "
+        "plan shapes abstractly with init='default' (the shapes are the same).")
