@@ -12,6 +12,7 @@ from lora_jax._src.merge import merge, unmerge
 from lora_jax._src.optim import labels, optimizer
 from lora_jax._src.peft_format import export_peft, import_peft
 from lora_jax._src.plan import Target, plan
+from lora_jax._src.principal import to_standard as principal_to_lora
 from lora_jax._src.streaming import merge_checkpoint
 from lora_jax._src.summary import Summary, SummaryRow, summary
 from lora_jax._src.train_state import restore_train_state, save_train_state
@@ -48,6 +49,7 @@ __all__ = [
     "overlay",
     "paths",
     "plan",
+    "principal_to_lora",
     "run_job",
     "summary",
     "unmerge",

@@ -135,3 +135,43 @@ def test_principal_adapters_remember_the_residual_base(tmp_path):
   lj.load_adapters(tmp_path / "adapters", base=lp.base)
   with pytest.raises(lj.BaseMismatch, match=r"w: other values"):
     lj.load_adapters(tmp_path / "adapters", base=params)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("layout", ["dense", "stacked"])
+@pytest.mark.parametrize("rslora", [False, True])
+def test_trained_principal_adapters_convert_to_standard_lora(init, layout, rslora, tmp_path):
+  """W - s·A0·B0 + s·A·B == W + s·[A, A0]·[B; -B0]: the converted adapters apply to W."""
+  make, extra, fn = LAYOUTS[layout]
+  params = {"w": make()}
+  config = lj.LoraConfig(rank=4, alpha=8.0, targets=r"w$", init=init, use_rslora=rslora,
+                         rank_pattern={"w$": 3}, alpha_pattern={"w$": 6.0}, **extra)
+  lp = lj.lift(params, config, key=jax.random.key(1))
+  initial = lp.adapters
+  trained = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(jax.random.key(3), v.shape),
+                         lp.adapters)  # stands for training
+  tuned = lj.merge(lj.LoraParams(lp.base, trained), config)["w"]
+  adapters, standard = lj.principal_to_lora(trained, initial, config)
+  assert standard.init == "default" and standard.rank == 8 and standard.rank_for("w") == 6
+  assert standard.scale_for("w") == pytest.approx(config.scale_for("w"))
+  on_original = lj.LoraParams(params, adapters)
+  np.testing.assert_allclose(lj.merge(on_original, standard)["w"], tuned, atol=5e-5)
+  x = jax.random.normal(jax.random.key(2), (5, 32))
+  np.testing.assert_allclose(lj.wrap(fn, standard)(on_original, x),
+                             lj.wrap(fn, config)(lj.LoraParams(lp.base, trained), x),
+                             rtol=1e-4, atol=1e-4)
+  # Saved with the original base, they are checked against (and merge into) the original.
+  lj.save_adapters(tmp_path / "std", on_original, standard)
+  lj.load_adapters(tmp_path / "std", base=params)
+
+
+def test_conversion_refuses_standard_or_mismatched_adapters():
+  params = {"w": _weight((32, 24))}
+  config = lj.LoraConfig(rank=4, alpha=8.0, targets=r"w$", init="pissa")
+  lp = lj.lift(params, config, key=jax.random.key(1))
+  with pytest.raises(ValueError, match=r"already apply to the original base"):
+    lj.principal_to_lora(lp.adapters, lp.adapters, lj.LoraConfig(rank=4, targets=r"w$"))
+  other = lj.lift(params, lj.LoraConfig(rank=2, targets=r"w$", init="pissa"),
+                  key=jax.random.key(1))
+  with pytest.raises(ValueError, match=r"differ at \['w'\]"):
+    lj.principal_to_lora(lp.adapters, other.adapters, config)

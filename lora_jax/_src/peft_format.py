@@ -152,8 +152,9 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
     raise ValueError(
         f"export_peft: these adapters were initialized with init={config.init!r}, so they apply "
         "to the residual base W - s·A0·B0 that lift made, not to the original weights PEFT "
-        "users load; exported alone they would give wrong outputs there. Deploy the merged "
-        "model instead (lj.merge(lp, config), or save lp.base and run lora-jax merge on it).")
+        "users load; exported alone they would give wrong outputs there. Convert them first: "
+        "adapters, config = lj.principal_to_lora(lp.adapters, initial_adapters, config), then "
+        "export_peft(lj.LoraParams(original_params, adapters), config, ...).")
   directory = pathlib.Path(directory).absolute()
   _refuse_existing(directory, overwrite)
   adapter_tree, base = _split(adapters)

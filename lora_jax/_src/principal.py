@@ -20,6 +20,7 @@ never the whole model at once.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import re
@@ -28,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax._src.config import LoraConfig, is_principal
 from lora_jax._src.plan import Target
 
 _NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
@@ -94,3 +96,61 @@ def check_concrete(leaf: Any, path: str, init: str) -> None:
         f"LoraConfig.init={init!r} takes the adapters of {path} from the weight's values, but "
         "the base leaf is abstract (a jax.ShapeDtypeStruct). Lift the concrete parameters, or "
         "plan shapes abstractly with init='default' (the shapes are the same).")
+
+
+
+def to_standard(adapters: Any, initial: Any, config: LoraConfig) -> tuple[Any, LoraConfig]:
+  """Adapters trained from a PiSSA/OLoRA init, as standard LoRA on the original weights.
+
+  The fine-tuned weight is ``W − s·A₀·B₀ + s·A·B = W + s·[A, A₀]·[B; −B₀]``: the
+  returned adapters concatenate the trained and initial factors on the rank axis
+  (rank ``2r`` everywhere, every rank pattern doubled) and the returned config
+  keeps each path's scale and has ``init="default"``, so they apply to the
+  original base like any LoRA adapters (``merge``, ``lora-jax merge``,
+  ``export_peft``). A rank ``2r`` above a kernel's input or output size is
+  refused when the adapters are used, as any rank is.
+
+  Args:
+    adapters: the trained adapters (``lp.adapters``, or the ``LoraParams``).
+    initial: the adapters as ``lift`` made them (keep a copy before training).
+    config: the config they were lifted with.
+
+  Returns:
+    ``(adapters, config)`` for the original weights.
+
+  Raises:
+    ValueError: when ``config.init`` is not a PiSSA/OLoRA init, or the two adapter
+      trees differ in paths or shapes.
+  """
+  from lora_jax._src.lift import LoraParams  # pylint: disable=import-outside-toplevel
+  from lora_jax._src.tree import (  # pylint: disable=import-outside-toplevel
+      adapter_paths,
+      lookup,
+      nest,
+  )
+
+  if not is_principal(config.init):
+    raise ValueError(f"to_standard converts PiSSA/OLoRA adapters; config.init is "
+                     f"{config.init!r}, whose adapters already apply to the original base.")
+  trained = adapters.adapters if isinstance(adapters, LoraParams) else adapters
+  first = initial.adapters if isinstance(initial, LoraParams) else initial
+  paths, first_paths = adapter_paths(trained), adapter_paths(first)
+  problems = sorted(set(paths) ^ set(first_paths)) + [
+      p for p in paths if p in first_paths and any(
+          lookup(trained, p)[k].shape != lookup(first, p)[k].shape for k in "ab")]
+  if problems:
+    raise ValueError(f"to_standard: the trained and initial adapters differ at {problems[:6]} "
+                     "(pass the adapters lift made with this same config as `initial`).")
+  flat = {}
+  for p in paths:
+    (a, b), (a0, b0) = ((lookup(t, p)["a"], lookup(t, p)["b"]) for t in (trained, first))
+    stack = config.stack_axes_for(p)
+    b_rank = stack if isinstance(stack, int) else len(stack)  # B: stack + (r,) + out
+    flat[p] = {"a": jnp.concatenate([a, a0.astype(a.dtype)], axis=a.ndim - 1),
+               "b": jnp.concatenate([b, -b0.astype(b.dtype)], axis=b_rank)}
+  factor = math.sqrt(2.0) if config.use_rslora else 2.0
+  standard = dataclasses.replace(
+      config, init="default", rank=2 * config.rank, alpha=config.alpha * factor,
+      rank_pattern=tuple((k, 2 * v) for k, v in config.rank_pattern),
+      alpha_pattern=tuple((k, v * factor) for k, v in config.alpha_pattern))
+  return nest(flat), standard
