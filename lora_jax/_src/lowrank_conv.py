@@ -34,6 +34,32 @@ from jax import lax
 from lora_jax._src.lowrank_dot import accumulation_dtype
 
 
+def _conv(params: dict[str, Any], lhs: jax.Array, kernel: jax.Array,
+          preferred: Any = None) -> jax.Array:
+  """The use's own convolution, optionally accumulating in ``preferred``."""
+  return lax.conv_general_dilated_p.bind(
+      lhs, kernel, **dict(params, preferred_element_type=preferred))
+
+
+def _project(u: jax.Array, v: jax.Array, precision: Any, acc: Any) -> jax.Array:
+  """``(..., r) x (r, out)`` (or ``(..., out) x (out, r)``), the feature axis last."""
+  return lax.dot_general(u, v, (((u.ndim - 1,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=acc)
+
+
+def _b_side(xa: jax.Array, dy: jax.Array, b: jax.Array, *, feature: int, scale: float,
+            acc: Any, precision: Any) -> tuple[jax.Array, jax.Array]:
+  """``g = s·dy·Bᵀ`` (r features, laid out like the output) and ``dB = xaᵀ·dy``.
+
+  ``xa`` is the r-feature ``s·x·A`` with its feature axis last.
+  """
+  dy_last = jnp.moveaxis(dy, feature, -1)
+  g = jnp.moveaxis(_project(dy_last, b.T, precision, acc) * jnp.asarray(scale, acc), -1, feature)
+  lead = tuple(range(xa.ndim - 1))
+  db = lax.dot_general(xa, dy_last, ((lead, lead), ((), ())), preferred_element_type=acc)
+  return g, db.astype(b.dtype)
+
+
 def lowrank_conv(x: jax.Array, w: jax.Array, a_kernel: jax.Array, b: jax.Array,
                  mask: jax.Array | None, *, params: dict[str, Any], scale: float,
                  out: Any) -> jax.Array:
@@ -48,16 +74,12 @@ def lowrank_conv(x: jax.Array, w: jax.Array, a_kernel: jax.Array, b: jax.Array,
   kernel_out, feature = dn.rhs_spec[0], dn.out_spec[1]
   n_out = w.shape[kernel_out]
   acc = accumulation_dtype(x.dtype, w.dtype, a_kernel.dtype, b.dtype)
+  precision = params.get("precision")
   if mask is None and jnp.dtype(w.dtype) == acc and jnp.dtype(x.dtype) == acc:
     return _folded(x, w, a_kernel, b, params=params, scale=scale, out=out)
 
   def conv(lhs: jax.Array, kernel: jax.Array, preferred: Any = None) -> jax.Array:
-    return lax.conv_general_dilated_p.bind(
-        lhs, kernel, **dict(params, preferred_element_type=preferred))
-
-  def project(u: jax.Array, v: jax.Array) -> jax.Array:  # (..., r) x (r, out), feature last
-    return lax.dot_general(u, v, (((u.ndim - 1,), (0,)), ((), ())),
-                           precision=params.get("precision"), preferred_element_type=acc)
+    return _conv(params, lhs, kernel, preferred)
 
   def forward(x, w, a_kernel, b, mask):
     a_in = a_kernel.astype(x.dtype)
@@ -67,7 +89,7 @@ def lowrank_conv(x: jax.Array, w: jax.Array, a_kernel: jax.Array, b: jax.Array,
     else:
       base, xa = conv(x, w, acc), conv(x * mask, a_in, acc)
     xa = jnp.moveaxis(xa, feature, -1) * jnp.asarray(scale, acc)
-    y = (base + jnp.moveaxis(project(xa, b), -1, feature)).astype(out)
+    y = (base + jnp.moveaxis(_project(xa, b, precision, acc), -1, feature)).astype(out)
     return y, xa
 
   @jax.custom_vjp
@@ -80,11 +102,7 @@ def lowrank_conv(x: jax.Array, w: jax.Array, a_kernel: jax.Array, b: jax.Array,
 
   def f_bwd(res, dy):
     x, w, a_kernel, b, mask, xa = res
-    dy_last = jnp.moveaxis(dy, feature, -1)
-    g = jnp.moveaxis(project(dy_last, b.T) * jnp.asarray(scale, acc), -1, feature)
-    lead = tuple(range(xa.ndim - 1))
-    db = lax.dot_general(xa, dy_last, ((lead, lead), ((), ())),
-                         preferred_element_type=acc).astype(b.dtype)
+    g, db = _b_side(xa, dy, b, feature=feature, scale=scale, acc=acc, precision=precision)
     xd = x if mask is None else x * mask
     a_in = a_kernel.astype(x.dtype)
     if mask is None:
@@ -104,12 +122,16 @@ def lowrank_conv(x: jax.Array, w: jax.Array, a_kernel: jax.Array, b: jax.Array,
 
 def _folded(x: jax.Array, w: jax.Array, a_kernel: jax.Array, b: jax.Array, *,
             params: dict[str, Any], scale: float, out: Any) -> jax.Array:
-  """The folded form (module docstring): ``conv(x, W + s·A·B)`` forward, factored backward."""
+  """The folded form (module docstring): ``conv(x, W + s·A·B)`` forward, factored backward.
+
+  Used where ``x`` and ``W`` are already in the accumulation dtype.
+  """
   dn = params["dimension_numbers"]
   kernel_out, feature = dn.rhs_spec[0], dn.out_spec[1]
+  acc, precision = x.dtype, params.get("precision")
 
   def conv(lhs: jax.Array, kernel: jax.Array) -> jax.Array:
-    return lax.conv_general_dilated_p.bind(lhs, kernel, **params)
+    return _conv(params, lhs, kernel)
 
   def adapted(w, a_kernel, b):  # W + s·A·B in W's layout
     delta = lax.dot_general(a_kernel, b, (((kernel_out,), (0,)), ((), ())),
@@ -127,15 +149,10 @@ def _folded(x: jax.Array, w: jax.Array, a_kernel: jax.Array, b: jax.Array, *,
   def f_bwd(res, dy):
     x, w, a_kernel, b, kernel = res
     dy = dy.astype(x.dtype)
-    dy_last = jnp.moveaxis(dy, feature, -1)
-    project = lambda u, v: lax.dot_general(  # noqa: E731
-        u, v, (((u.ndim - 1,), (0,)), ((), ())), precision=params.get("precision"))
-    g = jnp.moveaxis(project(dy_last, b.T) * jnp.asarray(scale, x.dtype), -1, feature)
+    xa = jnp.moveaxis(conv(x, a_kernel), feature, -1) * jnp.asarray(scale, acc)
+    g, db = _b_side(xa, dy, b, feature=feature, scale=scale, acc=acc, precision=precision)
     dx = jax.vjp(lambda v: conv(v, kernel), x)[1](dy)[0]
     da = jax.vjp(lambda k: conv(x, k), a_kernel)[1](g)[0]
-    xa = jnp.moveaxis(conv(x, a_kernel), feature, -1) * jnp.asarray(scale, x.dtype)
-    lead = tuple(range(xa.ndim - 1))
-    db = lax.dot_general(xa, dy_last, ((lead, lead), ((), ())))
     dw = jax.vjp(lambda k: conv(x, k), w)[1](dy)[0]
     return dx, dw, da, db
 
