@@ -31,7 +31,7 @@ from lora_jax._src.lineage import fingerprint
 from lora_jax._src.tree import PyTree, adapter_paths, leaves_with_paths, lookup, trained_leaves
 
 _ADAPTERS, _CONFIG, _TRAINED, _CHECKSUMS = "adapters", "config", "trained", "checksums"
-_BASE = "base_fingerprint"  # JSON: the adapted base leaves' shapes, dtypes, sampled hashes
+_BASE = "base_fingerprint"  # JSON: the adapted base leaves' shapes, dtypes, sampled values
 
 
 def _composite() -> ocp.Checkpointer:
@@ -131,12 +131,12 @@ def save_adapters(directory: str | os.PathLike[str], adapters: LoraParams | Mapp
   Pass the whole ``LoraParams`` to save everything a run trained: the adapters
   and the base leaves trained in full (``config.trainable``: a head, biases).
   The frozen base is never saved here; a fingerprint of its adapted leaves is
-  (shape, dtype and a hash of 4,096 sampled values each, ``lineage.py``), so that
+  (shape, dtype and 256 sampled values each, ``lineage.py``), so that
   ``load_adapters(..., base=...)`` and ``lora-jax merge`` can refuse another base.
   The checkpoint is written under a staging name and moved into place when
-  complete: a crash at any moment
-  leaves the previous checkpoint (or none) under ``directory``, never a partial
-  one, and two processes saving to one place are serialized by a lock.
+  complete: a crash at any moment leaves the previous checkpoint (or none) under
+  ``directory``, never a partial one, and two processes saving to one place are
+  serialized by a lock.
 
   Args:
     directory: where to write. With ``step``, a step folder ``directory/<step>``

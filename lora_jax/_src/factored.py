@@ -144,7 +144,7 @@ def _fallback(eqn: Any, invals: Sequence[Any], ctx: Context, reason: str) -> lis
 
 
 def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
-                 recompute_of: Callable[[Any], Any]) -> list[Any]:
+                 recompute_of: Callable[[Any, float], Any]) -> list[Any]:
   name, params = eqn.primitive.name, eqn.params
   # Rules accumulate in float32 or wider and round once to the original result's dtype.
   out_dtype = eqn.outvars[0].aval.dtype

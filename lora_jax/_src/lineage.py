@@ -59,18 +59,22 @@ def _sample(value: Any, shape: tuple[int, ...]) -> np.ndarray:
   return out
 
 
-def leaf_fingerprint(value: Any) -> dict[str, Any]:
-  """``{"shape", "dtype", "values"}`` of one leaf: ``values`` is the sample's bytes in
-  base64, None for values without data here (``jax.ShapeDtypeStruct``, or an array
-  spread over several processes)."""
-  shape, dtype = [int(d) for d in value.shape], np.dtype(value.dtype).name
-  values = None
+def _sample_of(value: Any) -> np.ndarray | None:
+  """The sampled values of a leaf; None for values without data here
+  (``jax.ShapeDtypeStruct``, or an array spread over several processes)."""
   concrete = isinstance(value, np.ndarray) or (
       isinstance(value, jax.Array) and value.is_fully_addressable)
-  if concrete and np.size(value):
-    raw = np.ascontiguousarray(_sample(value, tuple(shape)))
-    values = base64.b64encode(raw.tobytes()).decode("ascii")
-  return {"shape": shape, "dtype": dtype, "values": values}
+  if not concrete or not np.size(value):
+    return None
+  return np.ascontiguousarray(_sample(value, tuple(int(d) for d in value.shape)))
+
+
+def leaf_fingerprint(value: Any) -> dict[str, Any]:
+  """``{"shape", "dtype", "values"}`` of one leaf: ``values`` is the sample's bytes in
+  base64, or None (see ``_sample_of``)."""
+  sample = _sample_of(value)
+  return {"shape": [int(d) for d in value.shape], "dtype": np.dtype(value.dtype).name,
+          "values": None if sample is None else base64.b64encode(sample.tobytes()).decode("ascii")}
 
 
 def _decode(entry: Mapping[str, Any]) -> np.ndarray:
@@ -99,14 +103,16 @@ def differences(recorded: Mapping[str, Any], path: str, value: Any | None) -> st
   saved = recorded[path]
   if value is None:
     return f"{path}: absent from this base"
-  found = leaf_fingerprint(value)
-  if found["shape"] != saved["shape"]:
-    return (f"{path}: shape {tuple(found['shape'])} {found['dtype']} here, trained on "
+  shape, dtype = [int(d) for d in value.shape], np.dtype(value.dtype).name
+  if shape != saved["shape"]:
+    return (f"{path}: shape {tuple(shape)} {dtype} here, trained on "
             f"{tuple(saved['shape'])} {saved['dtype']}")
-  if found["values"] is not None and saved.get("values") is not None:
-    if not _same_values(_decode(saved), _decode(found)):
-      return (f"{path}: other values ({found['dtype']} here, trained on {saved['dtype']}; "
-              f"compared at {SAMPLE} sampled positions)")
+  if saved.get("values") is None:
+    return None
+  sample = _sample_of(value)
+  if sample is not None and not _same_values(_decode(saved), sample):
+    return (f"{path}: other values ({dtype} here, trained on {saved['dtype']}; "
+            f"compared at {SAMPLE} sampled positions)")
   return None
 
 

@@ -44,7 +44,7 @@ def accumulation_dtype(*dtypes: Any) -> Any:
   return jax.dtypes.canonicalize_dtype(widest if widest.itemsize > 4 else jnp.float32)
 
 
-def _explicit_spec(v: jax.Array) -> tuple[Any, Any] | None:
+def explicit_spec(v: jax.Array) -> tuple[Any, Any] | None:
   """``(mesh, spec)`` of an array typed with explicitly sharded mesh axes, else None."""
   sharding = getattr(jax.typeof(v), "sharding", None)
   mesh = getattr(sharding, "mesh", None)
@@ -68,8 +68,8 @@ def _mm(x, y, x_axis, y_axis, precision=None, out=None, like=None):
   own transpose rules.
   """
   kwargs = {}
-  found = [_explicit_spec(v) for v in (x, y)]
-  target = _explicit_spec(like) if like is not None else None
+  found = [explicit_spec(v) for v in (x, y)]
+  target = explicit_spec(like) if like is not None else None
   if target is not None:
     kwargs["out_sharding"] = jax.sharding.NamedSharding(
         target[0], jax.sharding.PartitionSpec(*target[1]))
@@ -109,7 +109,7 @@ def _anti_cse(leaves: tuple[jax.Array, ...], dy: jax.Array) -> tuple[jax.Array, 
     one = 1 + 0 * dy[(0,) * dy.ndim]
     return tuple(v * one.astype(v.dtype) if _differentiable(v) else v for v in leaves)
 
-  if _explicit_spec(dy) is not None:  # a one-element slice of a sharded type is not allowed
+  if explicit_spec(dy) is not None:  # a one-element slice of a sharded type is not allowed
     return barrier(leaves, dy)
   return lax.platform_dependent(leaves, dy, cpu=multiply, default=barrier)
 
@@ -161,7 +161,7 @@ def _matmul(w_transposed: bool, scale: float, precision: Any, acc: Any, out: Any
     t = _mm(xd, p, 1, 0, precision, acc) * jnp.asarray(scale, acc)
     if (training and not w_transposed and x.shape[0] >= x.shape[1] + p.shape[1]
         and {x.dtype, w.dtype, q.dtype} == {jnp.dtype(acc)}
-        and _explicit_spec(x) is None and _explicit_spec(w) is None):
+        and explicit_spec(x) is None and explicit_spec(w) is None):
       # One product [x, s·x·P]·[W; Q] when the activations outweigh the weight:
       # if the backward pass needs the output, XLA then keeps one buffer
       # instead of the two summands. (Explicitly sharded operands keep the two

@@ -30,7 +30,9 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax._src.config import LoraConfig, is_principal
+from lora_jax._src.lowrank_dot import explicit_spec
 from lora_jax._src.plan import Target
+from lora_jax._src.tree import adapter_paths, lookup, nest
 
 _NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
 
@@ -63,11 +65,11 @@ def _randomized_svd(m: jax.Array, rank: int, niter: int, key: jax.Array):
 def principal_init(w: jax.Array, key: jax.Array, *, target: Target, init: str, dtype: str
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(A, B, W − s·A·B)`` for one target; the residual in ``W``'s dtype."""
-  sharding = getattr(jax.typeof(w), "sharding", None)
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is not None and jax.sharding.AxisType.Explicit in getattr(mesh, "axis_types", ()):
+  explicit = explicit_spec(w)
+  if explicit is not None:
     # Explicitly sharded: the decompositions need the whole matrix of this one leaf.
-    w = jax.sharding.reshard(w, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    w = jax.sharding.reshard(
+        w, jax.sharding.NamedSharding(explicit[0], jax.sharding.PartitionSpec()))
   m = _to_matrix(w.astype(jnp.float32), target)
   r, s = target.rank, target.scale
   with jax.default_matmul_precision("highest"):
@@ -98,7 +100,6 @@ def check_concrete(leaf: Any, path: str, init: str) -> None:
         "plan shapes abstractly with init='default' (the shapes are the same).")
 
 
-
 def to_standard(adapters: Any, initial: Any, config: LoraConfig) -> tuple[Any, LoraConfig]:
   """Adapters trained from a PiSSA/OLoRA init, as standard LoRA on the original weights.
 
@@ -122,12 +123,8 @@ def to_standard(adapters: Any, initial: Any, config: LoraConfig) -> tuple[Any, L
     ValueError: when ``config.init`` is not a PiSSA/OLoRA init, or the two adapter
       trees differ in paths or shapes.
   """
+  # lift imports this module for its initializations.
   from lora_jax._src.lift import LoraParams  # pylint: disable=import-outside-toplevel
-  from lora_jax._src.tree import (  # pylint: disable=import-outside-toplevel
-      adapter_paths,
-      lookup,
-      nest,
-  )
 
   if not is_principal(config.init):
     raise ValueError(f"to_standard converts PiSSA/OLoRA adapters; config.init is "
