@@ -21,12 +21,17 @@ Variants, each a jitted step (loss, gradient, Adam update of what it trains):
   factored  lora_jax, default factored mode
   qwix      qwix.LoraProvider on the same model and targets (skipped if qwix is not
             installed; where qwix fails on a model, the reason is printed)
+  with --dora, also:
+  dora-merge   DoRA (use_dora=True) by forming each weight m * V / ||V|| inside the step
+  dora         DoRA, factored (norms from the factors; see lora_jax/_src/dora.py)
+  and the ratios of factored DoRA to factored LoRA.
 
 Reports medians over interleaved repeats of wall time, XLA cost-analysis FLOPs and XLA
 temporary memory, all as ratios to the floor, plus compile time and forward-only inference
 time (factored vs merged weights).
 
-Run: python benchmarks/train_step.py [--model lm|gemma|moe|conv] [--repeats 7] [--json out.json]
+Run: python benchmarks/train_step.py [--model lm|gemma|moe|conv] [--repeats 7] [--dora]
+                                    [--json out.json]
 """
 
 from __future__ import annotations
@@ -209,7 +214,7 @@ def make_step(loss_fn, tx):
   return jax.jit(step, donate_argnums=(0, 2))
 
 
-def variants(spec: Spec, params):
+def variants(spec: Spec, params, dora: bool = False):
   model = spec.model
   tx = optax.adam(1e-4)
   out = {}
@@ -227,10 +232,17 @@ def variants(spec: Spec, params):
                                                                    spec.batch.dtype),
                          config=config)
   lp = lj.lift(params, config, key=jax.random.key(1))
+  join = lambda adapters, base: lj.LoraParams(base, adapters)  # noqa: E731
   for mode in ("merge", "factored"):
     apply = lj.wrap(model.apply, config, mode=mode)
-    join = lambda adapters, base: lj.LoraParams(base, adapters)  # noqa: E731
     out[mode] = (make_step(joined_loss(apply, join, spec.loss), tx), lp.adapters, lp.base)
+  if dora:
+    dora_config = lj.LoraConfig(**{**config.to_dict(), "use_dora": True})
+    dora_lp = lj.lift(params, dora_config, key=jax.random.key(1))
+    for mode, name in (("merge", "dora-merge"), ("factored", "dora")):
+      apply = lj.wrap(model.apply, dora_config, mode=mode)
+      out[name] = (make_step(joined_loss(apply, join, spec.loss), tx), dora_lp.adapters,
+                   dora_lp.base)
 
   try:
     import qwix  # pylint: disable=import-outside-toplevel
@@ -266,13 +278,14 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--model", choices=sorted(MODELS), default="lm")
   parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--dora", action="store_true", help="also DoRA, merged and factored")
   parser.add_argument("--json", default=None, help="also write the results here")
   args = parser.parse_args()
 
   spec = MODELS[args.model]()
   tokens = spec.batch
   params = jax.jit(spec.model.init)(jax.random.key(0), tokens)
-  steps, lp, config = variants(spec, params)
+  steps, lp, config = variants(spec, params, dora=args.dora)
   tx = optax.adam(1e-4)
 
   state, stats = {}, {}
@@ -326,6 +339,11 @@ def main():
     results["variants"][name] = row
     print(f"{name:10} {row['wall_ms']:9.1f} {row['wall_ratio']:10.3f} {row['flops_ratio']:11.3f} "
           f"{row['temp_ratio']:14.3f} {row['compile_s']:9.2f}")
+  if args.dora:
+    lora, dora = results["variants"]["factored"], results["variants"]["dora"]
+    results["dora_over_lora"] = {k: dora[k] / lora[k] for k in ("wall_ms", "flops", "temp_bytes")}
+    print("\nfactored DoRA / factored LoRA: wall {wall_ms:.3f}, FLOPs {flops:.3f}, temp memory "
+          "{temp_bytes:.3f}".format(**results["dora_over_lora"]))
   ratio = statistics.median(fwd["factored"]) / statistics.median(fwd["merged"])
   results["forward_factored_over_merged"] = ratio
   print(f"\nforward-only inference, factored / merged weights: {ratio:.3f}")

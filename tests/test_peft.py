@@ -87,47 +87,63 @@ def _to_flax_layout(out, conv):
   return out.transpose(0, 2, 3, 1) if conv else out
 
 
+def _perturbed(lp):
+  """Non-zero B (and, for DoRA, magnitudes away from ‖W‖) so the adapters change outputs."""
+  keys = iter(jax.random.split(jax.random.key(3), 64))
+  return lj.LoraParams(lp.base, jax.tree.map(
+      lambda a: a + 0.3 * jax.random.normal(next(keys), a.shape), lp.adapters))
+
+
+@pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("conv", [False, True])
-def test_export_loads_in_peft_with_equal_outputs(tmp_path, conv):
+def test_export_loads_in_peft_with_equal_outputs(tmp_path, conv, dora):
   model, params, x, torch_model, x_torch = _conv() if conv else _text()
   last = "Conv_1" if conv else "Dense_1"
   config = lj.LoraConfig(rank=4, alpha=8.0, targets=r"kernel$" if conv else (r"kernel$", "emb"),
                          rank_pattern={last: 2}, alpha_pattern={last: 3.0}, use_rslora=True,
-                         in_axes={"Conv_1": 3} if conv else {})  # Conv_1 has no bias to tell
-  lp = lj.lift(params, config, key=jax.random.key(2))
-  lp = lj.LoraParams(lp.base, jax.tree.map(
-      lambda a: a + 0.3 * jax.random.normal(jax.random.key(3), a.shape), lp.adapters))
+                         in_axes={"Conv_1": 3} if conv else {},  # Conv_1 has no bias to tell
+                         use_dora=dora)
+  lp = _perturbed(lj.lift(params, config, key=jax.random.key(2)))
   expected = np.asarray(lj.wrap(model.apply, config)(lp, x))
   lj.export_peft(lp, config, tmp_path / "peft")
   written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-  assert written["r"] == 4 and written["use_rslora"] is True
+  assert written["r"] == 4 and written["use_rslora"] is True and written["use_dora"] is dora
   peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "peft")).eval()
   with torch.no_grad():
     got = _to_flax_layout(peft_model(x_torch), conv)
     with peft_model.disable_adapter():
       base = _to_flax_layout(peft_model(x_torch), conv)
+    merged = _to_flax_layout(peft_model.merge_and_unload()(x_torch), conv)
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(merged, expected, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(base, model.apply(params, x), rtol=1e-4, atol=1e-4)
   assert not np.allclose(got, base, atol=1e-2)  # the adapters did change the output
 
 
+@pytest.mark.parametrize("dora", [False, True])
 @pytest.mark.parametrize("conv", [False, True])
-def test_import_peft_made_adapter_gives_peft_outputs(tmp_path, conv):
+def test_import_peft_made_adapter_gives_peft_outputs(tmp_path, conv, dora):
   model, params, x, torch_model, x_torch = _conv() if conv else _text()
   targets = ["Conv_0", "Conv_1"] if conv else ["Embed_0", "Dense_0", "Dense_1"]
   torch.manual_seed(0)
   peft_config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                 init_lora_weights=False, rank_pattern={targets[-1]: 2},
-                                alpha_pattern={targets[0]: 5})
+                                alpha_pattern={targets[0]: 5}, use_dora=dora)
   peft_model = peft.get_peft_model(torch_model, peft_config).eval()
+  if dora:  # magnitudes away from ‖W‖, so that a lost or misplaced m shows
+    with torch.no_grad():
+      for name, value in peft_model.named_parameters():
+        if "lora_magnitude_vector" in name:
+          value.mul_(torch.linspace(0.5, 1.5, value.numel()).reshape(value.shape))
   with torch.no_grad():
     expected = _to_flax_layout(peft_model(x_torch), conv)
   peft_model.save_pretrained(str(tmp_path / "made_by_peft"))
   adapters, config = lj.import_peft(tmp_path / "made_by_peft", params=params,
                                     in_axes={"Conv_1": 3} if conv else None)
-  assert config.rank == 4 and config.alpha == 8.0
-  out = lj.wrap(model.apply, config)(lj.LoraParams(params, adapters), x)
-  np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-4)
+  assert config.rank == 4 and config.alpha == 8.0 and config.use_dora is dora
+  for mode in ("factored", "merge"):
+    out = lj.wrap(model.apply, config, mode=mode)(lj.LoraParams(params, adapters), x)
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_peft_files(tmp_path):
@@ -207,16 +223,17 @@ def test_out_in_kernels_are_refused_until_their_layout_is_stated(tmp_path):
     lj.export_peft(lp, config, tmp_path / "peft")
 
 
-@pytest.mark.parametrize("conv1d", [False, True])
-def test_out_in_kernels_round_trip_through_real_peft(tmp_path, conv1d):
+@pytest.mark.parametrize("conv1d, dora", [(False, False), (True, False), (False, True),
+                                          (True, True)])
+def test_out_in_kernels_round_trip_through_real_peft(tmp_path, conv1d, dora):
+  """DoRA here runs the x @ W.T rule: the norm is over W's axis 1, c scales x."""
   params, apply, x = _gpt2_style()
   in_axes = {r"kernel$": (1,)}
-  config = lj.LoraConfig(rank=2, alpha=4.0, targets=r"kernel$", in_axes=in_axes)
+  config = lj.LoraConfig(rank=2, alpha=4.0, targets=r"kernel$", in_axes=in_axes, use_dora=dora)
   lp = lj.lift(params, config, key=jax.random.key(0))
   assert lp.adapters["mlp"]["c_fc"]["kernel"]["a"].shape == (8, 2)   # A over the input axis
   assert lp.adapters["mlp"]["c_fc"]["kernel"]["b"].shape == (2, 12)
-  lp = lj.LoraParams(lp.base, jax.tree.map(
-      lambda a: a + 0.3 * jax.random.normal(jax.random.key(3), a.shape), lp.adapters))
+  lp = _perturbed(lp)
   expected = np.asarray(lj.wrap(apply, config)(lp, x))
   np.testing.assert_allclose(expected, apply(lj.merge(lp, config), x), rtol=1e-5, atol=1e-5)
   lj.export_peft(lp, config, tmp_path / "peft", fan_in_fan_out=conv1d)

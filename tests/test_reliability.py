@@ -440,7 +440,8 @@ _KEY = "base_model.model.dense"
 
 
 @pytest.mark.parametrize("config_change, tensor_change, message", [
-    ({"use_dora": True}, None, r"use_dora is True: DoRA .* is not plain LoRA"),
+    ({"use_dora": True}, None, r"lora_magnitude_vector is missing; adapter_config.json sets "
+     r"use_dora"),
     ({"lora_bias": True}, None, r"lora_bias is True: a trainable bias"),
     ({"target_parameters": ["experts"]}, None, r"target_parameters is \['experts'\]"),
     ({"alpha_pattern": {"dense": 0}}, None, r"alpha_pattern\['dense'\] must be a positive number"),
@@ -451,7 +452,9 @@ _KEY = "base_model.model.dense"
     ({"r": "4"}, None, r"r must be a positive integer, found '4'"),
     ({"lora_alpha": float("nan")}, None, r"lora_alpha must be a positive number, found nan"),
     (None, lambda t: t.update({f"{_KEY}.lora_magnitude_vector.weight": np.ones(8, np.float32)}),
-     r"lora_magnitude_vector.weight holds DoRA magnitude vectors"),
+     r"lora_magnitude_vector.weight holds a DoRA magnitude under a key PEFT does not write"),
+    (None, lambda t: t.update({f"{_KEY}.lora_magnitude_vector": np.ones(8, np.float32)}),
+     r"lora_magnitude_vector is a DoRA magnitude, but adapter_config.json does not set use_dora"),
     (None, lambda t: t.update({f"{_KEY}.lora_B.bias": np.ones(8, np.float32)}),
      r"lora_B.bias holds lora_B biases"),
     (None, lambda t: t.pop(f"{_KEY}.lora_B.weight"),
@@ -463,8 +466,9 @@ _KEY = "base_model.model.dense"
 ])
 def test_unsupported_or_broken_peft_files_are_named(peft_dir, config_change, tensor_change,
                                                      message):
-  """11, 13: DoRA, lora_bias, bad patterns, missing fields or tensors: a clear error naming the
-  file and the key, never a bare KeyError, and never a silent plain-LoRA import."""
+  """11, 13: DoRA files that are not whole, lora_bias, bad patterns, missing fields or
+  tensors: a clear error naming the file and the key, never a bare KeyError, and never a
+  silent plain-LoRA import."""
   params, folder = peft_dir
   if config_change:
     _edit_config(folder, **config_change)

@@ -200,14 +200,15 @@ def save_adapters(directory: str | os.PathLike[str], adapters: LoraParams | Mapp
 def check_fits_config(adapters: Any, trained: Any, config: LoraConfig, where: str) -> None:
   """Raises a ``CheckpointMismatch`` unless every adapter has the rank and layout ``config`` gives.
 
-  Every leaf must sit in an ``{"a": A, "b": B}`` pair at a path ``config``
-  targets, ``A.shape[-1]`` and ``B``'s rank axis must equal ``config.rank_for``,
-  and A and B must share their stack axes; every trained leaf must be one
+  Every leaf must sit in an ``{"a": A, "b": B}`` pair (plus ``"m"``, shaped
+  ``stack + out``, where the config says DoRA) at a path ``config`` targets,
+  ``A.shape[-1]`` and ``B``'s rank axis must equal ``config.rank_for``, and A
+  and B must share their stack axes; every trained leaf must be one
   ``config.trainable`` names.
   """
   errors = []
   pairs = adapter_paths(adapters) if isinstance(adapters, Mapping) else []
-  covered = {f"{p}/{n}" for p in pairs for n in ("a", "b")}
+  covered = {f"{p}/{n}" for p in pairs for n in lookup(adapters, p)}
   errors += [f"{p}: not part of an {{'a', 'b'}} adapter pair"
              for p, _ in leaves_with_paths(adapters) if p not in covered]
   for path in pairs:
@@ -216,15 +217,22 @@ def check_fits_config(adapters: Any, trained: Any, config: LoraConfig, where: st
     if not config.is_target(path):
       errors.append(f"{path}: has an adapter, but the config's targets/exclude do not select it")
       continue
+    if ("m" in entry) != config.dora_for(path):
+      errors.append(f"{path}: the adapter {'has' if 'm' in entry else 'lacks'} a DoRA magnitude "
+                    f"'m', but the config says use_dora={config.dora_for(path)} here")
+      continue
     rank, stack = config.rank_for(path), config.stack_axes_for(path)
     n_stack = stack if isinstance(stack, int) else len(stack)
     a_shape, b_shape = tuple(np.shape(a)), tuple(np.shape(b))
+    m_shape = tuple(np.shape(entry["m"])) if "m" in entry else None
     if (len(a_shape) < n_stack + 2 or len(b_shape) < n_stack + 2
         or a_shape[-1] != rank or b_shape[n_stack] != rank
-        or a_shape[:n_stack] != b_shape[:n_stack]):
+        or a_shape[:n_stack] != b_shape[:n_stack]
+        or (m_shape is not None and m_shape != b_shape[:n_stack] + b_shape[n_stack + 1:])):
       errors.append(f"{path}: A {a_shape} and B {b_shape} do not fit the config (rank {rank}, "
                     f"{n_stack} stack axes: A = stack + in + ({rank},), "
-                    f"B = stack + ({rank},) + out)")
+                    f"B = stack + ({rank},) + out"
+                    + (f"; m {m_shape} = stack + out)" if m_shape is not None else ")"))
   errors += [f"{p}: a trained leaf, but config.trainable does not name it"
              for p, _ in leaves_with_paths(trained) if not config.is_trainable(p)]
   if errors:

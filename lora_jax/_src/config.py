@@ -26,7 +26,7 @@ Axes = int | tuple[int, ...]
 """A number of axes, or explicit axis positions in a kernel."""
 
 # Fields holding {regex: value} overrides, stored as tuples of pairs to stay hashable.
-_PATTERN_FIELDS = ("rank_pattern", "alpha_pattern", "in_axes", "stack_axes")
+_PATTERN_FIELDS = ("rank_pattern", "alpha_pattern", "dora_pattern", "in_axes", "stack_axes")
 # Fields holding one regex or several.
 _REGEX_FIELDS = ("targets", "exclude", "trainable")
 
@@ -132,6 +132,11 @@ class LoraConfig:
     rank_pattern: per-path rank overrides, ``{regex: rank}``.
     alpha_pattern: per-path alpha overrides, ``{regex: alpha}``.
     use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilized LoRA).
+    use_dora: DoRA (weight-decomposed LoRA, ``dora.py``): the adapted weight is
+      ``m ⊙ V / ‖V‖`` for ``V = W + scale * A @ B``, the norm over the input axes
+      per output unit, with a trainable magnitude ``m`` (shape ``stack + out``,
+      initialized to ``‖W‖``) stored beside A and B as ``"m"``.
+    dora_pattern: per-path DoRA overrides, ``{regex: bool}``.
     trainable: regexes of base leaves trained in full (biases, norms, a head).
     init: ``"default"`` (A he-uniform over its input axes) or ``"gaussian"``
       (A normal with standard deviation ``1 / r``), B zero in both; or, from the
@@ -162,6 +167,8 @@ class LoraConfig:
   rank_pattern: tuple[tuple[str, int], ...] | Mapping[str, int] = ()
   alpha_pattern: tuple[tuple[str, float], ...] | Mapping[str, float] = ()
   use_rslora: bool = False
+  use_dora: bool = False
+  dora_pattern: tuple[tuple[str, bool], ...] | Mapping[str, bool] = ()
   trainable: tuple[str, ...] | str = ()
   init: str = "default"
   in_axes: tuple[tuple[str, Axes], ...] | Mapping[str, Axes] = ()
@@ -190,8 +197,12 @@ class LoraConfig:
           f"LoraConfig.dropout must be a probability in [0, 1), got {self.dropout!r}. "
           "Use 0.0 to disable LoRA dropout; common values are 0.05 and 0.1.")
     set_("dropout", float(self.dropout))
-    if not isinstance(self.use_rslora, bool):
-      raise TypeError(f"LoraConfig.use_rslora must be True or False, got {self.use_rslora!r}.")
+    for name in ("use_rslora", "use_dora"):
+      if not isinstance(getattr(self, name), bool):
+        raise TypeError(f"LoraConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+    for p, v in self.dora_pattern:
+      if not isinstance(v, bool):
+        raise TypeError(f"LoraConfig.dora_pattern[{p!r}] must be True or False, got {v!r}.")
     if not isinstance(self.init, str) or not (self.init in _INITS or is_principal(self.init)):
       raise ValueError(f"LoraConfig.init must be one of {_INITS}, 'pissa', 'pissa_niter_N' "
                        f"(N >= 1 subspace iterations) or 'olora', got {self.init!r}.")
@@ -242,6 +253,11 @@ class LoraConfig:
     """The alpha at ``path`` (``alpha_pattern`` first, then ``alpha``)."""
     found = _first_match(self.alpha_pattern, path)
     return self.alpha if found is None else found
+
+  def dora_for(self, path: str) -> bool:
+    """Whether the adapter at ``path`` is DoRA (``dora_pattern`` first, then ``use_dora``)."""
+    found = _first_match(self.dora_pattern, path)
+    return self.use_dora if found is None else found
 
   def scale_for(self, path: str) -> float:
     """``alpha / r``, or ``alpha / sqrt(r)`` with ``use_rslora``, at ``path``."""

@@ -10,6 +10,10 @@ weight gradient:
   ``x·W + scale·((x·A)·B)``, both products batched over the experts;
 * ``ragged_dot`` (tokens grouped by expert, ``lhs [m, in]``, ``rhs [g, in, out]``):
   ``ragged_dot(x, W) + scale·ragged_dot(ragged_dot(x, A), B)``.
+
+A DoRA expert stack scales each expert's output units by its own ``c``: along
+the batch axes for the batched product, and row by row (each row its group's
+``c``) for ``ragged_dot``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lora_jax._src import dora
 from lora_jax._src.lowrank import LowRank
 from lora_jax._src.lowrank_dot import accumulation_dtype, ascending, rebuild_input
 
@@ -53,7 +58,13 @@ def batched_dot_apply(x: jax.Array, lr: LowRank, weight_is_rhs: bool, params: di
     n_out = len(lr.outs)
     y = jnp.transpose(y, (*range(n_batch), *range(n_batch + n_x_free, n_batch + n_x_free + n_out),
                           *range(n_batch, n_batch + n_x_free)))
-  return (base + y).astype(out)
+  y = (base + y).astype(out)
+  if lr.m is None:
+    return y
+  first_out = n_batch + (n_x_free if weight_is_rhs else 0)
+  order = sorted(lr.outs)
+  dims = [rb.index(p) for p in lr.stack] + [first_out + order.index(p) for p in lr.outs]
+  return dora.scale_output(y, dora.place(lr.dora_factor(), dims, y.ndim))
 
 
 def ragged_dot_apply(x: jax.Array, lr: LowRank, group_sizes: jax.Array,
@@ -74,7 +85,12 @@ def ragged_dot_apply(x: jax.Array, lr: LowRank, group_sizes: jax.Array,
   acc = accumulation_dtype(x.dtype, lr.w.dtype, lr.a.dtype, lr.b.dtype)
   x_fn, leaves = (lambda v: v, (x,)) if recompute is None else recompute  # noqa: E731
   f = _ragged(x_fn, recompute is not None, float(lr.scale), acc, out, params.get("precision"))
-  return f(tuple(leaves), lr.w, lr.a, lr.b, group_sizes, dropout_mask)
+  y = f(tuple(leaves), lr.w, lr.a, lr.b, group_sizes, dropout_mask)
+  if lr.m is None:
+    return y
+  # Each row takes its group's c; rows past the groups are zero and stay zero.
+  c = jnp.repeat(lr.dora_factor(), group_sizes, axis=0, total_repeat_length=y.shape[0])
+  return dora.scale_output(y, c)
 
 
 def _members(group_sizes: jax.Array, rows: int, dtype: Any) -> jax.Array:

@@ -217,7 +217,7 @@ def _flatten(values: Sequence[Any]) -> tuple[list[Any], Callable[[Sequence[Any]]
   layout: list[LowRank | None] = []
   for v in values:
     layout.append(v if isinstance(v, LowRank) else None)
-    flat.extend((v.w, v.a, v.b) if isinstance(v, LowRank) else (v,))
+    flat.extend(v.arrays if isinstance(v, LowRank) else (v,))
 
   def rebuild(arrays: Sequence[Any], transform: Callable[[LowRank], LowRank] = lambda x: x
               ) -> list[Any]:
@@ -227,9 +227,9 @@ def _flatten(values: Sequence[Any]) -> tuple[list[Any], Callable[[Sequence[Any]]
         out.append(arrays[i])
         i += 1
       else:
-        w, a, b = arrays[i:i + 3]
-        out.append(transform(meta.replace(w=w, a=a, b=b)))
-        i += 3
+        n = len(meta.arrays)
+        out.append(transform(meta.with_arrays(tuple(arrays[i:i + n]))))
+        i += n
     return out
 
   return flat, rebuild

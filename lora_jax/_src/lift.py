@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from lora_jax._src import principal
+from lora_jax._src import dora, principal
 from lora_jax._src.config import LoraConfig, is_principal
 from lora_jax._src.plan import Target, plan, sharding_specs
 from lora_jax._src.tree import PyTree, leaves_with_paths, map_with_paths, nest
@@ -72,7 +72,8 @@ def lift(params: PyTree, config: LoraConfig, *, key: jax.Array) -> LoraParams:
   lifted model starts exactly equal to the base. Leaves given as
   ``jax.ShapeDtypeStruct`` give ``ShapeDtypeStruct`` adapters and allocate
   nothing. Adapters follow the base leaf's ``NamedSharding``: A the input axes,
-  B the output axes, the rank axis replicated.
+  B the output axes, the rank axis replicated. A DoRA target (``use_dora``) also
+  gets ``"m"``, the norm of ``W`` over its input axes (shape ``stack + out``).
 
   Args:
     params: any parameter pytree (Linen variables, NNX state, nested dicts).
@@ -129,9 +130,31 @@ def lift(params: PyTree, config: LoraConfig, *, key: jax.Array) -> LoraParams:
         a = jax.device_put(a, a_sharding)
         b = jax.device_put(b, b_sharding)
     flat[target.path] = {"a": a, "b": b}
+    if target.dora:
+      flat[target.path]["m"] = _magnitude(leaf, target, config.dtype, b_sharding)
   if residuals:
     params = map_with_paths(lambda p, leaf: residuals.get(p, leaf), params)
   return LoraParams(base=params, adapters=nest(flat))
+
+
+@functools.partial(jax.jit, static_argnames=("target", "dtype"))
+def _norms(w: jax.Array, *, target: Target, dtype: str) -> jax.Array:
+  stack, ins, outs = target.axes
+  return dora.magnitude(w, stack=stack, ins=ins, outs=outs).astype(dtype)
+
+
+def _magnitude(leaf: Any, target: Target, dtype: str, b_sharding: Any) -> Any:
+  """DoRA's initial magnitude ``‖W‖`` (``stack + out``), sharded like B without its rank axis."""
+  sharding = None
+  if b_sharding is not None:
+    spec = tuple(b_sharding.spec)
+    rank_axis = len(target.stack_axes)
+    sharding = jax.sharding.NamedSharding(
+        b_sharding.mesh, jax.sharding.PartitionSpec(*spec[:rank_axis], *spec[rank_axis + 1:]))
+  if _is_abstract(leaf):
+    return jax.ShapeDtypeStruct(target.m_shape, dtype, sharding=sharding)
+  m = _norms(leaf, target=target._replace(path=""), dtype=dtype)
+  return m if sharding is None else jax.device_put(m, sharding)
 
 
 def _target_leaves(params: PyTree, targets: tuple[Target, ...]):

@@ -1,6 +1,7 @@
 """``LowRank``: an adapted weight kept in factored form, and the ops that stay factored.
 
-A ``LowRank`` stands for ``W + scale * A @ B`` without forming it. ``ins``,
+A ``LowRank`` stands for ``W + scale * A @ B`` without forming it (DoRA's
+``m ⊙ V / ‖V‖`` of that ``V`` when it has a magnitude ``m``, see ``dora.py``). ``ins``,
 ``outs`` and ``stack`` give the positions in ``W`` of A's input axes (in A's
 order), B's output axes (in B's order) and the stacked-layer axes, so a
 transposed or sliced weight stays factored. Each ``*_apply`` function computes
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lora_jax._src import dora
 from lora_jax._src.lowrank_conv import lowrank_conv
 from lora_jax._src.lowrank_dot import accumulation_dtype, ascending, lowrank_dot
 from lora_jax._src.plan import Target
@@ -41,7 +43,7 @@ def low_rank_delta(a: jax.Array, b: jax.Array, *, stack: tuple[int, ...],
 
 @dataclasses.dataclass(frozen=True)
 class LowRank:
-  """The value ``W + scale * A @ B``, kept as its factors."""
+  """The value ``W + scale * A @ B`` (DoRA-normalized with ``m``), kept as its factors."""
 
   w: jax.Array
   a: jax.Array
@@ -51,17 +53,38 @@ class LowRank:
   stack: tuple[int, ...]
   scale: float
   path: str
+  m: jax.Array | None = None
 
   @classmethod
-  def from_target(cls, target: Target, w: jax.Array, a: jax.Array, b: jax.Array) -> LowRank:
+  def from_target(cls, target: Target, w: jax.Array, a: jax.Array, b: jax.Array,
+                  m: jax.Array | None = None) -> LowRank:
     stack, ins, outs = target.axes
-    return cls(w, a, b, ins=ins, outs=outs, stack=stack, scale=target.scale, path=target.path)
+    return cls(w, a, b, ins=ins, outs=outs, stack=stack, scale=target.scale, path=target.path,
+               m=m)
+
+  @property
+  def arrays(self) -> tuple[jax.Array, ...]:
+    """The arrays this value holds: ``(W, A, B)``, and ``m`` for DoRA."""
+    return (self.w, self.a, self.b) if self.m is None else (self.w, self.a, self.b, self.m)
+
+  def with_arrays(self, arrays: tuple[jax.Array, ...]) -> LowRank:
+    """The same value over other arrays, in the order of ``arrays``."""
+    w, a, b, *m = arrays
+    return self.replace(w=w, a=a, b=b, m=m[0] if m else None)
 
   def materialize(self) -> jax.Array:
     """Forms the adapted weight in ``W``'s dtype, accumulating in float32."""
     delta = low_rank_delta(self.a, self.b, stack=self.stack, ins=self.ins, outs=self.outs,
                            ndim=self.w.ndim, scale=self.scale)
+    if self.m is not None:
+      return dora.merged(self.w, delta, self.m, stack=self.stack,
+                         outs=self.outs).astype(self.w.dtype)
     return (self.w.astype(jnp.float32) + delta).astype(self.w.dtype)
+
+  def dora_factor(self) -> jax.Array:
+    """DoRA's ``c = m / ‖W + s·A·B‖``, float32, laid out ``stack + outs`` (see ``dora.py``)."""
+    return dora.factor(self.w, self.a, self.b, self.m, stack=self.stack, ins=self.ins,
+                       outs=self.outs, scale=self.scale)
 
   def replace(self, **changes: Any) -> LowRank:
     return dataclasses.replace(self, **changes)
@@ -72,7 +95,7 @@ class LowRank:
       return None
     shift = lambda axes: tuple(p - 1 for p in axes)  # noqa: E731
     return LowRank(self.w, self.a, self.b, shift(self.ins), shift(self.outs),
-                   shift(self.stack[1:]), self.scale, self.path)
+                   shift(self.stack[1:]), self.scale, self.path, self.m)
 
 
 def transpose_apply(lr: LowRank, permutation: tuple[int, ...]) -> LowRank:
@@ -93,13 +116,23 @@ def contracted_side(lr: LowRank, params: dict[str, Any], weight_is_rhs: bool) ->
   return None
 
 
+def _dora_output(lr: LowRank, y: jax.Array | None, dims: list[int]) -> jax.Array | None:
+  """DoRA: the LoRA rule's result ``y`` times ``c`` along the result dimensions ``dims``
+  that hold the weight's output axes (in ``lr.outs`` order)."""
+  if y is None:
+    return None
+  return dora.scale_output(y, dora.place(lr.dora_factor(), dims, y.ndim))
+
+
 def dot_general_apply(x: jax.Array, lr: LowRank, weight_is_rhs: bool, params: dict[str, Any],
                       dropout_mask: jax.Array | None, out_dtype: Any, recompute: Any = None
                       ) -> jax.Array | None:
   """``dot_general`` of an input with an adapted weight, in factored form.
 
   ``recompute=(fn, leaves)`` with ``x == fn(*leaves)`` lets the backward pass
-  keep the leaves instead of ``x`` (see ``lowrank_dot``).
+  keep the leaves instead of ``x`` (see ``lowrank_dot``). A DoRA weight scales
+  the result's output units by ``c`` (``x @ W``) or the input's contracted
+  axes (``x @ W.T``).
   """
   (lc, rc), (lb, rb) = params["dimension_numbers"]
   if not weight_is_rhs:
@@ -109,19 +142,36 @@ def dot_general_apply(x: jax.Array, lr: LowRank, weight_is_rhs: bool, params: di
     return None
   contract_in = side == "in"
   free = tuple(sorted(set(range(lr.w.ndim)) - set(rc)))
+  if lr.m is not None and not contract_in:  # x·W'ᵀ = (c ⊙ x)·Vᵀ over the weight's output axes
+    c = dora.place(lr.dora_factor(), [lc[rc.index(p)] for p in lr.outs], x.ndim)
+    x = (x.astype(c.dtype) * c).astype(x.dtype)
+    recompute = None
   y = lowrank_dot(x, lr.w, lr.a, lr.b, dropout_mask, lhs_contract=tuple(lc),
                   w_contract=tuple(rc), ins=lr.ins, outs=lr.outs, contract_in=contract_in,
                   scale=lr.scale, precision=params.get("precision"), out=out_dtype,
                   recompute=recompute)
+  n_x = x.ndim - len(lc)
+  if lr.m is not None and contract_in:
+    y = _dora_output(lr, y, [n_x + free.index(p) for p in lr.outs])
   if weight_is_rhs:
     return y
-  n_x = x.ndim - len(lc)
   return jnp.transpose(y, tuple(range(n_x, n_x + len(free))) + tuple(range(n_x)))
 
 
 def conv_apply(x: jax.Array, lr: LowRank, params: dict[str, Any],
                dropout_mask: jax.Array | None, out_dtype: Any) -> jax.Array | None:
-  """``conv_general_dilated`` with an adapted kernel: A as a conv, B as a 1x1 projection."""
+  """``conv_general_dilated`` with an adapted kernel: A as a conv, B as a 1x1 projection.
+
+  A DoRA kernel scales the output features by ``c``.
+  """
+  if lr.m is None:
+    return _conv_lora(x, lr, params, dropout_mask, out_dtype)
+  y = _conv_lora(x, lr.replace(m=None), params, dropout_mask, out_dtype)
+  return _dora_output(lr, y, [params["dimension_numbers"].out_spec[1]])
+
+
+def _conv_lora(x: jax.Array, lr: LowRank, params: dict[str, Any],
+               dropout_mask: jax.Array | None, out_dtype: Any) -> jax.Array | None:
   dn = params["dimension_numbers"]
   out_dim, in_dim, *spatial = dn.rhs_spec
   if (params["batch_group_count"] != 1 or lr.stack or lr.outs != (out_dim,)
@@ -147,7 +197,7 @@ def conv_apply(x: jax.Array, lr: LowRank, params: dict[str, Any],
 
 
 def gather_apply(lr: LowRank, indices: jax.Array, params: dict[str, Any]) -> jax.Array | None:
-  """An embedding lookup: rows of A, then a product with B."""
+  """An embedding lookup: rows of A, then a product with B (DoRA: each row times ``c``)."""
   dn = params["dimension_numbers"]
   sizes = params["slice_sizes"]
   out_rank = indices.ndim - 1 + len(dn.offset_dims)
@@ -169,4 +219,8 @@ def gather_apply(lr: LowRank, indices: jax.Array, params: dict[str, Any]) -> jax
   base = lax.gather_p.bind(lr.w, indices, **params)
   rows = lax.gather_p.bind(a, indices, **a_params) * jnp.asarray(lr.scale, a.dtype)
   y = lax.dot_general(rows, b, (((rows.ndim - 1,), (0,)), ((), ())), preferred_element_type=acc)
-  return (base.astype(acc) + ascending(y, n_batch, lr.outs)).astype(base.dtype)
+  y = (base.astype(acc) + ascending(y, n_batch, lr.outs)).astype(base.dtype)
+  if lr.m is None:
+    return y
+  order = sorted(lr.outs)
+  return _dora_output(lr, y, [n_batch + order.index(p) for p in lr.outs])

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax._src import dora
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.lift import LoraParams
 from lora_jax._src.lowrank import low_rank_delta
@@ -23,68 +24,108 @@ def low_rank_product(target: Target, a: jax.Array, b: jax.Array) -> jax.Array:
                         scale=target.scale)
 
 
+def merged_weight(target: Target, w: jax.Array, a: jax.Array, b: jax.Array,
+                  m: jax.Array | None) -> jax.Array:
+  """The adapted weight in float32: ``W + scale * A @ B``, or DoRA's ``m ⊙ V / ‖V‖`` of it."""
+  delta = low_rank_product(target, a, b)
+  if m is None:
+    return w.astype(jnp.float32) + delta
+  return dora.merged(w, delta, m, stack=target.stack_axes, outs=target.out_axes)
+
+
 def check_adapters(targets: tuple[Target, ...], adapters: Mapping[str, Any] | None,
-                   what: str = "adapters") -> list[tuple[Target, Any, Any]]:
-  """Pairs each target with its ``(A, B)``; raises listing every mismatch.
+                   what: str = "adapters") -> list[tuple[Target, Any, Any, Any]]:
+  """Pairs each target with its ``(A, B, m)`` (``m`` None unless DoRA); raises listing every
+  mismatch.
 
   Raises:
-    ValueError: for adapters that are missing, unexpected, or of the wrong shape.
+    ValueError: for adapters that are missing, unexpected, of the wrong shape, or with
+      (without) a DoRA magnitude where the config says LoRA (DoRA).
   """
   errors: list[str] = []
   expected = {t.path for t in targets}
   for path in adapter_paths(adapters):
     if path not in expected:
       errors.append(f"{path}: unexpected adapter; the config adapts no leaf at this path.")
-  pairs = []
+  entries = []
   for target in targets:
     entry = lookup(adapters, target.path)
-    if not isinstance(entry, Mapping) or set(entry) != {"a", "b"}:
-      errors.append(f"{target.path}: missing adapter {{'a', 'b'}} for base shape {target.shape}.")
+    names = set(target.entry_names)
+    if not isinstance(entry, Mapping) or not {"a", "b"} <= set(entry):
+      errors.append(f"{target.path}: missing adapter {sorted(names)} for base shape "
+                    f"{target.shape}.")
       continue
-    a, b = entry["a"], entry["b"]
-    for name, leaf, shape in (("a", a, target.a_shape), ("b", b, target.b_shape)):
-      found = tuple(getattr(leaf, "shape", ()))
-      if found != shape:
+    if set(entry) != names:
+      has = "has" if "m" in entry else "lacks"
+      errors.append(
+          f"{target.path}: the adapter {has} a DoRA magnitude 'm', but the config says "
+          f"use_dora={target.dora} for this path (keys {sorted(entry)}, expected "
+          f"{sorted(names)}). Use the config the adapters were made with.")
+      continue
+    shapes = {"a": target.a_shape, "b": target.b_shape, "m": target.m_shape}
+    for name in target.entry_names:
+      found = tuple(getattr(entry[name], "shape", ()))
+      if found != shapes[name]:
         errors.append(
             f"{target.path}/{name}: shape {found} does not fit the base leaf of shape "
-            f"{target.shape}; expected {shape} (stack {target.stack_shape}, input axes "
+            f"{target.shape}; expected {shapes[name]} (stack {target.stack_shape}, input axes "
             f"{target.in_shape}, rank {target.rank}, output axes {target.out_shape}).")
-    pairs.append((target, a, b))
+    entries.append((target, entry["a"], entry["b"], entry.get("m")))
   if errors:
     raise ValueError(
         f"The {what} do not fit the base parameters under this LoraConfig (were they made "
         "with another config or model?):\n  - " + "\n  - ".join(errors))
-  return pairs
+  return entries
 
 
-def _fold(params: PyTree, adapters: Mapping[str, Any] | None, config: LoraConfig,
-          sign: float) -> PyTree:
+def fold(params: PyTree, adapters: Mapping[str, Any] | None, config: LoraConfig) -> PyTree:
+  """``params`` with every adapted leaf replaced by its merged weight (in its own dtype)."""
   if adapters is None:
     return params
-  pairs = {t.path: (t, a, b) for t, a, b in check_adapters(plan(params, config), adapters)}
+  entries = {t.path: (t, a, b, m) for t, a, b, m in check_adapters(plan(params, config), adapters)}
 
-  def fold(path: str, leaf: Any) -> Any:
-    if path not in pairs:
+  def one(path: str, leaf: Any) -> Any:
+    if path not in entries:
       return leaf
-    target, a, b = pairs[path]
-    out = leaf.astype(jnp.float32) + sign * low_rank_product(target, a, b)
-    return out.astype(leaf.dtype)
+    target, a, b, m = entries[path]
+    return merged_weight(target, leaf, a, b, m).astype(leaf.dtype)
 
-  return map_with_paths(fold, params)
+  return map_with_paths(one, params)
+
+
+def _unfold(params: PyTree, adapters: Mapping[str, Any], config: LoraConfig) -> PyTree:
+  targets = check_adapters(plan(params, config), adapters)
+  dora_paths = [t.path for t, _, _, m in targets if m is not None]
+  if dora_paths:
+    raise ValueError(
+        f"unmerge cannot undo a DoRA merge at {dora_paths[:6]}: the merged weight "
+        "m ⊙ V / ‖V‖ no longer determines ‖V‖, so W cannot be recovered from it. Keep the "
+        "base parameters (merge returns a new tree and leaves lp.base as it was).")
+  entries = {t.path: (t, a, b) for t, a, b, _ in targets}
+
+  def one(path: str, leaf: Any) -> Any:
+    if path not in entries:
+      return leaf
+    target, a, b = entries[path]
+    return (leaf.astype(jnp.float32) - low_rank_product(target, a, b)).astype(leaf.dtype)
+
+  return map_with_paths(one, params)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _merge(lp: LoraParams, config: LoraConfig) -> PyTree:
-  return _fold(lp.base, lp.adapters, config, 1.0)
+  return fold(lp.base, lp.adapters, config)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _unmerge(params: PyTree, adapters: Mapping[str, Any], config: LoraConfig) -> PyTree:
-  return _fold(params, adapters, config, -1.0)
+  return _unfold(params, adapters, config)
 
 
 def merge(lp: LoraParams, config: LoraConfig) -> PyTree:
   """Folds the adapters into the base: ``W + scale * A @ B`` for every target.
+
+  A DoRA target becomes ``m ⊙ V / ‖V‖`` for that ``V`` (norm over the input axes).
 
   The sum is accumulated in float32 and cast back to each weight's dtype; the
   result has the structure, dtypes and shardings of ``lp.base``. Compiled with
@@ -113,6 +154,9 @@ def merge(lp: LoraParams, config: LoraConfig) -> PyTree:
 
 def unmerge(params: PyTree, adapters: Mapping[str, Any], config: LoraConfig) -> PyTree:
   """Undoes ``merge``: ``W' - scale * A @ B`` for every target (to float tolerance).
+
+  A DoRA merge cannot be undone from the merged weights (their column norms are
+  ``m``, not ``‖W + s·A·B‖``); such targets raise ``ValueError``.
 
   Args:
     params: merged parameters, as returned by ``merge``.

@@ -77,9 +77,11 @@ def optimizer(tx: optax.GradientTransformation, config: LoraConfig, *,
     (``optax.chain(tx, optax.scale(λ))``), which equals ``tx`` with λ·η for every
     optax optimizer whose update is proportional to its learning rate (SGD, Adam,
     AdamW including its weight decay, Lion, ...), schedules included. The paper
-    suggests λ = 16.
+    suggests λ = 16. A DoRA magnitude ``m`` trains with B's rate, as PEFT's
+    ``create_loraplus_optimizer`` puts one-dimensional parameters with B.
   * **LoRA-FA** (Zhang et al. 2023): ``freeze_a=True`` keeps every A at its
-    initialization (``optax.set_to_zero()``, no optimizer state); only B trains.
+    initialization (``optax.set_to_zero()``, no optimizer state); only B (and a
+    DoRA ``m``) trains.
 
   Args:
     tx: the optimizer for the adapters, e.g. ``optax.adamw(1e-3)``.

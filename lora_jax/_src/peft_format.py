@@ -6,7 +6,9 @@ PEFT stores, per adapted PyTorch module ``<module>``:
   transposed) and ``...lora_B.weight`` of shape ``(out, r)`` (our B transposed);
 * Conv: ``lora_A.weight`` ``(r, cin, kh, kw)`` (A as a convolution, OIHW) and
   ``lora_B.weight`` ``(cout, r, 1, 1)``;
-* Embedding: ``lora_embedding_A`` ``(r, vocab)`` and ``lora_embedding_B`` ``(dim, r)``.
+* Embedding: ``lora_embedding_A`` ``(r, vocab)`` and ``lora_embedding_B`` ``(dim, r)``;
+* DoRA (``use_dora``): ``<module>.lora_magnitude_vector``, our ``m`` flattened to
+  ``(out,)`` (Linear, Embedding) or ``(1, cout, 1, 1)`` (Conv).
 
 Leaves trained in full go where PEFT keeps them: whole modules in
 ``modules_to_save`` as ``<module>.<param>``, biases (``bias="all"`` or
@@ -44,6 +46,7 @@ CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 # Flax leaf names and the PyTorch parameter each one becomes.
 _TORCH_PARAM = {"kernel": "weight", "embedding": "weight", "weight": "weight",
                 "scale": "weight", "bias": "bias"}
+_MAGNITUDE = ".lora_magnitude_vector"
 _LORA_SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
 
 
@@ -172,7 +175,13 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
     sources[key] = path
     tensors[key] = np.ascontiguousarray(value)
 
-  for path in adapter_paths(adapter_tree):
+  paths = adapter_paths(adapter_tree)
+  dora = {p for p in paths if "m" in lookup(adapter_tree, p)}
+  if dora and dora != set(paths):
+    errors.append(f"DoRA adapters at {sorted(dora)[:4]} beside plain LoRA at "
+                  f"{sorted(set(paths) - dora)[:4]}: PEFT's use_dora holds for every module of "
+                  "an adapter. Export them as two adapters (or use one kind).")
+  for path in paths:
     entry = lookup(adapter_tree, path)
     a, b = np.asarray(entry["a"], np.float32), np.asarray(entry["b"], np.float32)
     if config.stack_axes_for(path):
@@ -204,6 +213,10 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
     else:
       put(key + ".lora_A.weight", a.reshape(-1, rank).T, path)
       put(key + ".lora_B.weight", b.reshape(rank, -1).T, path)
+    if "m" in entry:  # PEFT keeps a conv's magnitude as (1, cout, 1, ...)
+      m = np.asarray(entry["m"], np.float32).reshape(-1)
+      conv = not _is_embedding(path) and _is_conv(path, a.ndim, conv_paths)
+      put(key + _MAGNITUDE, m.reshape(1, -1, *(1,) * (a.ndim - 2)) if conv else m, path)
 
   bias_mode, to_save = "none", []
   if base is not None:
@@ -215,7 +228,8 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
   peft_config = {
       "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
       "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
-      "use_rslora": config.use_rslora, "target_modules": sorted(modules), "bias": bias_mode,
+      "use_rslora": config.use_rslora, "use_dora": bool(dora),
+      "target_modules": sorted(modules), "bias": bias_mode,
       "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True, "inference_mode": True,
       "modules_to_save": to_save or None,
       "rank_pattern": {re.escape(n): r for n, (r, _) in modules.items() if r != config.rank},
@@ -324,14 +338,14 @@ def _first_match(pattern: Mapping[str, Any], module: str) -> Any:
 
 # PEFT config fields that change what the tensors mean: importing such an adapter as plain
 # LoRA would compute something else, so a true value is refused.
-_UNSUPPORTED = {"use_dora": "DoRA (weight-decomposed LoRA, with magnitude vectors)",
-                "lora_bias": "a trainable bias in lora_B",
+_UNSUPPORTED = {"lora_bias": "a trainable bias in lora_B",
                 "use_qalora": "QA-LoRA", "layer_replication": "layer replication",
                 "megatron_config": "Megatron parallel layers",
                 "target_parameters": "LoRA on bare nn.Parameter tensors",
                 "alora_invocation_tokens": "activated LoRA (aLoRA)",
                 "trainable_token_indices": "trainable token embeddings"}
-_UNSUPPORTED_TENSORS = {"lora_magnitude_vector": "DoRA magnitude vectors",
+_UNSUPPORTED_TENSORS = {"lora_magnitude_vector.": "a DoRA magnitude under a key PEFT does not "
+                        "write (it saves '<module>.lora_magnitude_vector')",
                         "lora_B.bias": "lora_B biases (lora_bias=True)",
                         "trainable_tokens": "trainable token embeddings"}
 
@@ -456,10 +470,21 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
 
   flat: dict[str, np.ndarray] = {}
   rank_pattern, alpha_pattern = {}, {}
+  use_dora = peft_config.get("use_dora") is True
   lora_keys = {k for k in tensors if _LORA_SUFFIX.search(k)}
-  for key in sorted({_LORA_SUFFIX.sub("", k) for k in lora_keys}):
+  magnitudes = {k for k in tensors if k.endswith(_MAGNITUDE)}
+  modules = {_LORA_SUFFIX.sub("", k) for k in lora_keys}
+  stray = sorted(k for k in magnitudes if not use_dora or k.removesuffix(_MAGNITUDE) not in modules)
+  if stray:
+    raise ValueError(f"{directory / WEIGHTS_FILE}: {stray[0]} is a DoRA magnitude, but "
+                     + ("its module has no lora_A / lora_B." if use_dora else
+                        f"{CONFIG_FILE} does not set use_dora."))
+  for key in sorted(modules):
     name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
     a_t, b_t = _pair(directory, tensors, key)
+    if use_dora and key + _MAGNITUDE not in tensors:
+      raise ValueError(f"{directory / WEIGHTS_FILE}: {key}{_MAGNITUDE} is missing; "
+                       f"{CONFIG_FILE} sets use_dora, so every module needs its magnitude.")
     if key + ".lora_embedding_A" in tensors:
       a, b = a_t.T, b_t.T
     elif a_t.ndim > 2:  # conv: (r, cin, *window) -> (*window, cin, r); B (cout, r, 1, ...)
@@ -469,6 +494,8 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
       a, b = a_t.T, b_t.T
     path = leaf_path(key, name, "weight")
     flat[path + "/a"], flat[path + "/b"] = a, b
+    if use_dora:
+      flat[path + "/m"] = tensors[key + _MAGNITUDE].reshape(-1)
     module_rank = _first_match(peft_config["rank_pattern"], name)
     module_rank = rank if module_rank is None else module_rank
     module_alpha = _first_match(peft_config["alpha_pattern"], name)
@@ -480,7 +507,7 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
     if module_alpha != alpha:
       alpha_pattern[f"^{re.escape(path)}$"] = float(module_alpha)
   trained: dict[str, np.ndarray] = {}
-  for key in sorted(set(tensors) - lora_keys):
+  for key in sorted(set(tensors) - lora_keys - magnitudes):
     name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
     module, _, torch_param = name.rpartition(".")
     module = module.removesuffix(".base_layer").removesuffix(".modules_to_save")
@@ -493,6 +520,7 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
                         targets=tuple(f"^{re.escape(p)}$" for p in paths),
                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                         use_rslora=peft_config.get("use_rslora", False) is True,
+                        use_dora=use_dora,
                         dropout=peft_config.get("lora_dropout") or 0.0,
                         in_axes=in_axes or (),
                         trainable=tuple(f"^{re.escape(p)}$" for p in sorted(trained)))
@@ -555,6 +583,13 @@ def _fit_to_target(directory: pathlib.Path, target: Target, flat: dict[str, np.n
           f"rank {r}).")
       return
     flat[f"{target.path}/{name}"] = value.reshape(want)
+  if target.dora:
+    m = flat[f"{target.path}/m"]
+    if m.size != n_out:
+      errors.append(f"{target.path}: PEFT's lora_magnitude_vector has {m.size} values, expected "
+                    f"one per output unit ({n_out}, output axes {target.out_shape}).")
+      return
+    flat[f"{target.path}/m"] = m.reshape(target.m_shape)
 
 
 def _torch_to_leaf(directory: pathlib.Path, path: str, value: np.ndarray, config: LoraConfig,

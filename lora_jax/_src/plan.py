@@ -33,7 +33,8 @@ class Target(NamedTuple):
   ``stack_axes`` and ``in_axes`` are positions in the base leaf (ascending);
   the output axes are the remaining positions. ``layout`` says where the input
   axes came from: ``"config"`` (``LoraConfig.in_axes``), ``"bias"`` (the
-  sibling bias's shape) or ``"default"`` (every axis but the last).
+  sibling bias's shape) or ``"default"`` (every axis but the last). ``dora``
+  targets also have a magnitude ``m: stack + out``.
   """
 
   path: str
@@ -44,6 +45,7 @@ class Target(NamedTuple):
   rank: int
   scale: float
   layout: str
+  dora: bool = False
 
   @property
   def out_axes(self) -> tuple[int, ...]:
@@ -71,6 +73,15 @@ class Target(NamedTuple):
     return self.stack_shape + (self.rank,) + self.out_shape
 
   @property
+  def m_shape(self) -> tuple[int, ...]:
+    return self.stack_shape + self.out_shape
+
+  @property
+  def entry_names(self) -> tuple[str, ...]:
+    """The keys of this target's adapter entry: ``("a", "b")``, plus ``"m"`` for DoRA."""
+    return ("a", "b", "m") if self.dora else ("a", "b")
+
+  @property
   def axes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """Positions of the stack, input and output axes in the base leaf."""
     return self.stack_axes, self.in_axes, self.out_axes
@@ -87,7 +98,8 @@ class Target(NamedTuple):
 
   @property
   def num_adapter_params(self) -> int:
-    return math.prod(self.a_shape) + math.prod(self.b_shape)
+    return (math.prod(self.a_shape) + math.prod(self.b_shape)
+            + (math.prod(self.m_shape) if self.dora else 0))
 
 
 def layout_is_certain(layout: str, shape: tuple[int, ...], ins: tuple[int, ...]) -> bool:
@@ -179,7 +191,7 @@ def plan(base: PyTree, config: LoraConfig) -> tuple[Target, ...]:
       continue
     ins, layout = found_in
     target = Target(path, shape, dtype, stack, ins, config.rank_for(path),
-                    config.scale_for(path), layout)
+                    config.scale_for(path), layout, config.dora_for(path))
     limit = min(math.prod(target.in_shape), math.prod(target.out_shape))
     if target.rank > limit:
       errors.append(
@@ -191,7 +203,7 @@ def plan(base: PyTree, config: LoraConfig) -> tuple[Target, ...]:
     targets.append(target)
 
   adapted = [t.path for t in targets]
-  for field in ("rank_pattern", "alpha_pattern"):
+  for field in ("rank_pattern", "alpha_pattern", "dora_pattern"):
     for pattern, _ in getattr(config, field):
       if adapted and not any(re.search(pattern, p) for p in adapted):
         errors.append(

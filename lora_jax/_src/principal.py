@@ -145,6 +145,8 @@ def to_standard(adapters: Any, initial: Any, config: LoraConfig) -> tuple[Any, L
     b_rank = stack if isinstance(stack, int) else len(stack)  # B: stack + (r,) + out
     flat[p] = {"a": jnp.concatenate([a, a0.astype(a.dtype)], axis=a.ndim - 1),
                "b": jnp.concatenate([b, -b0.astype(b.dtype)], axis=b_rank)}
+    if "m" in lookup(trained, p):  # DoRA: V, and so the magnitude's meaning, is unchanged
+      flat[p]["m"] = lookup(trained, p)["m"]
   factor = math.sqrt(2.0) if config.use_rslora else 2.0
   standard = dataclasses.replace(
       config, init="default", rank=2 * config.rank, alpha=config.alpha * factor,

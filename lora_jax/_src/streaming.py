@@ -34,7 +34,7 @@ from lora_jax._src import atomic, lineage
 from lora_jax._src.checkpoint import load_with_lineage
 from lora_jax._src.checksums import ChecksumError, check_record, entry
 from lora_jax._src.lift import LoraParams
-from lora_jax._src.merge import check_adapters, low_rank_product
+from lora_jax._src.merge import check_adapters, low_rank_product, merged_weight
 from lora_jax._src.plan import Target, plan
 from lora_jax._src.tree import leaves_with_paths, nest
 
@@ -163,22 +163,28 @@ def open_base(path: str | os.PathLike[str]) -> BaseReader:
 
 
 @functools.partial(jax.jit, static_argnames=("target", "out_dtype"))
-def _merge_leaf(w, a, b, *, target: Target, out_dtype: Any):
-  merged = w.astype(jnp.float32) + low_rank_product(target, a, b)
-  return merged.astype(out_dtype)
+def _merge_leaf(w, a, b, m, *, target: Target, out_dtype: Any):
+  return merged_weight(target, w, a, b, m).astype(out_dtype)
 
 
 _delta = jax.jit(low_rank_product, static_argnums=0)
 
 
-def merged_leaf(w: np.ndarray, a: Any, b: Any, target: Target, out_dtype: np.dtype
+def merged_leaf(w: np.ndarray, a: Any, b: Any, m: Any, target: Target, out_dtype: np.dtype
                 ) -> np.ndarray:
-  """``W + scale * A @ B`` as ``out_dtype``; float64 leaves are summed in float64 with numpy
-  (without ``jax_enable_x64`` JAX would compute, and return, float32)."""
+  """The merged weight (``W + scale * A @ B``, or DoRA's ``m ⊙ V / ‖V‖``) as ``out_dtype``;
+  float64 leaves are summed in float64 with numpy (without ``jax_enable_x64`` JAX would
+  compute, and return, float32)."""
   if np.dtype(out_dtype).itemsize > 4 or np.dtype(w.dtype).itemsize > 4:
-    delta = np.asarray(_delta(target, a, b), np.float64)
-    return (np.asarray(w, np.float64) + delta).astype(out_dtype)
-  return np.asarray(_merge_leaf(w, a, b, target=target, out_dtype=out_dtype))
+    v = np.asarray(w, np.float64) + np.asarray(_delta(target, a, b), np.float64)
+    if m is not None:
+      kept = target.stack_axes + target.out_axes  # m's axes, as weight positions
+      norm = np.sqrt(np.sum(v * v, axis=target.in_axes))  # over the rest, ascending
+      c = np.transpose(np.asarray(m, np.float64), np.argsort(kept))
+      c = np.where(norm > 0, c / np.where(norm > 0, norm, 1.0), 0.0)
+      v = v * np.expand_dims(c, target.in_axes)
+    return v.astype(out_dtype)
+  return np.asarray(_merge_leaf(w, a, b, m, target=target, out_dtype=out_dtype))
 
 
 class _OrbaxWriter:
@@ -419,7 +425,8 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
   _check_collisions(reader.leaves, output_format)
   abstract = nest({leaf.path: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
                    for leaf in reader.leaves})
-  pairs = {t.path: (t, a, b) for t, a, b in check_adapters(plan(abstract, config), adapter_tree)}
+  pairs = {t.path: (t, a, b, m) for t, a, b, m in check_adapters(plan(abstract, config),
+                                                               adapter_tree)}
 
   def final_dtype(leaf: Leaf) -> Any:
     floating = jnp.issubdtype(leaf.dtype, jnp.floating)
@@ -456,7 +463,7 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
             value = np.asarray(trained[leaf.path]).astype(final_dtype(leaf), copy=False)
             merged_count += 1
           elif leaf.path in pairs:
-            target, a, b = pairs[leaf.path]
+            target, a, b, m = pairs[leaf.path]
             found = None if record is None or leaf.path not in record else (
                 lineage.differences(record, leaf.path, w))
             if found:
@@ -464,7 +471,7 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
               if not force:  # before anything is committed
                 lineage.report(mismatched, len(record), what + " (stopped at the first group "
                                "that differs; nothing was written)", force=False)
-            value = merged_leaf(w, a, b, target._replace(path=""), final_dtype(leaf))
+            value = merged_leaf(w, a, b, m, target._replace(path=""), final_dtype(leaf))
             merged_count += 1
           else:
             value = np.asarray(w).astype(final_dtype(leaf), copy=False)

@@ -39,7 +39,7 @@ def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]], right_fro
 
 
 class SummaryRow(NamedTuple):
-  """One adapted leaf."""
+  """One adapted leaf; ``m_shape`` is DoRA's magnitude shape, or None for plain LoRA."""
 
   path: str
   base_shape: tuple[int, ...]
@@ -47,6 +47,7 @@ class SummaryRow(NamedTuple):
   a_shape: tuple[int, ...]
   b_shape: tuple[int, ...]
   adapter_params: int
+  m_shape: tuple[int, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +73,11 @@ class Summary:
   adapter_bytes: int
 
   def __str__(self) -> str:
-    header = ("path", "base shape", "rank", "A shape", "B shape", "params")
+    dora = any(r.m_shape is not None for r in self.rows)
+    header = ("path", "base shape", "rank", "A shape", "B shape",
+              *(("DoRA m shape",) if dora else ()), "params")
     body = [(r.path, str(r.base_shape), str(r.rank), str(r.a_shape), str(r.b_shape),
+             *((str(r.m_shape) if r.m_shape is not None else "-",) if dora else ()),
              f"{r.adapter_params:,}") for r in self.rows]
     lines = [format_table(header, body), ""]
     lines += [
@@ -114,7 +118,8 @@ def summary(lp: LoraParams | PyTree, config: LoraConfig) -> Summary:
   """
   base = lp.base if isinstance(lp, LoraParams) else lp
   targets = plan(base, config)
-  rows = tuple(SummaryRow(t.path, t.shape, t.rank, t.a_shape, t.b_shape, t.num_adapter_params)
+  rows = tuple(SummaryRow(t.path, t.shape, t.rank, t.a_shape, t.b_shape, t.num_adapter_params,
+                          t.m_shape if t.dora else None)
                for t in sorted(targets, key=lambda t: natural_key(t.path)))
   leaves = leaves_with_paths(base)
   base_params = sum(_size(leaf) for _, leaf in leaves)

@@ -152,12 +152,14 @@ def lookup(tree: Mapping[str, Any] | None, path: str) -> Any:
 
 
 def adapter_paths(adapters: Mapping[str, Any] | None) -> list[str]:
-  """Paths of the ``{"a": A, "b": B}`` entries of an adapter tree."""
+  """Paths of the ``{"a": A, "b": B}`` (and DoRA's ``{"a", "b", "m"}``) entries of an adapter
+  tree."""
   found: list[str] = []
 
   def visit(node: Any, prefix: str) -> None:
     if isinstance(node, Mapping):
-      if set(node) == {"a", "b"} and not any(isinstance(v, Mapping) for v in node.values()):
+      if (set(node) in ({"a", "b"}, {"a", "b", "m"})
+          and not any(isinstance(v, Mapping) for v in node.values())):
         found.append(prefix)
         return
       for key, child in node.items():

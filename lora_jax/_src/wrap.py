@@ -14,7 +14,7 @@ from lora_jax._src.config import LoraConfig
 from lora_jax._src.factored import Context, run_factored
 from lora_jax._src.lift import LoraParams
 from lora_jax._src.lowrank import LowRank
-from lora_jax._src.merge import _fold, check_adapters
+from lora_jax._src.merge import check_adapters, fold
 from lora_jax._src.plan import Target, plan
 from lora_jax._src.tree import PyTree, leaves_with_paths, map_with_paths
 
@@ -121,15 +121,15 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *, mode: str = "facto
         raise ValueError("LoRA dropout needs mode='factored': a merged weight has no separate "
                          "adapter branch to drop inputs from. Drop lora_rng or use the default "
                          "mode.")
-      return call(_fold(base, lp.adapters, config, 1.0), *args, **kwargs)
+      return call(fold(base, lp.adapters, config), *args, **kwargs)
     leaves = leaves_with_paths(base)
     by_path = dict(leaves)
     pairs = check_adapters(plan(base, config), lp.adapters)
-    lowranks = {t.path: LowRank.from_target(t, by_path[t.path], a, b) for t, a, b in pairs}
+    lowranks = {t.path: LowRank.from_target(t, by_path[t.path], a, b, m) for t, a, b, m in pairs}
     paths = [p for p, _ in leaves]
     ctx = Context(warned, lora_rng, config.dropout)
     out = run_factored(call, base, lowranks, paths, args, kwargs, ctx)
-    _check_layouts({t.path: t for t, _, _ in pairs}, ctx.seen)
+    _check_layouts({t.path: t for t, *_ in pairs}, ctx.seen)
     return out
 
   return wrapped

@@ -1,0 +1,122 @@
+"""DoRA's weight decomposition ``W' = m ⊙ V / ‖V‖`` (``V = W + s·A·B``), kept factored.
+
+``‖V‖`` is the norm over the weight's input axes, one per output unit (and per
+stacked layer); ``m`` is a trainable magnitude of that shape, initialized to
+``‖W‖``. The norm never forms an in×out matrix:
+
+* ``‖V‖² = ‖W‖² + 2s·Σ_r B ⊙ (Aᵀ·W) + s²·Σ B ⊙ ((AᵀA)·B)``, an r×out product
+  and an r×r Gram matrix besides one pass over ``W``;
+* as in the DoRA paper (§4.3) and PEFT, ``‖V‖`` is a constant in the backward
+  pass, so gradients reach ``m`` through ``c = m / ‖V‖`` and A and B through
+  the LoRA product;
+* every factored rule then needs only ``c``: ``x·W' = c ⊙ (x·V)`` scales the
+  output units of a product, ``x·W'ᵀ = (c ⊙ x)·Vᵀ`` its input, a convolution
+  its output features and an embedding lookup its rows (``place`` lays ``c``
+  out for each).
+
+A column with ``‖V‖ = 0`` is all zeros; its ``c`` is 0 rather than NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lora_jax._src.lowrank_dot import accumulation_dtype
+
+_HI = lax.Precision.HIGHEST
+
+
+def _dot(lhs: jax.Array, rhs: jax.Array, contract: tuple[tuple[int, ...], tuple[int, ...]],
+         batch: tuple[tuple[int, ...], tuple[int, ...]]) -> jax.Array:
+  """A float32-accumulated ``dot_general`` of the operands as they are (a bf16 weight is not
+  copied to float32)."""
+  return lax.dot_general(lhs, rhs, (contract, batch), precision=_HI,
+                         preferred_element_type=jnp.float32)
+
+
+def magnitude(w: jax.Array, *, stack: tuple[int, ...], ins: tuple[int, ...],
+              outs: tuple[int, ...]) -> jax.Array:
+  """``‖W‖`` over the input axes in float32, laid out ``stack + outs`` (like ``B`` without r)."""
+  kept = stack + outs
+  return jnp.sqrt(_dot(w, w, (ins, ins), (kept, kept)))
+
+
+def column_norm(w: jax.Array, a: jax.Array, b: jax.Array, *, stack: tuple[int, ...],
+                ins: tuple[int, ...], outs: tuple[int, ...], scale: float) -> jax.Array:
+  """``‖W + s·A·B‖`` over the input axes, from the factors, in float32 (``stack + outs``)."""
+  n = len(stack)
+  a_ins = tuple(range(n, n + len(ins)))
+  a_stack = tuple(range(n))
+  w2 = _dot(w, w, (ins, ins), (stack + outs, stack + outs))
+  # Aᵀ·W: stack, r, then W's output axes in ascending order; put them in B's order.
+  a_t_w = _dot(a, w, (a_ins, ins), (a_stack, stack))
+  order = sorted(outs)
+  a_t_w = jnp.transpose(a_t_w, (*a_stack, n, *(n + 1 + order.index(p) for p in outs)))
+  b32 = b.astype(jnp.float32)
+  cross = jnp.sum(b32 * a_t_w, axis=n)
+  gram = _dot(a, a, (a_ins, a_ins), (a_stack, a_stack))  # stack, r, r
+  b_flat = b32.reshape(*b.shape[:n + 1], -1)
+  ab2 = jnp.sum(b_flat * _dot(gram, b_flat, ((n + 1,), (n,)), (a_stack, a_stack)), axis=n)
+  s = jnp.float32(scale)
+  return jnp.sqrt(jnp.maximum(w2 + 2 * s * cross + s * s * ab2.reshape(w2.shape), 0.0))
+
+
+def factor(w: jax.Array, a: jax.Array, b: jax.Array, m: jax.Array, *, stack: tuple[int, ...],
+           ins: tuple[int, ...], outs: tuple[int, ...], scale: float) -> jax.Array:
+  """``c = m / ‖W + s·A·B‖`` in float32 (``stack + outs``), the norm held constant under grad."""
+  norm = lax.stop_gradient(column_norm(w, a, b, stack=stack, ins=ins, outs=outs, scale=scale))
+  safe = jnp.where(norm > 0, norm, 1.0)
+  return jnp.where(norm > 0, m.astype(jnp.float32) / safe, 0.0)
+
+
+def place(c: jax.Array, dims: Sequence[int], ndim: int) -> jax.Array:
+  """``c`` with its axis ``k`` moved to dimension ``dims[k]`` of an ``ndim`` array (others 1)."""
+  order = sorted(range(len(dims)), key=lambda k: dims[k])
+  moved = jnp.transpose(c, order)
+  shape = [1] * ndim
+  for k in order:
+    shape[dims[k]] = c.shape[k]
+  return moved.reshape(shape)
+
+
+def merged(w: jax.Array, delta: jax.Array, m: jax.Array, *, stack: tuple[int, ...],
+           outs: tuple[int, ...]) -> jax.Array:
+  """``m ⊙ V / ‖V‖`` in float32 for ``V = W + delta`` (``delta = s·A·B``, float32)."""
+  v = w.astype(jnp.float32) + delta
+  ins = tuple(p for p in range(w.ndim) if p not in stack and p not in outs)
+  norm = lax.stop_gradient(magnitude(v, stack=stack, ins=ins, outs=outs))
+  c = jnp.where(norm > 0, m.astype(jnp.float32) / jnp.where(norm > 0, norm, 1.0), 0.0)
+  return v * place(c, stack + outs, w.ndim)
+
+
+@jax.custom_vjp
+def scale_output(y: jax.Array, c: jax.Array) -> jax.Array:
+  """``y ⊙ c`` in ``y``'s dtype (multiplied in float32 or wider); ``c`` broadcasts against ``y``.
+
+  The backward pass keeps ``y`` itself for ``c``'s gradient, so that XLA can
+  recompute ``y ⊙ c`` from it rather than keep a second buffer. (XLA:CPU still
+  keeps a float32 copy of a bf16 ``y``: it computes bf16 arithmetic from float32
+  copies of the operands and forms the copy as soon as ``y`` exists.)
+  """
+  acc = accumulation_dtype(y.dtype, c.dtype)
+  return (y.astype(acc) * c.astype(acc)).astype(y.dtype)
+
+
+def _scale_fwd(y, c):
+  return scale_output(y, c), (y, c)
+
+
+def _scale_bwd(res, dy):
+  y, c = res
+  acc = accumulation_dtype(y.dtype, c.dtype)
+  summed = tuple(d for d in range(dy.ndim) if c.shape[d] == 1 and dy.shape[d] != 1)
+  dc = jnp.sum(dy.astype(acc) * y.astype(acc), axis=summed, keepdims=True)
+  dy_scaled = (dy.astype(acc) * c.astype(acc)).astype(y.dtype)
+  return dy_scaled, dc.reshape(c.shape).astype(c.dtype)
+
+
+scale_output.defvjp(_scale_fwd, _scale_bwd)
