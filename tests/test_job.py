@@ -20,7 +20,7 @@ TINY = ["pretrain.steps=3", "finetune.steps=3", "pretrain.batch_size=8",
 @pytest.mark.parametrize("name, extra", [
     ("digits", []), ("digits_nnx", []), ("textcls", TINY_LM), ("charlm", TINY_LM),
     ("digits", ["finetune.lora_plus_ratio=16", "finetune.freeze_a=true"]),
-    ("digits", ["lora.init=pissa"]),
+    ("digits", ["lora.init=pissa"]), ("digits", ["lora.use_dora=true"]),
     ("charlm_scan", TINY_LM), ("charlm_mesh", TINY_LM)])
 def test_example_configs_run_tiny(tmp_path, name, extra, capsys):
   config = lj.load_job_config(ROOT / "configs" / f"{name}.yaml",
@@ -37,6 +37,25 @@ def test_example_configs_run_tiny(tmp_path, name, extra, capsys):
   assert written["merged_vs_adapted_max_abs_diff"] < 1e-3
   out = capsys.readouterr().out
   assert "frozen base" in out and "LoRA" in out and "full fine-tune" in out
+
+
+def test_variants_example_shares_one_base(tmp_path, capsys):
+  """examples/lora_variants.py at a tiny size: one pretraining, four fine-tunings from it."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("lora_variants",
+                                                ROOT / "examples" / "lora_variants.py")
+  example = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(example)
+  rows = example.main([*TINY, *TINY_LM, f"run_dir={tmp_path}"])
+  assert [r[0] for r in rows] == ["LoRA", "DoRA", "PiSSA", "LoRA+ (ratio 16)"]
+  assert (tmp_path / "variants" / "LoRA" / "base").is_dir()
+  curves = {name: json.loads((tmp_path / "variants" / name / "metrics.json").read_text())
+            for name in ("DoRA", "PiSSA", "LoRAplus")}
+  assert all("pretrain" not in m["curves"] for m in curves.values())  # the saved base reused
+  assert curves["DoRA"]["config"]["lora"]["use_dora"] is True
+  assert int(rows[1][2].replace(",", "")) > int(rows[0][2].replace(",", ""))  # + magnitudes
+  assert "variant" in capsys.readouterr().out
 
 
 def test_quickstart_lora_beats_frozen_base(tmp_path):

@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "model": {},                 # task-specific, see TASK_DEFAULTS
     "data": {},                  # task-specific, see TASK_DEFAULTS
     "base_checkpoint": None,     # orbax checkpoint of the base parameters; skips pretraining
+    "save_base": False,          # save the pretrained base to RUN_DIR/base (for base_checkpoint)
     "pretrain": dict(_TRAIN),
     "finetune": {**_TRAIN, "lr": 3e-3, "log_every": 25, "dropout_rng": True,
                  "lora_plus_ratio": 1.0,  # LoRA+: B's learning rate over A's (16 in the paper)
@@ -365,6 +366,11 @@ def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[
     params, curves["pretrain"] = fit(full_loss(task.apply), params,
                                      optax.adam(config["pretrain"]["lr"]), task.pretrain,
                                      config["pretrain"], "pretrain", config["seed"], put)
+    if config["save_base"]:
+      import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+
+      with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save((run_dir / "base").absolute(), params, force=True)
   params = shard(params)
   metrics: dict[str, Any] = {"task": config["task"], "metric": task.metric,
                              "base": evaluate(task, task.apply, params, task.test)}
