@@ -19,6 +19,7 @@ VARIANTS = {
     "DoRA": ["lora.use_dora=true"],
     "PiSSA": ["lora.init=pissa"],
     "LoRA+ (ratio 16)": ["finetune.lora_plus_ratio=16"],
+    "LoRA+ (ratio 16, lr / 4)": ["finetune.lora_plus_ratio=16", "finetune.lr=0.00075"],
 }
 
 
@@ -28,7 +29,8 @@ def main(overrides: list[str]) -> list[tuple[str, ...]]:
   rows = []
   for i, (name, changes) in enumerate(VARIANTS.items()):
     start = ["save_base=true"] if i == 0 else [f"base_checkpoint={base}"]
-    slug = name.split(" ")[0].replace("+", "plus")
+    slug = name.replace("+", "plus").replace(" / ", "_over_")
+    slug = "".join(ch for ch in slug if ch.isalnum() or ch == "_")
     metrics = lj.run_job(CONFIG, [*overrides, *start, *changes, "full_finetune=false",
                                   f"run_dir={run_root / slug}"])
     rows.append((name, f"{metrics['lora']:.2f}", f"{metrics['trainable_params']:,}",
