@@ -4,6 +4,7 @@ from lora_jax._src.checkpoint import CheckpointMismatch, load_adapters, save_ada
 from lora_jax._src.checksums import ChecksumError
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.factored import FallbackWarning
+from lora_jax._src.hf_merge import merge_hf
 from lora_jax._src.infer import infer_axes
 from lora_jax._src.job import load_job_config, run_job
 from lora_jax._src.lift import LoraParams, disable, lift, overlay
@@ -45,6 +46,7 @@ __all__ = [
     "load_job_config",
     "merge",
     "merge_checkpoint",
+    "merge_hf",
     "optimizer",
     "overlay",
     "paths",

@@ -13,9 +13,52 @@ import numpy as np
 from lora_jax._src.summary import format_table, natural_key, natural_sorted
 
 
+def _name_map(rules: list[str]):
+  """``--name-map REGEX=REPLACEMENT`` rules as one function of a PEFT module name."""
+  import re  # pylint: disable=import-outside-toplevel
+
+  compiled = []
+  for rule in rules:
+    pattern, sep, replacement = rule.partition("=")
+    if not sep:
+      raise ValueError(f"--name-map takes REGEX=REPLACEMENT, got {rule!r}.")
+    try:
+      compiled.append((re.compile(pattern), replacement))
+    except re.error as e:
+      raise ValueError(f"--name-map {rule!r}: {pattern!r} is not a valid regex ({e}).") from None
+
+  def name(module: str) -> str:
+    for pattern, replacement in compiled:
+      module = pattern.sub(replacement, module)
+    return module
+
+  return name
+
+
+def _merge_hf(args: argparse.Namespace) -> int:
+  from lora_jax._src.hf_merge import merge_hf  # pylint: disable=import-outside-toplevel
+
+  start = time.perf_counter()
+  report = merge_hf(args.base, args.adapters, args.out, dtype=args.dtype,
+                    max_shard_size=args.max_shard_size, tensor_name=_name_map(args.name_map),
+                    overwrite=args.overwrite)
+  for path in report["removed_stale"]:
+    print(f"removed {path}: staging left by a merge that was killed")
+  print(f"merged {report['merged']} of {report['tensors']} tensors, wrote "
+        f"{report['bytes'] / 2**20:.1f} MiB in {report['shards']} shard(s) to {report['out']} "
+        f"in {time.perf_counter() - start:.1f} s (a Hugging Face folder: from_pretrained loads it)")
+  return 0
+
+
 def _merge(args: argparse.Namespace) -> int:
+  from lora_jax._src.hf_merge import is_hf_folder  # pylint: disable=import-outside-toplevel
   from lora_jax._src.streaming import merge_checkpoint  # pylint: disable=import-outside-toplevel
 
+  if is_hf_folder(args.base):
+    return _merge_hf(args)
+  if args.name_map:
+    raise ValueError("--name-map applies to Hugging Face bases (a folder with "
+                     "model.safetensors.index.json or model.safetensors).")
   start = time.perf_counter()
   report = merge_checkpoint(args.base, args.adapters, args.out, dtype=args.dtype, safe=args.safe,
                             output_format=args.format, group_bytes=args.group_mb << 20,
@@ -105,6 +148,8 @@ _EXAMPLES = """examples:
   lora-jax merge --base BASE_CKPT --adapters runs/quickstart/adapters --out merged
   lora-jax merge --base model.safetensors --adapters ADAPTERS --out merged.safetensors \\
                  --format safetensors --dtype bfloat16
+  lora-jax merge --base HF_MODEL_DIR --adapters PEFT_ADAPTER_DIR --out MERGED_DIR \\
+                 --max-shard-size 2GB
 """
 
 
@@ -119,9 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
   merge = commands.add_parser(
       "merge", help="fold an adapter checkpoint into a base checkpoint, streaming leaf by leaf")
   merge.add_argument("--base", required=True, help="orbax checkpoint folder, CheckpointManager "
-                     "step folder, or .safetensors file of the base parameters")
-  merge.add_argument("--adapters", required=True, help="adapter checkpoint from save_adapters")
-  merge.add_argument("--out", required=True, help="output folder (orbax) or file (safetensors)")
+                     "step folder, or .safetensors file of the base parameters; or a Hugging "
+                     "Face model folder (sharded safetensors with their index)")
+  merge.add_argument("--adapters", required=True, help="adapter checkpoint from save_adapters "
+                     "(a PEFT adapter folder for a Hugging Face base)")
+  merge.add_argument("--out", required=True, help="output folder (orbax, or Hugging Face for a "
+                     "Hugging Face base) or file (safetensors)")
+  merge.add_argument("--max-shard-size", default="5GB",
+                     help="Hugging Face base: the largest output shard (default 5GB)")
+  merge.add_argument("--name-map", action="append", default=[], metavar="REGEX=REPLACEMENT",
+                     help="Hugging Face base: rewrite PEFT module names into the base's tensor "
+                          "names (repeatable; default: the names match)")
   merge.add_argument("--dtype", default=None, help="cast floating leaves, e.g. bfloat16")
   merge.add_argument("--safe", action="store_true",
                      help="refuse to write if a merged leaf has NaN or Inf")

@@ -41,13 +41,13 @@ from lora_jax._src.lift import LoraParams
 from lora_jax._src.plan import Target, layout_is_certain, leaf_axes, plan
 from lora_jax._src.tree import PyTree, adapter_paths, leaves_with_paths, lookup, nest
 
-_PREFIX = "base_model.model."
+PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 # Flax leaf names and the PyTorch parameter each one becomes.
 _TORCH_PARAM = {"kernel": "weight", "embedding": "weight", "weight": "weight",
                 "scale": "weight", "bias": "bias"}
-_MAGNITUDE = ".lora_magnitude_vector"
-_LORA_SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+MAGNITUDE = ".lora_magnitude_vector"
+LORA_SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
 
 
 def default_module_name(path: str) -> str:
@@ -202,7 +202,7 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
     name = module_name(path)
     rank = a.shape[-1]
     modules[name] = (rank, config.alpha_for(path))
-    key = _PREFIX + name
+    key = PREFIX + name
     if _is_embedding(path):
       put(key + ".lora_embedding_A", a.reshape(-1, rank).T, path)
       put(key + ".lora_embedding_B", b.reshape(rank, -1).T, path)
@@ -216,7 +216,7 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
     if "m" in entry:  # PEFT keeps a conv's magnitude as (1, cout, 1, ...)
       m = np.asarray(entry["m"], np.float32).reshape(-1)
       conv = not _is_embedding(path) and _is_conv(path, a.ndim, conv_paths)
-      put(key + _MAGNITUDE, m.reshape(1, -1, *(1,) * (a.ndim - 2)) if conv else m, path)
+      put(key + MAGNITUDE, m.reshape(1, -1, *(1,) * (a.ndim - 2)) if conv else m, path)
 
   bias_mode, to_save = "none", []
   if base is not None:
@@ -322,13 +322,13 @@ def _export_trained(base: PyTree, config: LoraConfig, targets: dict[str, Target]
     name = module_name(path)
     torch_param = _TORCH_PARAM[leaf_name]
     if module in adapted_modules:  # PEFT wraps an adapted module's own layer as base_layer
-      put(f"{_PREFIX}{name}.base_layer.{torch_param}", value, path)
+      put(f"{PREFIX}{name}.base_layer.{torch_param}", value, path)
     else:
-      put(f"{_PREFIX}{name}.{torch_param}", value, path)
+      put(f"{PREFIX}{name}.{torch_param}", value, path)
   return bias_mode, sorted({module_name(p) for p in trained if module_of[p] in whole})
 
 
-def _first_match(pattern: Mapping[str, Any], module: str) -> Any:
+def pattern_value(pattern: Mapping[str, Any], module: str) -> Any:
   # PEFT matches a pattern key against the end of the module name.
   for key, value in pattern.items():
     if re.match(rf"(.*\.)?({key})$", module):
@@ -398,7 +398,7 @@ def _read_config(directory: pathlib.Path) -> dict[str, Any]:
   return peft_config
 
 
-def _read(directory: pathlib.Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def read_folder(directory: pathlib.Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
 
   for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -450,7 +450,7 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
       does not fit ``params``, or a kernel whose input axes are not known.
   """
   directory = pathlib.Path(directory)
-  peft_config, tensors = _read(directory)
+  peft_config, tensors = read_folder(directory)
   rank, alpha = int(peft_config["r"]), float(peft_config["lora_alpha"])
   # Module name -> {torch param name: leaf path} for the given tree.
   resolved: dict[str, dict[str, str]] = {}
@@ -471,19 +471,19 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
   flat: dict[str, np.ndarray] = {}
   rank_pattern, alpha_pattern = {}, {}
   use_dora = peft_config.get("use_dora") is True
-  lora_keys = {k for k in tensors if _LORA_SUFFIX.search(k)}
-  magnitudes = {k for k in tensors if k.endswith(_MAGNITUDE)}
-  modules = {_LORA_SUFFIX.sub("", k) for k in lora_keys}
-  stray = sorted(k for k in magnitudes if not use_dora or k.removesuffix(_MAGNITUDE) not in modules)
+  lora_keys = {k for k in tensors if LORA_SUFFIX.search(k)}
+  magnitudes = {k for k in tensors if k.endswith(MAGNITUDE)}
+  modules = {LORA_SUFFIX.sub("", k) for k in lora_keys}
+  stray = sorted(k for k in magnitudes if not use_dora or k.removesuffix(MAGNITUDE) not in modules)
   if stray:
     raise ValueError(f"{directory / WEIGHTS_FILE}: {stray[0]} is a DoRA magnitude, but "
                      + ("its module has no lora_A / lora_B." if use_dora else
                         f"{CONFIG_FILE} does not set use_dora."))
   for key in sorted(modules):
-    name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
-    a_t, b_t = _pair(directory, tensors, key)
-    if use_dora and key + _MAGNITUDE not in tensors:
-      raise ValueError(f"{directory / WEIGHTS_FILE}: {key}{_MAGNITUDE} is missing; "
+    name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+    a_t, b_t = lora_pair(directory, tensors, key)
+    if use_dora and key + MAGNITUDE not in tensors:
+      raise ValueError(f"{directory / WEIGHTS_FILE}: {key}{MAGNITUDE} is missing; "
                        f"{CONFIG_FILE} sets use_dora, so every module needs its magnitude.")
     if key + ".lora_embedding_A" in tensors:
       a, b = a_t.T, b_t.T
@@ -495,10 +495,10 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
     path = leaf_path(key, name, "weight")
     flat[path + "/a"], flat[path + "/b"] = a, b
     if use_dora:
-      flat[path + "/m"] = tensors[key + _MAGNITUDE].reshape(-1)
-    module_rank = _first_match(peft_config["rank_pattern"], name)
+      flat[path + "/m"] = tensors[key + MAGNITUDE].reshape(-1)
+    module_rank = pattern_value(peft_config["rank_pattern"], name)
     module_rank = rank if module_rank is None else module_rank
-    module_alpha = _first_match(peft_config["alpha_pattern"], name)
+    module_alpha = pattern_value(peft_config["alpha_pattern"], name)
     module_alpha = alpha if module_alpha is None else module_alpha
     if a.shape[-1] != module_rank:
       raise ValueError(f"{key}: lora_A has rank {a.shape[-1]} but the config gives {module_rank}.")
@@ -508,7 +508,7 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
       alpha_pattern[f"^{re.escape(path)}$"] = float(module_alpha)
   trained: dict[str, np.ndarray] = {}
   for key in sorted(set(tensors) - lora_keys - magnitudes):
-    name = key[len(_PREFIX):] if key.startswith(_PREFIX) else key
+    name = key[len(PREFIX):] if key.startswith(PREFIX) else key
     module, _, torch_param = name.rpartition(".")
     module = module.removesuffix(".base_layer").removesuffix(".modules_to_save")
     trained[leaf_path(key, module, torch_param)] = tensors[key]
@@ -544,7 +544,7 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
   return adapters, config
 
 
-def _pair(directory: pathlib.Path, tensors: Mapping[str, np.ndarray], key: str
+def lora_pair(directory: pathlib.Path, tensors: Mapping[str, np.ndarray], key: str
           ) -> tuple[np.ndarray, np.ndarray]:
   """The (A, B) tensors of one module, with PEFT's ranks of dimensions checked."""
   names = ((".lora_embedding_A", ".lora_embedding_B") if key + ".lora_embedding_A" in tensors

@@ -216,13 +216,21 @@ class _OrbaxWriter:
     atomic.discard(self.staging)
 
 
-class _SafetensorsWriter:
+class SafetensorsWriter:
   """Writes the header first (all shapes are known), then each tensor as it arrives; the
-  header's checksum record is filled in at the end (placeholders of the same length)."""
+  header's checksum record is filled in at the end (placeholders of the same length).
 
-  def __init__(self, out: pathlib.Path, leaves: list[Leaf]):
+  ``staged`` writes under a staging name and moves it to ``out`` in ``finish``;
+  otherwise ``out`` itself is written (inside a folder that is staged as a whole).
+  ``file_format`` is the ``__metadata__`` format (Hugging Face loaders want ``"pt"``).
+  """
+
+  def __init__(self, out: pathlib.Path, leaves: list[Leaf], *, staged: bool = True,
+               file_format: str = _ST_FORMAT):
     self.out = out
-    self.staging = atomic.staging_path(out)
+    self.staging = atomic.staging_path(out) if staged else out
+    self._staged = staged
+    self._format = file_format
     self._leaves = leaves
     self._record = {leaf.path: {"shape": list(leaf.shape), "dtype": np.dtype(leaf.dtype).name,
                                 "sha256": "0" * 64} for leaf in leaves}
@@ -233,7 +241,7 @@ class _SafetensorsWriter:
 
   def _header(self) -> bytes:
     header: dict[str, Any] = {"__metadata__": {
-        "format": _ST_FORMAT, _ST_CHECKSUMS: json.dumps(self._record, separators=(",", ":"))}}
+        "format": self._format, _ST_CHECKSUMS: json.dumps(self._record, separators=(",", ":"))}}
     offset = 0
     for leaf in self._leaves:
       header[leaf.path] = {"dtype": _ST_DTYPES[np.dtype(leaf.dtype).name],
@@ -261,7 +269,8 @@ class _SafetensorsWriter:
     self._file.flush()
     os.fsync(self._file.fileno())
     self._file.close()
-    atomic.commit(self.staging, self.out)
+    if self._staged:
+      atomic.commit(self.staging, self.out)
 
   def abort(self) -> None:
     self._file.close()
@@ -447,7 +456,7 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
     removed = atomic.clean_stale(out)
     refuse_existing()
     writer = (_OrbaxWriter(out) if output_format == "orbax"
-              else _SafetensorsWriter(out, out_leaves))
+              else SafetensorsWriter(out, out_leaves))
     written = merged_count = 0
     mismatched: list[str] = []
     what = f"lora-jax merge of {adapters} into {base}"

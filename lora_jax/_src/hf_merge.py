@@ -1,0 +1,318 @@
+"""Merging a PEFT adapter into a Hugging Face checkpoint folder, one tensor at a time.
+
+The base is a Hugging Face model folder: sharded safetensors with
+``model.safetensors.index.json`` (or one ``model.safetensors``), PyTorch layouts
+(``Linear`` ``(out, in)``, ``Conv1D`` ``(in, out)`` with ``fan_in_fan_out``,
+``Conv2d`` ``(cout, cin, kh, kw)``, ``Embedding`` ``(vocab, dim)``). The adapter
+is a PEFT LoRA folder (``adapter_config.json`` + ``adapter_model.safetensors``):
+per-module ``rank_pattern`` / ``alpha_pattern``, rsLoRA, DoRA, ``modules_to_save``
+and trained biases. The output is a Hugging Face folder that
+``from_pretrained`` loads as it is: shards of at most ``max_shard_size`` bytes with
+an index, and every other file of the base (``config.json``, tokenizer files)
+copied.
+
+Host memory holds one base tensor, its merged value and the adapter at a
+time: the tensors are read from the base shards and written to the output
+shards in order, each merged in float32 (``W + s·B·A``, or DoRA's
+``m ⊙ V / ‖V‖``) and cast once. The output folder is staged beside ``out`` and
+moved into place only when complete, so a failed or killed merge leaves no
+output (and the previous one, if any, as it was).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import pathlib
+import re
+import shutil
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax._src import atomic
+from lora_jax._src.peft_format import (
+    LORA_SUFFIX,
+    MAGNITUDE,
+    PREFIX,
+    lora_pair,
+    pattern_value,
+    read_folder,
+)
+from lora_jax._src.streaming import Leaf, SafetensorsReader, SafetensorsWriter
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+          "GIB": 2**30}
+
+
+def is_hf_folder(path: str | os.PathLike[str]) -> bool:
+  """Whether ``path`` is a Hugging Face model folder with safetensors weights."""
+  path = pathlib.Path(path)
+  return path.is_dir() and ((path / INDEX).is_file() or (path / SINGLE).is_file())
+
+
+def parse_size(value: int | str) -> int:
+  """``5GB``, ``500MB``, ``2GiB`` or a number of bytes (as ``save_pretrained`` takes them)."""
+  if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+    return value
+  found = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMG]i?B|B)?\s*", str(value), re.I)
+  if not found or float(found.group(1)) <= 0:
+    raise ValueError(f"max_shard_size must be a positive size such as '5GB', '500MB' or a "
+                     f"number of bytes, got {value!r}.")
+  return int(float(found.group(1)) * _UNITS[(found.group(2) or "B").upper()])
+
+
+class Update(NamedTuple):
+  """One PEFT module's change to its weight, in PyTorch's layout."""
+
+  kind: str                  # "linear", "conv" or "embedding"
+  a: np.ndarray              # lora_A: (r, in) / (r, cin, *window) / lora_embedding_A (r, vocab)
+  b: np.ndarray              # lora_B: (out, r) / (cout, r, 1, ...) / lora_embedding_B (dim, r)
+  m: np.ndarray | None       # DoRA's lora_magnitude_vector, flattened
+  scale: float
+  key: str                   # the PEFT module key, for messages
+
+
+def read_updates(adapters: pathlib.Path, tensor_of: Callable[[str], str]
+                 ) -> tuple[dict[str, Update], dict[str, np.ndarray], dict[str, Any]]:
+  """``({weight tensor: Update}, {tensor: trained value}, adapter config)`` of a PEFT folder."""
+  peft_config, tensors = read_folder(adapters)
+  rank, alpha = peft_config["r"], peft_config["lora_alpha"]
+  use_dora = peft_config.get("use_dora") is True
+  rslora = peft_config.get("use_rslora") is True
+  lora_keys = {k for k in tensors if LORA_SUFFIX.search(k)}
+  magnitudes = {k for k in tensors if k.endswith(MAGNITUDE)}
+  modules = sorted({LORA_SUFFIX.sub("", k) for k in lora_keys})
+  if magnitudes and not use_dora:
+    raise ValueError(f"{adapters}: {sorted(magnitudes)[0]} is a DoRA magnitude, but "
+                     "adapter_config.json does not set use_dora.")
+  updates: dict[str, Update] = {}
+  for key in modules:
+    a, b = lora_pair(adapters, tensors, key)
+    name = key.removeprefix(PREFIX)
+    r = pattern_value(peft_config["rank_pattern"], name) or rank
+    al = pattern_value(peft_config["alpha_pattern"], name) or alpha
+    if a.shape[0] != r:
+      raise ValueError(f"{adapters}: {key}: lora_A has rank {a.shape[0]}, but the config "
+                       f"gives {r}.")
+    if use_dora and key + MAGNITUDE not in tensors:
+      raise ValueError(f"{adapters}: {key}{MAGNITUDE} is missing; adapter_config.json sets "
+                       "use_dora, so every module needs its magnitude.")
+    kind = ("embedding" if key + ".lora_embedding_A" in tensors
+            else "conv" if a.ndim > 2 else "linear")
+    m = np.asarray(tensors[key + MAGNITUDE], np.float32).reshape(-1) if use_dora else None
+    updates[tensor_of(name) + ".weight"] = Update(
+        kind, np.asarray(a, np.float32), np.asarray(b, np.float32), m,
+        al / (math.sqrt(r) if rslora else r), key)
+  trained = {}
+  for key in sorted(set(tensors) - lora_keys - magnitudes):
+    module, _, param = key.removeprefix(PREFIX).rpartition(".")
+    module = module.removesuffix(".base_layer").removesuffix(".modules_to_save")
+    trained[f"{tensor_of(module)}.{param}"] = tensors[key]
+  return updates, trained, peft_config
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "fan_in_fan_out", "out_dtype"))
+def _merge_tensor(w, a, b, m, scale, *, kind: str, fan_in_fan_out: bool, out_dtype: Any):
+  hi = jax.lax.Precision.HIGHEST
+  if kind == "embedding":  # weight (vocab, dim); ΔW = (B·A)ᵀ; DoRA's norm is over the vocab
+    delta, in_axes, out_axis = jnp.matmul(b, a, precision=hi).T, (0,), 1
+  elif kind == "conv":      # weight (cout, cin, *window)
+    delta = jnp.einsum("or,r...->o...", b.reshape(b.shape[0], b.shape[1]), a, precision=hi)
+    in_axes, out_axis = tuple(range(1, w.ndim)), 0
+  else:                     # weight (out, in), or (in, out) for Conv1D
+    delta = jnp.matmul(b, a, precision=hi)
+    in_axes, out_axis = (1,), 0
+    if fan_in_fan_out:
+      delta, in_axes, out_axis = delta.T, (0,), 1
+  v = w.astype(jnp.float32) + scale * delta
+  if m is not None:
+    norm = jnp.sqrt(jnp.sum(v * v, axis=in_axes, keepdims=True))
+    shape = [1] * v.ndim
+    shape[out_axis] = -1
+    c = m.reshape(shape)
+    v = jnp.where(norm > 0, v * c / jnp.where(norm > 0, norm, 1.0), 0.0)
+  return v.astype(out_dtype)
+
+
+def _expected_shape(update: Update, fan_in_fan_out: bool) -> tuple[int, ...]:
+  if update.kind == "embedding":
+    return (update.a.shape[1], update.b.shape[0])
+  if update.kind == "conv":
+    return (update.b.shape[0], *update.a.shape[1:])
+  out_in = (update.b.shape[0], update.a.shape[1])
+  return out_in[::-1] if fan_in_fan_out else out_in
+
+
+def _base_tensors(base: pathlib.Path) -> tuple[list[str], dict[str, SafetensorsReader]]:
+  """The base's shard files in order and a reader per shard."""
+  if (base / INDEX).is_file():
+    try:
+      weight_map = json.loads((base / INDEX).read_text(encoding="utf-8"))["weight_map"]
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{base / INDEX} is not a safetensors index (expected a JSON object "
+                       f"with a 'weight_map'): {e}") from None
+    shards = list(dict.fromkeys(weight_map.values()))
+  else:
+    weight_map, shards = None, [SINGLE]
+  missing = [s for s in shards if not (base / s).is_file()]
+  if missing:
+    raise FileNotFoundError(f"{base}: the index lists shard(s) {missing[:4]} that are missing.")
+  readers = {s: SafetensorsReader(base / s) for s in shards}
+  if weight_map is not None:
+    found = {leaf.path: s for s, r in readers.items() for leaf in r.leaves}
+    wrong = sorted(k for k, s in weight_map.items() if found.get(k) != s)
+    if wrong:
+      raise ValueError(f"{base / INDEX}: tensor(s) {wrong[:4]} are not in the shards the index "
+                       "names; the folder is damaged.")
+  return shards, readers
+
+
+def merge_hf(base: str | os.PathLike[str], adapters: str | os.PathLike[str],
+             out: str | os.PathLike[str], *, dtype: str | None = None,
+             max_shard_size: int | str = "5GB",
+             tensor_name: Callable[[str], str] = lambda module: module,
+             overwrite: bool = False) -> dict[str, Any]:
+  """Merges a PEFT LoRA adapter into a Hugging Face safetensors model folder.
+
+  Args:
+    base: a Hugging Face model folder (``model.safetensors.index.json`` and its
+      shards, or one ``model.safetensors``; float16, bfloat16 or float32).
+    adapters: a PEFT adapter folder (``save_pretrained`` or ``lj.export_peft``).
+    out: the output folder (must not exist unless ``overwrite``, and not overlap an input).
+    dtype: cast floating tensors to this dtype (default: keep each tensor's);
+      ``config.json``'s ``torch_dtype`` is updated to match.
+    max_shard_size: the largest output shard, e.g. ``"5GB"`` (as ``save_pretrained``).
+    tensor_name: maps a PEFT module name (``model.layers.0.self_attn.q_proj``)
+      to the base's tensor prefix; the default is the name itself, which fits
+      models saved with ``save_pretrained``.
+    overwrite: replace an existing output folder written by this function.
+
+  Returns:
+    A report: tensors written and merged, shards, bytes, and the output folder.
+
+  Raises:
+    ValueError: for an adapter module or trained tensor the base lacks, a shape
+      that does not fit, a damaged input or an unsupported PEFT variant; nothing
+      is written.
+    FileExistsError: when ``out`` exists and ``overwrite`` is False.
+  """
+  base, adapters = pathlib.Path(base).absolute(), pathlib.Path(adapters).absolute()
+  out = pathlib.Path(out).absolute()
+  limit = parse_size(max_shard_size)
+  out_dtype = None if dtype is None else jnp.dtype(dtype)
+  if out_dtype is not None and not jnp.issubdtype(out_dtype, jnp.floating):
+    raise ValueError(f"dtype must be a floating dtype such as 'bfloat16', got {dtype!r}.")
+  atomic.check_separate(out, [("base", base), ("adapters", adapters)], "merge")
+  if not is_hf_folder(base):
+    raise FileNotFoundError(f"{base} is not a Hugging Face model folder ({INDEX} or {SINGLE}).")
+  shards, readers = _base_tensors(base)
+  updates, trained, peft_config = read_updates(adapters, tensor_name)
+  fan = peft_config.get("fan_in_fan_out") is True
+  leaves = {leaf.path: leaf for r in readers.values() for leaf in r.leaves}
+  errors = [f"{u.key}: the base has no tensor {name!r} (pass tensor_name= to map PEFT module "
+            "names to the base's tensor names)" for name, u in updates.items()
+            if name not in leaves]
+  errors += [f"{u.key}: adapter for shape {_expected_shape(u, fan)}, but {name} has shape "
+             f"{leaves[name].shape}" for name, u in updates.items()
+             if name in leaves and tuple(leaves[name].shape) != _expected_shape(u, fan)]
+  errors += [f"trained tensor {name}: " + ("not in the base" if name not in leaves else
+                                           f"shape {tuple(np.shape(v))}, base {leaves[name].shape}")
+             for name, v in trained.items()
+             if name not in leaves or math.prod(np.shape(v)) != math.prod(leaves[name].shape)]
+  if errors:
+    raise ValueError(f"The PEFT adapter {adapters} does not fit the base {base}:\n  - "
+                     + "\n  - ".join(errors))
+
+  def final(leaf: Leaf) -> Any:
+    floating = jnp.issubdtype(leaf.dtype, jnp.floating)
+    return out_dtype if out_dtype is not None and floating else leaf.dtype
+
+  order = [leaf for s in shards for leaf in readers[s].leaves]
+  plan: list[list[Leaf]] = [[]]
+  size = 0
+  for leaf in order:
+    leaf = leaf._replace(dtype=final(leaf))
+    if plan[-1] and size + leaf.nbytes > limit:
+      plan.append([])
+      size = 0
+    plan[-1].append(leaf)
+    size += leaf.nbytes
+  names = ([SINGLE] if len(plan) == 1 else
+           [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
+
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with atomic.locked(out):
+    removed = atomic.clean_stale(out)
+    atomic.check_replaceable(out, overwrite=overwrite, ours=_is_our_output,
+                             what="a Hugging Face folder written by lora-jax merge")
+    staging = atomic.staging_path(out)
+    try:
+      staging.mkdir()
+      written = merged = 0
+      source = iter((leaf, s) for s in shards for leaf in readers[s].leaves)
+      for name, group in zip(names, plan):
+        writer = SafetensorsWriter(staging / name, group, staged=False, file_format="pt")
+        try:
+          for leaf in group:
+            original, shard = next(source)
+            value = readers[shard].read([original.path])[original.path]
+            if original.path in updates:
+              u = updates[original.path]
+              value = _merge_tensor(value, u.a, u.b, u.m, np.float32(u.scale), kind=u.kind,
+                                    fan_in_fan_out=fan, out_dtype=jnp.dtype(leaf.dtype))
+              merged += 1
+            elif original.path in trained:
+              value = np.asarray(trained[original.path]).reshape(leaf.shape)
+              merged += 1
+            writer.write({leaf.path: np.asarray(value).astype(leaf.dtype, copy=False)})
+            written += 1
+        except BaseException:
+          writer.abort()
+          raise
+        writer.finish()
+      if len(names) > 1:
+        index = {"metadata": {"total_size": sum(leaf.nbytes for g in plan for leaf in g)},
+                 "weight_map": {leaf.path: n for n, g in zip(names, plan) for leaf in g}}
+        (staging / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+      _copy_other_files(base, staging, set(shards) | {INDEX}, out_dtype)
+      (staging / _MARKER).write_text(json.dumps({"base": str(base), "adapters": str(adapters)}))
+      atomic.commit(staging, out)
+    except BaseException:
+      atomic.remove(staging)
+      raise
+  return {"out": str(out), "tensors": written, "merged": merged, "shards": len(names),
+          "bytes": sum(leaf.nbytes for g in plan for leaf in g),
+          "removed_stale": [str(p) for p in removed]}
+
+
+_MARKER = "lora_jax_merge.json"
+
+
+def _is_our_output(path: pathlib.Path) -> bool:
+  return path.is_dir() and (path / _MARKER).is_file()
+
+
+def _copy_other_files(base: pathlib.Path, staging: pathlib.Path, weights: set[str],
+                      out_dtype: Any) -> None:
+  """Copies everything but the weights (config, tokenizer, generation config, README)."""
+  for item in sorted(base.iterdir()):
+    if item.name in weights:
+      continue
+    if item.is_dir():
+      shutil.copytree(item, staging / item.name)
+    elif item.name == "config.json" and out_dtype is not None:
+      config = json.loads(item.read_text(encoding="utf-8"))
+      for key in ("torch_dtype", "dtype"):
+        if key in config:
+          config[key] = jnp.dtype(out_dtype).name
+      (staging / item.name).write_text(json.dumps(config, indent=2, sort_keys=True))
+    else:
+      shutil.copy2(item, staging / item.name)
