@@ -28,6 +28,7 @@ import os
 import pathlib
 import re
 import shutil
+import struct
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -40,11 +41,13 @@ from lora_jax._src.peft_format import (
     LORA_SUFFIX,
     MAGNITUDE,
     PREFIX,
+    WEIGHTS_FILE,
+    check_tensor_names,
     lora_pair,
     pattern_value,
-    read_folder,
+    read_config,
 )
-from lora_jax._src.streaming import Leaf, SafetensorsReader, SafetensorsWriter
+from lora_jax._src.streaming import ST_DTYPES, Leaf, SafetensorsWriter
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -69,21 +72,79 @@ def parse_size(value: int | str) -> int:
   return int(float(found.group(1)) * _UNITS[(found.group(2) or "B").upper()])
 
 
+class ShardReader:
+  """One safetensors file read tensor by tensor with plain file reads (no memory map, whose
+  touched pages would count as this process's memory until the file is closed)."""
+
+  def __init__(self, path: pathlib.Path):
+    self.path = path
+    size = path.stat().st_size
+    try:
+      with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > size - 8:
+          raise ValueError(f"header length {length} exceeds the file")
+        header = json.loads(f.read(length))
+      self._start = 8 + length
+      by_name = {v: k for k, v in ST_DTYPES.items()}
+      self.leaves, self._spans = [], {}
+      for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
+                               key=lambda kv: kv[1]["data_offsets"][0]):
+        dtype = jnp.dtype(by_name[info["dtype"]])
+        shape = tuple(int(d) for d in info["shape"])
+        begin, end = (int(o) for o in info["data_offsets"])
+        if end - begin != math.prod(shape) * dtype.itemsize or self._start + end > size:
+          raise ValueError(f"tensor {name}: its data offsets do not fit its shape or the file")
+        self.leaves.append(Leaf(name, shape, dtype))
+        self._spans[name] = begin
+    except (ValueError, KeyError, TypeError, struct.error) as e:
+      raise ValueError(f"Cannot read the safetensors file {path}: it is damaged or not a "
+                       f"safetensors file ({type(e).__name__}: {e}).") from None
+
+  def read(self, leaf: Leaf) -> np.ndarray:
+    with open(self.path, "rb") as f:
+      f.seek(self._start + self._spans[leaf.path])
+      value = np.fromfile(f, dtype=leaf.dtype, count=math.prod(leaf.shape))
+    return value.reshape(leaf.shape)
+
+
+class Stored(NamedTuple):
+  """A tensor of a safetensors file, read only when needed."""
+
+  leaf: Leaf
+  reader: ShardReader
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return self.leaf.shape
+
+  @property
+  def ndim(self) -> int:
+    return len(self.leaf.shape)
+
+  def load(self) -> np.ndarray:
+    return self.reader.read(self.leaf)
+
+
 class Update(NamedTuple):
   """One PEFT module's change to its weight, in PyTorch's layout."""
 
   kind: str                  # "linear", "conv" or "embedding"
-  a: np.ndarray              # lora_A: (r, in) / (r, cin, *window) / lora_embedding_A (r, vocab)
-  b: np.ndarray              # lora_B: (out, r) / (cout, r, 1, ...) / lora_embedding_B (dim, r)
-  m: np.ndarray | None       # DoRA's lora_magnitude_vector, flattened
+  a: Stored                  # lora_A: (r, in) / (r, cin, *window) / lora_embedding_A (r, vocab)
+  b: Stored                  # lora_B: (out, r) / (cout, r, 1, ...) / lora_embedding_B (dim, r)
+  m: Stored | None           # DoRA's lora_magnitude_vector
   scale: float
   key: str                   # the PEFT module key, for messages
 
 
 def read_updates(adapters: pathlib.Path, tensor_of: Callable[[str], str]
-                 ) -> tuple[dict[str, Update], dict[str, np.ndarray], dict[str, Any]]:
-  """``({weight tensor: Update}, {tensor: trained value}, adapter config)`` of a PEFT folder."""
-  peft_config, tensors = read_folder(adapters)
+                 ) -> tuple[dict[str, Update], dict[str, Stored], dict[str, Any]]:
+  """``({weight tensor: Update}, {tensor: trained value}, adapter config)`` of a PEFT folder;
+  only shapes are read here, the tensors themselves when each is merged."""
+  peft_config = read_config(adapters)
+  reader = ShardReader(adapters / WEIGHTS_FILE)
+  tensors = {leaf.path: Stored(leaf, reader) for leaf in reader.leaves}
+  check_tensor_names(adapters, tensors)
   rank, alpha = peft_config["r"], peft_config["lora_alpha"]
   use_dora = peft_config.get("use_dora") is True
   rslora = peft_config.get("use_rslora") is True
@@ -107,9 +168,8 @@ def read_updates(adapters: pathlib.Path, tensor_of: Callable[[str], str]
                        "use_dora, so every module needs its magnitude.")
     kind = ("embedding" if key + ".lora_embedding_A" in tensors
             else "conv" if a.ndim > 2 else "linear")
-    m = np.asarray(tensors[key + MAGNITUDE], np.float32).reshape(-1) if use_dora else None
     updates[tensor_of(name) + ".weight"] = Update(
-        kind, np.asarray(a, np.float32), np.asarray(b, np.float32), m,
+        kind, a, b, tensors[key + MAGNITUDE] if use_dora else None,
         al / (math.sqrt(r) if rslora else r), key)
   trained = {}
   for key in sorted(set(tensors) - lora_keys - magnitudes):
@@ -151,7 +211,7 @@ def _expected_shape(update: Update, fan_in_fan_out: bool) -> tuple[int, ...]:
   return out_in[::-1] if fan_in_fan_out else out_in
 
 
-def _base_tensors(base: pathlib.Path) -> tuple[list[str], dict[str, SafetensorsReader]]:
+def _base_tensors(base: pathlib.Path) -> tuple[list[str], dict[str, ShardReader]]:
   """The base's shard files in order and a reader per shard."""
   if (base / INDEX).is_file():
     try:
@@ -165,7 +225,7 @@ def _base_tensors(base: pathlib.Path) -> tuple[list[str], dict[str, SafetensorsR
   missing = [s for s in shards if not (base / s).is_file()]
   if missing:
     raise FileNotFoundError(f"{base}: the index lists shard(s) {missing[:4]} that are missing.")
-  readers = {s: SafetensorsReader(base / s) for s in shards}
+  readers = {s: ShardReader(base / s) for s in shards}
   if weight_map is not None:
     found = {leaf.path: s for s, r in readers.items() for leaf in r.leaves}
     wrong = sorted(k for k, s in weight_map.items() if found.get(k) != s)
@@ -224,9 +284,9 @@ def merge_hf(base: str | os.PathLike[str], adapters: str | os.PathLike[str],
              f"{leaves[name].shape}" for name, u in updates.items()
              if name in leaves and tuple(leaves[name].shape) != _expected_shape(u, fan)]
   errors += [f"trained tensor {name}: " + ("not in the base" if name not in leaves else
-                                           f"shape {tuple(np.shape(v))}, base {leaves[name].shape}")
+                                           f"shape {tuple(v.shape)}, base {leaves[name].shape}")
              for name, v in trained.items()
-             if name not in leaves or math.prod(np.shape(v)) != math.prod(leaves[name].shape)]
+             if name not in leaves or math.prod(v.shape) != math.prod(leaves[name].shape)]
   if errors:
     raise ValueError(f"The PEFT adapter {adapters} does not fit the base {base}:\n  - "
                      + "\n  - ".join(errors))
@@ -263,14 +323,17 @@ def merge_hf(base: str | os.PathLike[str], adapters: str | os.PathLike[str],
         try:
           for leaf in group:
             original, shard = next(source)
-            value = readers[shard].read([original.path])[original.path]
+            value = readers[shard].read(original)
             if original.path in updates:
               u = updates[original.path]
-              value = _merge_tensor(value, u.a, u.b, u.m, np.float32(u.scale), kind=u.kind,
-                                    fan_in_fan_out=fan, out_dtype=jnp.dtype(leaf.dtype))
+              f32 = lambda t: None if t is None else t.load().astype(np.float32)  # noqa: E731
+              value = _merge_tensor(value, f32(u.a), f32(u.b),
+                                    None if u.m is None else f32(u.m).reshape(-1),
+                                    np.float32(u.scale), kind=u.kind, fan_in_fan_out=fan,
+                                    out_dtype=jnp.dtype(leaf.dtype))
               merged += 1
             elif original.path in trained:
-              value = np.asarray(trained[original.path]).reshape(leaf.shape)
+              value = trained[original.path].load().reshape(leaf.shape)
               merged += 1
             writer.write({leaf.path: np.asarray(value).astype(leaf.dtype, copy=False)})
             written += 1

@@ -28,7 +28,7 @@ import math
 import os
 import pathlib
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -398,24 +398,35 @@ def _read_config(directory: pathlib.Path) -> dict[str, Any]:
   return peft_config
 
 
-def read_folder(directory: pathlib.Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-
+def read_config(directory: pathlib.Path) -> dict[str, Any]:
+  """The validated ``adapter_config.json`` of a PEFT folder that has both of its files."""
   for name in (CONFIG_FILE, WEIGHTS_FILE):
     if not (directory / name).is_file():
       raise FileNotFoundError(f"No PEFT adapter in {directory}: {name} is missing (expected "
                               f"{CONFIG_FILE} and {WEIGHTS_FILE}, as save_pretrained writes).")
-  peft_config = _read_config(directory)
+  return _read_config(directory)
+
+
+def check_tensor_names(directory: pathlib.Path, keys: Iterable[str]) -> None:
+  """Refuses tensors of PEFT variants that change the math (``_UNSUPPORTED_TENSORS``)."""
+  for key in keys:
+    for marker, what in _UNSUPPORTED_TENSORS.items():
+      if marker in key:
+        raise ValueError(f"{directory / WEIGHTS_FILE}: tensor {key} holds {what}, which "
+                         "lora_jax does not support.")
+
+
+def read_folder(directory: pathlib.Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """The validated config and every tensor of a PEFT adapter folder."""
+  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
+
+  peft_config = read_config(directory)
   try:
     tensors = load_file(str(directory / WEIGHTS_FILE))
   except Exception as e:
     raise ValueError(f"Cannot read the PEFT adapter in {directory}: {type(e).__name__}: {e}") \
         from e
-  for key in tensors:
-    for marker, what in _UNSUPPORTED_TENSORS.items():
-      if marker in key:
-        raise ValueError(f"{directory / WEIGHTS_FILE}: tensor {key} holds {what}, which "
-                         "import_peft does not support (plain LoRA only).")
+  check_tensor_names(directory, tensors)
   return peft_config, tensors
 
 

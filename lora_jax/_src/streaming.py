@@ -46,7 +46,7 @@ OUTPUT_DTYPES = {"orbax": ("float16", "bfloat16", "float32", "float64"),
                  "safetensors": ("float16", "bfloat16", "float32", "float64")}
 
 # safetensors dtype names (format facts from the safetensors specification).
-_ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
+ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
               "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
               "bool": "BOOL"}
 
@@ -137,7 +137,7 @@ class SafetensorsReader:
 
 
 def _dtype_of(key: str, name: str) -> np.dtype:
-  reverse = {v: k for k, v in _ST_DTYPES.items()}
+  reverse = {v: k for k, v in ST_DTYPES.items()}
   if name not in reverse:
     raise ValueError(f"tensor {key}: dtype {name} is not supported by the streaming merge "
                      f"(supported: {sorted(reverse)}).")
@@ -244,7 +244,7 @@ class SafetensorsWriter:
         "format": self._format, _ST_CHECKSUMS: json.dumps(self._record, separators=(",", ":"))}}
     offset = 0
     for leaf in self._leaves:
-      header[leaf.path] = {"dtype": _ST_DTYPES[np.dtype(leaf.dtype).name],
+      header[leaf.path] = {"dtype": ST_DTYPES[np.dtype(leaf.dtype).name],
                            "shape": list(leaf.shape), "data_offsets": [offset,
                                                                        offset + leaf.nbytes]}
       offset += leaf.nbytes
@@ -257,10 +257,9 @@ class SafetensorsWriter:
       if path != self._order[0]:
         raise RuntimeError(f"safetensors leaves must arrive in order; got {path}")
       self._order.pop(0)
-      value = np.asarray(arrays[path])
+      value = np.require(np.asarray(arrays[path]), requirements="C")  # keeps 0-d arrays 0-d
       self._record[path] = entry(value)
-      value = np.ascontiguousarray(value)
-      self._file.write(value.tobytes())
+      self._file.write(value.reshape(-1).view(np.uint8).data)  # no copy of the bytes
 
   def finish(self) -> None:
     header = self._header()  # the same length: only the digests changed
@@ -442,7 +441,7 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
     return out_dtype if out_dtype is not None and floating else leaf.dtype
 
   out_leaves = [leaf._replace(dtype=final_dtype(leaf)) for leaf in reader.leaves]
-  unsupported = sorted({np.dtype(leaf.dtype).name for leaf in out_leaves} - set(_ST_DTYPES))
+  unsupported = sorted({np.dtype(leaf.dtype).name for leaf in out_leaves} - set(ST_DTYPES))
   if output_format == "safetensors" and unsupported:
     raise ValueError(f"The safetensors output cannot hold dtype(s) {unsupported} of the base; "
                      "pass dtype= a floating dtype, or write the orbax format.")
