@@ -319,11 +319,14 @@ def test_training_step_cost_is_near_lora(dtype):
     lp = lj.lift(params, config, key=jax.random.key(2))
     costs[name] = _cost(jax.grad(_loss(lj.wrap(_Tower().apply, config, mode=mode))),
                         lp.adapters, lp.base, x)
-  assert costs["dora"][0] <= 1.05 * costs["lora"][0], costs
+  # Bounds per dtype: (FLOPs over LoRA's, memory over LoRA's, memory over forming W').
+  # Memory: the float32 case keeps each product's output beside LoRA's residuals (1.06x with
+  # jaxlib 0.10.2, 1.22x with the oldest supported 0.7.1). XLA:CPU computes bf16 arithmetic
+  # from float32 copies of the operands and forms the copy of that output as soon as it
+  # exists, so a bf16 base keeps it at float32 width; jaxlib 0.7.1 also counts 7% more FLOPs
+  # there and keeps as much for LoRA as for DoRA formed per step.
+  flops, memory, vs_merge = (1.05, 1.25, 0.7) if dtype == jnp.float32 else (1.1, 1.7, 1.0)
+  assert costs["dora"][0] <= flops * costs["lora"][0], costs
   assert costs["dora"][0] <= 0.8 * costs["dora_merge"][0], costs
-  # Memory: the float32 case keeps each product's output beside LoRA's residuals. XLA:CPU
-  # computes bf16 arithmetic from float32 copies of the operands and forms the copy of that
-  # output as soon as it exists, so a bf16 base keeps it at float32 width.
-  bound = 1.15 if dtype == jnp.float32 else 1.7
-  assert costs["dora"][1] <= bound * costs["lora"][1], costs
-  assert costs["dora"][1] <= 0.7 * costs["dora_merge"][1], costs
+  assert costs["dora"][1] <= memory * costs["lora"][1], costs
+  assert costs["dora"][1] <= vs_merge * costs["dora_merge"][1], costs
