@@ -157,9 +157,9 @@ def test_zoo_models_stay_factored_and_exact(name):
     np.testing.assert_allclose(g / top, r / top, atol=max(arch.tol, 1e-4) * 10)
 
 
-def test_bf16_base_is_rounded_once(key):
-  """A bf16 base: the factored output is the float32 reference rounded once (within one bf16
-  step), and m's gradient is a float32 accumulation."""
+def test_bf16_base_is_within_a_bf16_step(key):
+  """A bf16 base: the factored output is within one bf16 step (plus the hidden layer's own
+  rounding) of the float32 reference."""
   case = CASES["dense"]
   params = jax.tree.map(lambda v: v.astype(jnp.bfloat16), case.params)
   config = dora_config(case.config)

@@ -38,11 +38,21 @@ def _dot(lhs: jax.Array, rhs: jax.Array, contract: tuple[tuple[int, ...], tuple[
                          preferred_element_type=jnp.float32)
 
 
+def _squared_norm(w: jax.Array, stack: tuple[int, ...], ins: tuple[int, ...],
+                  outs: tuple[int, ...]) -> jax.Array:
+  kept = stack + outs
+  return _dot(w, w, (ins, ins), (kept, kept))
+
+
 def magnitude(w: jax.Array, *, stack: tuple[int, ...], ins: tuple[int, ...],
               outs: tuple[int, ...]) -> jax.Array:
   """``‖W‖`` over the input axes in float32, laid out ``stack + outs`` (like ``B`` without r)."""
-  kept = stack + outs
-  return jnp.sqrt(_dot(w, w, (ins, ins), (kept, kept)))
+  return jnp.sqrt(_squared_norm(w, stack, ins, outs))
+
+
+def _ratio(m: jax.Array, norm: jax.Array) -> jax.Array:
+  """``c = m / ‖V‖``, 0 where ``‖V‖ = 0`` (that column of ``V`` is all zeros)."""
+  return jnp.where(norm > 0, m.astype(jnp.float32) / jnp.where(norm > 0, norm, 1.0), 0.0)
 
 
 def column_norm(w: jax.Array, a: jax.Array, b: jax.Array, *, stack: tuple[int, ...],
@@ -51,7 +61,7 @@ def column_norm(w: jax.Array, a: jax.Array, b: jax.Array, *, stack: tuple[int, .
   n = len(stack)
   a_ins = tuple(range(n, n + len(ins)))
   a_stack = tuple(range(n))
-  w2 = _dot(w, w, (ins, ins), (stack + outs, stack + outs))
+  w2 = _squared_norm(w, stack, ins, outs)
   # Aᵀ·W: stack, r, then W's output axes in ascending order; put them in B's order.
   a_t_w = _dot(a, w, (a_ins, ins), (a_stack, stack))
   order = sorted(outs)
@@ -68,9 +78,8 @@ def column_norm(w: jax.Array, a: jax.Array, b: jax.Array, *, stack: tuple[int, .
 def factor(w: jax.Array, a: jax.Array, b: jax.Array, m: jax.Array, *, stack: tuple[int, ...],
            ins: tuple[int, ...], outs: tuple[int, ...], scale: float) -> jax.Array:
   """``c = m / ‖W + s·A·B‖`` in float32 (``stack + outs``), the norm held constant under grad."""
-  norm = lax.stop_gradient(column_norm(w, a, b, stack=stack, ins=ins, outs=outs, scale=scale))
-  safe = jnp.where(norm > 0, norm, 1.0)
-  return jnp.where(norm > 0, m.astype(jnp.float32) / safe, 0.0)
+  return _ratio(m, lax.stop_gradient(column_norm(w, a, b, stack=stack, ins=ins, outs=outs,
+                                                 scale=scale)))
 
 
 def place(c: jax.Array, dims: Sequence[int], ndim: int) -> jax.Array:
@@ -88,8 +97,7 @@ def merged(w: jax.Array, delta: jax.Array, m: jax.Array, *, stack: tuple[int, ..
   """``m ⊙ V / ‖V‖`` in float32 for ``V = W + delta`` (``delta = s·A·B``, float32)."""
   v = w.astype(jnp.float32) + delta
   ins = tuple(p for p in range(w.ndim) if p not in stack and p not in outs)
-  norm = lax.stop_gradient(magnitude(v, stack=stack, ins=ins, outs=outs))
-  c = jnp.where(norm > 0, m.astype(jnp.float32) / jnp.where(norm > 0, norm, 1.0), 0.0)
+  c = _ratio(m, lax.stop_gradient(magnitude(v, stack=stack, ins=ins, outs=outs)))
   return v * place(c, stack + outs, w.ndim)
 
 
@@ -100,7 +108,9 @@ def scale_output(y: jax.Array, c: jax.Array) -> jax.Array:
   The backward pass keeps ``y`` itself for ``c``'s gradient, so that XLA can
   recompute ``y ⊙ c`` from it rather than keep a second buffer. (XLA:CPU still
   keeps a float32 copy of a bf16 ``y``: it computes bf16 arithmetic from float32
-  copies of the operands and forms the copy as soon as ``y`` exists.)
+  copies of the operands and forms the copy as soon as ``y`` exists.) A bf16
+  ``y`` is the rule's result already rounded to bf16, so DoRA's result is rounded
+  twice: within one bf16 step of the exact value.
   """
   acc = accumulation_dtype(y.dtype, c.dtype)
   return (y.astype(acc) * c.astype(acc)).astype(y.dtype)
