@@ -2,6 +2,7 @@
 
 from lora_jax._src.checkpoint import CheckpointMismatch, load_adapters, save_adapters
 from lora_jax._src.checksums import ChecksumError
+from lora_jax._src.combine import combine
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.factored import FallbackWarning
 from lora_jax._src.hf_merge import merge_hf
@@ -41,6 +42,7 @@ __all__ = [
     "export_peft",
     "import_peft",
     "infer_axes",
+    "combine",
     "labels",
     "lift",
     "load_job_config",

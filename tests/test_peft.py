@@ -337,3 +337,29 @@ def test_import_checks_exact_peft_shapes(tmp_path):
   with pytest.raises(ValueError, match=r"Dense_0/kernel: PEFT's lora_B has shape \(13, 2\), "
                      r"expected \(12, 2\)"):
     lj.import_peft(tmp_path / "peft", params=params)
+
+
+@pytest.mark.parametrize("method", ["cat", "svd"])
+def test_combine_agrees_with_peft_add_weighted_adapter(tmp_path, method):
+  """Two adapters (ranks 4 and 2, different alphas) combined by lj.combine give the outputs of
+  PEFT's add_weighted_adapter on the same adapters (exported through export_peft)."""
+  model, params, x, torch_model, x_torch = _text()
+  configs = {"x": lj.LoraConfig(rank=4, alpha=8.0, targets=(r"kernel$", "emb")),
+             "y": lj.LoraConfig(rank=2, alpha=3.0, targets=(r"kernel$", "emb"))}
+  adapters = {n: _perturbed(lj.lift(params, c, key=jax.random.key(i))).adapters
+              for i, (n, c) in enumerate(configs.items())}
+  for n in configs:
+    lj.export_peft(lj.LoraParams(params, adapters[n]), configs[n], tmp_path / n)
+  weights = {"x": 0.7, "y": -0.4}
+  combined, config = lj.combine({n: (adapters[n], configs[n]) for n in configs}, weights,
+                                method=method, rank=3 if method == "svd" else None)
+  ours = np.asarray(lj.wrap(model.apply, config)(lj.LoraParams(params, combined), x))
+  peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "x"), adapter_name="x")
+  peft_model.load_adapter(str(tmp_path / "y"), adapter_name="y")
+  peft_model.add_weighted_adapter(["x", "y"], [weights["x"], weights["y"]], "c",
+                                  combination_type=method,
+                                  **({"svd_rank": 3} if method == "svd" else {}))
+  peft_model.set_adapter("c")
+  with torch.no_grad():
+    theirs = peft_model.eval()(x_torch).numpy()
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
