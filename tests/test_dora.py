@@ -227,7 +227,7 @@ def test_adapters_of_the_other_kind_are_refused(key, tmp_path):
     lj.save_adapters(tmp_path / "other", lp, plain)
 
 
-def test_streaming_merge_equals_in_memory_merge(key, tmp_path):
+def test_streaming_merge_and_inspect(key, tmp_path, capsys):
   import orbax.checkpoint as ocp
 
   from lora_jax._src.cli import main as cli
@@ -243,6 +243,9 @@ def test_streaming_merge_equals_in_memory_merge(key, tmp_path):
   merged = ocp.StandardCheckpointer().restore(tmp_path / "merged")
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
                merged, lj.merge(lp, config))
+  assert cli(["inspect", str(tmp_path / "adapters")]) == 0
+  out = capsys.readouterr().out
+  assert "DoRA m shape" in out and f"{lj.summary(lp, config).adapter_params:,} adapter" in out
 
 
 def test_optimizer_trains_m_with_no_state_for_the_base(key):

@@ -98,15 +98,19 @@ def _inspect(args: argparse.Namespace) -> int:
   print("config:", json.dumps(config.to_dict(), indent=2, sort_keys=True))
   flat = dict(leaves_with_paths(adapters))
   rows, total, nbytes = [], 0, 0
+  dora = any(p.endswith("/m") for p in flat)
   for path in natural_sorted({p.rsplit("/", 1)[0] for p in flat}):
-    a, b = flat[f"{path}/a"], flat[f"{path}/b"]
-    n = a.size + b.size
+    parts = [flat[f"{path}/{k}"] for k in ("a", "b", "m") if f"{path}/{k}" in flat]
+    a, b = parts[:2]
+    n = sum(x.size for x in parts)
     total += n
-    nbytes += a.nbytes + b.nbytes
-    rows.append((path, str(a.shape[-1]), str(tuple(a.shape)), str(tuple(b.shape)), f"{n:,}",
+    nbytes += sum(x.nbytes for x in parts)
+    m = (str(tuple(parts[2].shape)) if len(parts) == 3 else "-",) if dora else ()
+    rows.append((path, str(a.shape[-1]), str(tuple(a.shape)), str(tuple(b.shape)), *m, f"{n:,}",
                  f"{config.scale_for(path):g}"))
   print()
-  print(format_table(("path", "rank", "A shape", "B shape", "params", "scale"), rows, right_from=1))
+  print(format_table(("path", "rank", "A shape", "B shape", *(("DoRA m shape",) if dora else ()),
+                      "params", "scale"), rows, right_from=1))
   dtypes = sorted({str(np.dtype(x.dtype)) for x in jax.tree.leaves(adapters)})
   print(f"\n{len(rows)} adapted leaves, {total:,} adapter parameters, {nbytes:,} bytes "
         f"({', '.join(dtypes)})")
