@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lora_jax._src.lowrank_dot import accumulation_dtype
+from lora_jax._src.lowrank_dot import accumulation_dtype, explicit_spec
 
 _HI = lax.Precision.HIGHEST
 
@@ -33,9 +33,28 @@ _HI = lax.Precision.HIGHEST
 def _dot(lhs: jax.Array, rhs: jax.Array, contract: tuple[tuple[int, ...], tuple[int, ...]],
          batch: tuple[tuple[int, ...], tuple[int, ...]]) -> jax.Array:
   """A float32-accumulated ``dot_general`` of the operands as they are (a bf16 weight is not
-  copied to float32)."""
+  copied to float32).
+
+  Under explicit sharding the result keeps the batch and free axes' shardings
+  (the first use of a mesh axis wins) and sums over sharded contractions.
+  """
+  kwargs = {}
+  specs = [explicit_spec(v) for v in (lhs, rhs)]
+  if any(specs):
+    mesh = next(s[0] for s in specs if s)
+    spec_of = lambda i, d: specs[i][1][d] if specs[i] else None  # noqa: E731
+    free = [[d for d in range(v.ndim) if d not in contract[i] + batch[i]]
+            for i, v in enumerate((lhs, rhs))]
+    wanted = ([spec_of(0, d) for d in batch[0]] + [spec_of(0, d) for d in free[0]]
+              + [spec_of(1, d) for d in free[1]])
+    used, out = set(), []
+    for entry in wanted:
+      names = set(entry) if isinstance(entry, tuple) else {entry} - {None}
+      out.append(None if names & used else entry)
+      used |= names
+    kwargs["out_sharding"] = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*out))
   return lax.dot_general(lhs, rhs, (contract, batch), precision=_HI,
-                         preferred_element_type=jnp.float32)
+                         preferred_element_type=jnp.float32, **kwargs)
 
 
 def _squared_norm(w: jax.Array, stack: tuple[int, ...], ins: tuple[int, ...],
