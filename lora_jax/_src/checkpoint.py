@@ -282,10 +282,26 @@ def _shapes_and_dtypes(tree: PyTree) -> dict[str, tuple[tuple[int, ...], Any]]:
 
 
 def _abstract(tree: PyTree) -> PyTree:
-  """ShapeDtypeStructs (with the leaves' shardings, if any) that orbax restores onto."""
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-      tree)
+  """ShapeDtypeStructs (with the leaves' shardings, if any) that orbax restores onto.
+
+  With several processes, a leaf on one device (an optimizer's step count, made by
+  ``tx.init`` on the default device) is restored replicated over the mesh of the
+  tree's sharded leaves: on process 0's device alone, a jitted step could not take
+  it beside arrays spread over every process's devices.
+  """
+  leaves = jax.tree.leaves(tree)
+  meshes = [x.sharding.mesh for x in leaves
+            if isinstance(getattr(x, "sharding", None), jax.sharding.NamedSharding)]
+
+  def sharding_of(x: Any) -> Any:
+    sharding = getattr(x, "sharding", None)
+    if (jax.process_count() > 1 and meshes
+        and isinstance(sharding, jax.sharding.SingleDeviceSharding)):
+      return jax.sharding.NamedSharding(meshes[0], jax.sharding.PartitionSpec())
+    return sharding
+
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_of(x)),
+                      tree)
 
 
 def read(path: pathlib.Path, targets: Mapping[str, Any], what: str,

@@ -226,6 +226,11 @@ def _base_tensors(base: pathlib.Path) -> tuple[list[str], dict[str, ShardReader]
   if missing:
     raise FileNotFoundError(f"{base}: the index lists shard(s) {missing[:4]} that are missing.")
   readers = {s: ShardReader(base / s) for s in shards}
+  names = [leaf.path for r in readers.values() for leaf in r.leaves]
+  twice = sorted({n for n in names if names.count(n) > 1})
+  if twice:
+    raise ValueError(f"{base}: tensor(s) {twice[:4]} appear in more than one shard; the folder "
+                     "is damaged.")
   if weight_map is not None:
     found = {leaf.path: s for s, r in readers.items() for leaf in r.leaves}
     wrong = sorted(k for k, s in weight_map.items() if found.get(k) != s)

@@ -1,0 +1,106 @@
+"""A LoRA training job on a 2 x 4 mesh, run as one process or as several (JAX multi-controller).
+
+Usage: python multiprocess_job.py PROCESS_ID NUM_PROCESSES PORT CKPT_DIR OUT.npz TOTAL_STEPS
+                                  SAVE_EVERY [STEP_SLEEP_S]
+With NUM_PROCESSES > 1 each process owns 8 / NUM_PROCESSES CPU devices and joins through
+jax.distributed (coordinator 127.0.0.1:PORT, gloo collectives). The base is sharded over the
+global mesh, lift makes sharded adapters, every SAVE_EVERY steps the training state is saved
+(every process writing its shards), and a restarted run resumes from the newest step. Data for
+step i is a pure function of i. Process 0 prints "saved N" and writes OUT.npz at the end.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lora_jax._src.host_devices import set_host_devices  # noqa: E402
+
+PROCESS, PROCESSES = int(sys.argv[1]), int(sys.argv[2])
+set_host_devices(8 // PROCESSES)
+
+import time  # noqa: E402
+
+import jax  # noqa: E402
+
+if PROCESSES > 1:
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{sys.argv[3]}",
+                             num_processes=PROCESSES, process_id=PROCESS)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import lora_jax as lj  # noqa: E402
+
+
+def main():
+  ckpt, out, total, every = sys.argv[4], sys.argv[5], int(sys.argv[6]), int(sys.argv[7])
+  pause = float(sys.argv[8]) if len(sys.argv) > 8 else 0.0
+  mesh = jax.make_mesh((2, 4), ("data", "model"),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  rng = np.random.default_rng(0)
+  host = {"l1": {"kernel": rng.standard_normal((16, 32), np.float32) / 4,
+                 "bias": np.zeros(32, np.float32)},
+          "l2": {"kernel": rng.standard_normal((32, 8), np.float32) / 4}}
+  # FSDP over "data" (across the processes) and tensor parallelism over "model".
+  specs = {"l1": {"kernel": P("data", "model"), "bias": P("model")},
+           "l2": {"kernel": P("model", None)}}
+  params = jax.tree.map(
+      lambda v, s: jax.make_array_from_callback(v.shape, NamedSharding(mesh, s),
+                                                lambda idx, v=v: v[idx]), host, specs)
+  config = lj.LoraConfig(rank=4, alpha=8.0, targets=r"kernel$", trainable=r"bias$")
+  batch = NamedSharding(mesh, P("data", None))
+
+  def model(p, x):
+    return jnp.tanh(x @ p["l1"]["kernel"] + p["l1"]["bias"]) @ p["l2"]["kernel"]
+
+  apply = lj.wrap(model, config)
+  tx = lj.optimizer(optax.adam(1e-2), config)
+  lp = lj.lift(params, config, key=jax.random.key(2))
+
+  @jax.jit
+  def step_fn(lp, opt_state, i):
+    key = jax.random.fold_in(jax.random.key(3), i)
+    x = jax.lax.with_sharding_constraint(jax.random.normal(key, (32, 16)), batch)
+    y = jnp.sin(x[:, :8])
+    grads = jax.grad(lambda lp: jnp.mean((apply(lp, x) - y) ** 2))(lp)
+    updates, opt_state = tx.update(grads, opt_state, lp)
+    return optax.apply_updates(lp, updates), opt_state
+
+  def state_of(lp, opt_state):
+    return {"adapters": lp.adapters, "bias": lp.base["l1"]["bias"], "opt_state": opt_state}
+
+  opt_state = tx.init(lp)
+  start = 0
+  found = lj.restore_train_state(ckpt, state_of(lp, opt_state))
+  if found is not None:
+    start, state = found
+    base = {**params, "l1": {**params["l1"], "bias": state["bias"]}}
+    lp, opt_state = lj.LoraParams(base, state["adapters"]), state["opt_state"]
+    if PROCESS == 0:
+      print(f"resumed {start}", flush=True)
+  with jax.numpy_dtype_promotion("standard"):  # optax Adam mixes float and int32 counts
+    for i in range(start, total):
+      lp, opt_state = step_fn(lp, opt_state, i)
+      time.sleep(pause)
+      if (i + 1) % every == 0:
+        lj.save_train_state(ckpt, i + 1, state_of(lp, opt_state), config)
+        if PROCESS == 0:
+          print(f"saved {i + 1}", flush=True)
+  trained = {"/".join(str(getattr(k, "key", k)) for k in path): v for path, v in
+             jax.tree_util.tree_leaves_with_path(state_of(lp, opt_state)["adapters"])}
+  trained["bias"] = lp.base["l1"]["bias"]
+  gathered = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
+              for k, v in trained.items()}
+  if PROCESS == 0:
+    np.savez(out, **gathered)
+    print("done", flush=True)
+
+
+if __name__ == "__main__":
+  main()
