@@ -84,9 +84,12 @@ def main():
     lp, opt_state = lj.LoraParams(base, state["adapters"]), state["opt_state"]
     if PROCESS == 0:
       print(f"resumed {start}", flush=True)
+  times = []
   with jax.numpy_dtype_promotion("standard"):  # optax Adam mixes float and int32 counts
     for i in range(start, total):
-      lp, opt_state = step_fn(lp, opt_state, i)
+      begin = time.perf_counter()
+      lp, opt_state = jax.block_until_ready(step_fn(lp, opt_state, i))
+      times.append(time.perf_counter() - begin)
       time.sleep(pause)
       if (i + 1) % every == 0:
         lj.save_train_state(ckpt, i + 1, state_of(lp, opt_state), config)
@@ -99,6 +102,8 @@ def main():
               for k, v in trained.items()}
   if PROCESS == 0:
     np.savez(out, **gathered)
+    if len(times) > 2:  # the first steps compile
+      print(f"step_ms {1e3 * float(np.median(times[2:])):.3f}", flush=True)
     print("done", flush=True)
 
 

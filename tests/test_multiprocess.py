@@ -86,3 +86,48 @@ def test_killed_two_process_run_resumes_exactly(tmp_path):
     np.testing.assert_array_equal(killed[name], two[name], err_msg=name)
     np.testing.assert_allclose(killed[name], one[name], rtol=1e-6, atol=1e-7, err_msg=name)
   assert not np.array_equal(one["l1/kernel/b"], np.zeros_like(one["l1/kernel/b"]))
+
+
+def test_train_job_runs_as_two_processes(tmp_path):
+  """lora-jax train --distributed on 2 processes x 4 devices (mesh 2 x 4) gives the one-process
+  8-device run's results; only process 0 reports and writes metrics."""
+  import json
+  import os
+
+  import lora_jax as lj
+
+  args = ["--config", str(JOB.parent.parent / "configs" / "digits.yaml"), "--set",
+          "mesh.data=2", "--set", "mesh.model=4", "--set", "pretrain.steps=20", "--set",
+          "finetune.steps=20", "--set", "full_finetune=false"]
+  cli = [sys.executable, "-m", "lora_jax._src.cli", "train"]
+
+  def env(devices, **extra):
+    return {**child_env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            **extra}
+
+  one = subprocess.run([*cli, *args, "--set", f"run_dir={tmp_path / 'one'}"], env=env(8),
+                       capture_output=True, text=True, timeout=300, check=False)
+  assert one.returncode == 0, one.stderr[-3000:]
+  port = str(_port())
+  procs = [subprocess.Popen([*cli, "--distributed", *args, "--set", f"run_dir={tmp_path / 'two'}"],
+                            env=env(4, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                                    JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i)),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+           for i in (0, 1)]
+  outputs = _finish(procs, timeout=300)
+  assert "LoRA" in outputs[0] and "LoRA" not in outputs[1]  # only process 0 reports
+  assert "lora:" not in outputs[1]  # nor shows progress
+  metrics = {n: json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "two")}
+  assert metrics["two"]["lora"] == pytest.approx(metrics["one"]["lora"], abs=0.2)
+  np.testing.assert_allclose(metrics["two"]["curves"]["lora"], metrics["one"]["curves"]["lora"],
+                             rtol=1e-4)
+  loaded = {n: lj.load_adapters(tmp_path / n / "adapters")[0] for n in ("one", "two")}
+  for a, b in zip(*(jax_leaves(loaded[n]) for n in ("one", "two"))):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+  assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
+
+
+def jax_leaves(tree):
+  import jax  # pylint: disable=import-outside-toplevel
+
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]

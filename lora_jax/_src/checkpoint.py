@@ -310,8 +310,9 @@ def read(path: pathlib.Path, targets: Mapping[str, Any], what: str,
 
   Args:
     path: the checkpoint folder.
-    targets: ``{item: target tree or None}``; None restores the saved structure,
-      a callable gets the saved ``LoraConfig`` and returns the target.
+    targets: ``{item: target tree or None}``; None restores the saved structure
+      whole on this process's first device (whatever mesh or process count saved
+      it), a callable gets the saved ``LoraConfig`` and returns the target.
     what: how messages name the checkpoint ("Adapter checkpoint").
     json_names: JSON items to read as well (None for those the checkpoint lacks).
 
@@ -341,8 +342,10 @@ def read(path: pathlib.Path, targets: Mapping[str, Any], what: str,
           check_tree_matches(_shapes_and_dtypes(saved), _shapes_and_dtypes(target),
                              f"{where} ({item})")
           restore = ocp.args.StandardRestore(_abstract(target))
-        else:
-          restore = ocp.args.StandardRestore()
+        else:  # whole, on this process's first device: readable on any topology
+          here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+          restore = ocp.args.StandardRestore(jax.tree.map(
+              lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=here), saved))
         restored[item] = checkpointer.restore(
             path, ocp.args.Composite(**{item: restore}))[item]
   except (CheckpointMismatch, FileNotFoundError):

@@ -138,10 +138,35 @@ def _inspect(args: argparse.Namespace) -> int:
   return 0
 
 
+def _distributed() -> None:
+  """Joins JAX's multi-controller runtime: ``jax.distributed.initialize`` with the
+  coordinator, process count and id from ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``
+  and ``JAX_PROCESS_ID`` where set, or detected (Cloud TPU, Slurm, Open MPI, Kubernetes)."""
+  import os  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+
+  def number(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None:
+      return None
+    if not value.isdigit():
+      raise ValueError(f"{name} must be a non-negative integer, got {value!r}.")
+    return int(value)
+
+  if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes
+  jax.distributed.initialize(num_processes=number("JAX_NUM_PROCESSES"),
+                             process_id=number("JAX_PROCESS_ID"))
+
+
 def _train(args: argparse.Namespace) -> int:
   from lora_jax._src.job import load_job_config, run  # pylint: disable=import-outside-toplevel
 
-  run(load_job_config(args.config, args.set))
+  config = load_job_config(args.config, args.set)  # config errors before joining others
+  if args.distributed:
+    _distributed()
+  run(config)
   return 0
 
 
@@ -196,6 +221,10 @@ def build_parser() -> argparse.ArgumentParser:
   train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key, dotted for nested keys "
                      "(e.g. finetune.steps=100); repeatable")
+  train.add_argument("--distributed", action="store_true",
+                     help="run as one of several processes (one per host): joins "
+                     "jax.distributed from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
+                     "JAX_PROCESS_ID, or the cluster's own settings on Cloud TPU / Slurm")
   train.set_defaults(run=_train)
   inspect = commands.add_parser("inspect", help="print an adapter checkpoint's config and table")
   inspect.add_argument("path")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import io
 import json
 import math
 import pathlib
@@ -255,7 +256,8 @@ def fit(loss_fn: Callable[..., jax.Array], params: Any, tx: optax.GradientTransf
   batches = _batches(data, settings["batch_size"], seed)
   base_key = jax.random.key(seed)
   total = settings["steps"]
-  progress = Progress(total, desc)
+  # With several processes (lora-jax train --distributed) only process 0 reports.
+  progress = Progress(total, desc, stream=None if _primary() else io.StringIO())
   for i in range(total):
     x, y = put(next(batches))
     params, opt_state, loss = step(params, opt_state, x, y, jax.random.fold_in(base_key, i))
@@ -300,6 +302,19 @@ def evaluate(task: Task, apply: Callable[..., jax.Array], params: Any,
     correct += float(hits)
     count += y[start:start + batch_size].size
   return 100.0 * correct / count if task.metric == "accuracy" else math.exp(nll / count)
+
+
+def _primary() -> bool:
+  return jax.process_index() == 0
+
+
+def _to_host(x: Any) -> np.ndarray:
+  """An array's value on this host, also when it is spread over several processes."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(x)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _sharding(config: dict[str, Any]):
@@ -391,8 +406,8 @@ def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[
   metrics["lora"] = evaluate(task, apply, lp, task.test)
   merged = jax.block_until_ready(merge(lp, lora_config))
   probe = task.test[0][:64]
-  merged_out = np.asarray(jax.jit(task.apply)(merged, probe))
-  adapted_out = np.asarray(jax.jit(apply)(lp, probe))
+  merged_out = _to_host(jax.jit(task.apply)(merged, probe))
+  adapted_out = _to_host(jax.jit(apply)(lp, probe))
   difference = float(np.max(np.abs(merged_out - adapted_out)))
   scale = float(np.max(np.abs(adapted_out))) + 1e-6
   metrics["merged_vs_adapted_max_abs_diff"] = difference
@@ -400,7 +415,10 @@ def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[
     raise RuntimeError(f"merged model differs from the adapted one by {difference:g} (outputs "
                        f"up to {scale:g}); nothing was saved.")
   # Everything this run trained: the adapters and the leaves trained in full.
-  save_adapters(run_dir / "adapters", jax.device_get(lp), lora_config, overwrite=True)
+  # (spread over several processes, the arrays are saved where they are, each process
+  # writing its shards)
+  save_adapters(run_dir / "adapters", lp if jax.process_count() > 1 else jax.device_get(lp),
+                lora_config, overwrite=True)
   if task.sample:
     samples["lora"] = task.sample(lp, apply)
 
@@ -414,9 +432,10 @@ def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[
     metrics["full"] = evaluate(task, task.apply, full, task.test)
   metrics.update(curves=curves, samples=samples, seconds=time.perf_counter() - start,
                  config={**config, "lora": lora_config.to_dict()})
-  (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
-  write_loss_svg(curves, run_dir / "loss.svg", config["task"])
-  _report(metrics, echo, run_dir)
+  if _primary():
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    write_loss_svg(curves, run_dir / "loss.svg", config["task"])
+    _report(metrics, echo, run_dir)
   return metrics
 
 
