@@ -2,6 +2,7 @@
 
 Usage: python multiprocess_job.py PROCESS_ID NUM_PROCESSES PORT CKPT_DIR OUT.npz TOTAL_STEPS
                                   SAVE_EVERY [STEP_SLEEP_S]
+LORA_JAX_TEST_MESH=4,2 uses another mesh shape (a restore onto another mesh).
 With NUM_PROCESSES > 1 each process owns 8 / NUM_PROCESSES CPU devices and joins through
 jax.distributed (coordinator 127.0.0.1:PORT, gloo collectives). The base is sharded over the
 global mesh, lift makes sharded adapters, every SAVE_EVERY steps the training state is saved
@@ -41,8 +42,8 @@ import lora_jax as lj  # noqa: E402
 def main():
   ckpt, out, total, every = sys.argv[4], sys.argv[5], int(sys.argv[6]), int(sys.argv[7])
   pause = float(sys.argv[8]) if len(sys.argv) > 8 else 0.0
-  mesh = jax.make_mesh((2, 4), ("data", "model"),
-                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  shape = tuple(int(n) for n in os.environ.get("LORA_JAX_TEST_MESH", "2,4").split(","))
+  mesh = jax.make_mesh(shape, ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
   rng = np.random.default_rng(0)
   host = {"l1": {"kernel": rng.standard_normal((16, 32), np.float32) / 4,
                  "bias": np.zeros(32, np.float32)},
