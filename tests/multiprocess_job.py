@@ -17,29 +17,33 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lora_jax._src.host_devices import set_host_devices  # noqa: E402
 
-PROCESS, PROCESSES = int(sys.argv[1]), int(sys.argv[2])
-set_host_devices(8 // PROCESSES)
 
-import time  # noqa: E402
+def _join() -> tuple[int, int]:
+  """Sets this process's devices and joins the others; before anything else touches JAX."""
+  process, processes = int(sys.argv[1]), int(sys.argv[2])
+  set_host_devices(8 // processes)
+  import jax  # pylint: disable=import-outside-toplevel
 
-import jax  # noqa: E402
-
-if PROCESSES > 1:
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{sys.argv[3]}",
-                             num_processes=PROCESSES, process_id=PROCESS)
-
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import lora_jax as lj  # noqa: E402
+  if processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{sys.argv[3]}",
+                               num_processes=processes, process_id=process)
+  return process, processes
 
 
-def main():
+def main(process: int) -> None:
+  import time  # pylint: disable=import-outside-toplevel
+
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  from jax.sharding import NamedSharding  # pylint: disable=import-outside-toplevel
+  from jax.sharding import PartitionSpec as P  # pylint: disable=import-outside-toplevel
+
+  import lora_jax as lj  # pylint: disable=import-outside-toplevel
+
   ckpt, out, total, every = sys.argv[4], sys.argv[5], int(sys.argv[6]), int(sys.argv[7])
   pause = float(sys.argv[8]) if len(sys.argv) > 8 else 0.0
   shape = tuple(int(n) for n in os.environ.get("LORA_JAX_TEST_MESH", "2,4").split(","))
@@ -83,7 +87,7 @@ def main():
     start, state = found
     base = {**params, "l1": {**params["l1"], "bias": state["bias"]}}
     lp, opt_state = lj.LoraParams(base, state["adapters"]), state["opt_state"]
-    if PROCESS == 0:
+    if process == 0:
       print(f"resumed {start}", flush=True)
   times = []
   with jax.numpy_dtype_promotion("standard"):  # optax Adam mixes float and int32 counts
@@ -94,14 +98,14 @@ def main():
       time.sleep(pause)
       if (i + 1) % every == 0:
         lj.save_train_state(ckpt, i + 1, state_of(lp, opt_state), config)
-        if PROCESS == 0:
+        if process == 0:
           print(f"saved {i + 1}", flush=True)
   trained = {"/".join(str(getattr(k, "key", k)) for k in path): v for path, v in
              jax.tree_util.tree_leaves_with_path(state_of(lp, opt_state)["adapters"])}
   trained["bias"] = lp.base["l1"]["bias"]
   gathered = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
               for k, v in trained.items()}
-  if PROCESS == 0:
+  if process == 0:
     np.savez(out, **gathered)
     if len(times) > 2:  # the first steps compile
       print(f"step_ms {1e3 * float(np.median(times[2:])):.3f}", flush=True)
@@ -109,4 +113,4 @@ def main():
 
 
 if __name__ == "__main__":
-  main()
+  main(_join()[0])
