@@ -23,14 +23,16 @@ VARIANTS = {
 }
 
 
-def main(overrides: list[str]) -> list[tuple[str, ...]]:
+def main(overrides: list[str], names: list[str] | None = None) -> list[tuple[str, ...]]:
+  """Runs the variants (``names``, default all; the first pretrains) and prints the table."""
   run_root = pathlib.Path(lj.load_job_config(CONFIG, overrides)["run_dir"]) / "variants"
-  base = run_root / "LoRA" / "base"
-  rows = []
-  for i, (name, changes) in enumerate(VARIANTS.items()):
-    start = ["save_base=true"] if i == 0 else [f"base_checkpoint={base}"]
+  chosen = {n: VARIANTS[n] for n in (names or VARIANTS)}
+  rows, base = [], None
+  for name, changes in chosen.items():
+    start = ["save_base=true"] if base is None else [f"base_checkpoint={base}"]
     slug = name.replace("+", "plus").replace(" / ", "_over_")
     slug = "".join(ch for ch in slug if ch.isalnum() or ch == "_")
+    base = base or run_root / slug / "base"
     metrics = lj.run_job(CONFIG, [*overrides, *start, *changes, "full_finetune=false",
                                   f"run_dir={run_root / slug}"])
     rows.append((name, f"{metrics['lora']:.2f}", f"{metrics['trainable_params']:,}",

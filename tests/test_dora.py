@@ -130,12 +130,16 @@ def test_explicit_axes_and_transposed_use(key):
 
 
 ARCHS = {a.name: a for a in architectures()}
+# The models whose rules the other DoRA tests do not reach: bf16 einsums with a tied embedding
+# (lookup and x @ E.T), ragged_dot experts, depthwise convolutions. (Llama's and ViT's Dense
+# and convolution kernels are the cases above.)
+ZOO = ("gemma_nnx_bf16", "moe_ragged_dot", "resnet_depthwise")
 
 
-@pytest.mark.parametrize("name", sorted(ARCHS))
+@pytest.mark.parametrize("name", ZOO)
 def test_zoo_models_stay_factored_and_exact(name):
-  """Gemma (bf16 einsums, tied embedding), Llama, MoE (ragged_dot experts), ResNet
-  (depthwise), ViT: no fallback, factored equal to merged, gradients too."""
+  """Gemma (bf16 einsums, tied embedding), MoE (ragged_dot experts), ResNet (depthwise): no
+  fallback, factored equal to merged, gradients too."""
   arch = ARCHS[name]
   config = lj.infer_axes(arch.apply, arch.params, arch.x, config=lj.LoraConfig(
       rank=arch.rank, targets=arch.targets, use_dora=True))

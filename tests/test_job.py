@@ -40,19 +40,21 @@ def test_example_configs_run_tiny(tmp_path, name, extra, capsys):
 
 
 def test_variants_example_shares_one_base(tmp_path, capsys):
-  """examples/lora_variants.py at a tiny size: one pretraining, four fine-tunings from it."""
+  """examples/lora_variants.py at a tiny size: one pretraining, the others fine-tune from it."""
   import importlib.util
 
   spec = importlib.util.spec_from_file_location("lora_variants",
                                                 ROOT / "examples" / "lora_variants.py")
   example = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(example)
-  rows = example.main([*TINY, *TINY_LM, f"run_dir={tmp_path}"])
-  assert [r[0] for r in rows] == ["LoRA", "DoRA", "PiSSA", "LoRA+ (ratio 16)",
-                                  "LoRA+ (ratio 16, lr / 4)"]
+  assert list(example.VARIANTS) == ["LoRA", "DoRA", "PiSSA", "LoRA+ (ratio 16)",
+                                    "LoRA+ (ratio 16, lr / 4)"]
+  rows = example.main([*TINY, *TINY_LM, f"run_dir={tmp_path}"],
+                      names=["LoRA", "DoRA", "LoRA+ (ratio 16, lr / 4)"])
+  assert [r[0] for r in rows] == ["LoRA", "DoRA", "LoRA+ (ratio 16, lr / 4)"]
   assert (tmp_path / "variants" / "LoRA" / "base").is_dir()
   curves = {name: json.loads((tmp_path / "variants" / name / "metrics.json").read_text())
-            for name in ("DoRA", "PiSSA", "LoRAplusratio16")}
+            for name in ("DoRA", "LoRAplusratio16lr_over_4")}
   assert all("pretrain" not in m["curves"] for m in curves.values())  # the saved base reused
   assert curves["DoRA"]["config"]["lora"]["use_dora"] is True
   assert int(rows[1][2].replace(",", "")) > int(rows[0][2].replace(",", ""))  # + magnitudes
