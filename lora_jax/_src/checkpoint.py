@@ -345,7 +345,8 @@ def read(path: pathlib.Path, targets: Mapping[str, Any], what: str,
         else:  # whole, on this process's first device: readable on any topology
           here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
           restore = ocp.args.StandardRestore(jax.tree.map(
-              lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=here), saved))
+              lambda m, here=here: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=here),
+              saved))
         restored[item] = checkpointer.restore(
             path, ocp.args.Composite(**{item: restore}))[item]
   except (CheckpointMismatch, FileNotFoundError):
