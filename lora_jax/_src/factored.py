@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.extend import core as jcore
@@ -327,7 +328,11 @@ def run_factored(apply_fn: Callable[..., Any], base: Any, lowranks: dict[str, Lo
     out_tree.append(tree)
     return flat
 
-  dynamic_leaves = [arg_leaves[i] for i in dynamic]
+  # NumPy inputs enter as JAX arrays, as jit would pass them: canonical dtypes (float64 is
+  # float32 without x64), so that the rules see the dtypes the jaxpr was traced with.
+  dynamic_leaves = [jnp.asarray(arg_leaves[i]) if isinstance(arg_leaves[i], (np.ndarray,
+                                                                            np.generic))
+                    else arg_leaves[i] for i in dynamic]
   closed = jax.make_jaxpr(traced)(base_leaves, dynamic_leaves)
   inputs = [lowranks.get(path, leaf) for path, leaf in zip(leaf_paths, base_leaves)]
   outs = interpret(closed.jaxpr, closed.consts, [*inputs, *dynamic_leaves], ctx)

@@ -40,14 +40,24 @@ def concrete_sharding(leaf: Any) -> Any:
   return getattr(leaf, "sharding", None)
 
 
-@functools.partial(jax.jit, static_argnames=("target", "init", "dtype"))
-def _init_a(key: jax.Array, *, target: Target, init: str, dtype: str) -> jax.Array:
+def _a_values(key: jax.Array, *, target: Target, init: str, dtype: str) -> jax.Array:
   shape = target.a_shape
   if init == "gaussian":
     return (jax.random.normal(key, shape, jnp.float32) / target.rank).astype(dtype)
   # he-uniform over the input axes: variance 2 / fan_in.
   bound = math.sqrt(6.0 / math.prod(target.in_shape))
   return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _initializers(target: Target, init: str, dtype: str, a_sharding: Any, b_sharding: Any):
+  """Jitted makers of A and a zero B, each array made where its sharding places it: each
+  device (and so each process) computes only its own shard (JAX's partitionable threefry
+  draws the same values as a whole draw)."""
+  make_a = jax.jit(functools.partial(_a_values, target=target, init=init, dtype=dtype),
+                   out_shardings=a_sharding)
+  make_b = jax.jit(lambda: jnp.zeros(target.b_shape, dtype), out_shardings=b_sharding)
+  return make_a, make_b
 
 
 def _as_key(key: Any) -> jax.Array:
@@ -124,11 +134,9 @@ def lift(params: PyTree, config: LoraConfig, *, key: jax.Array) -> LoraParams:
       a = jax.ShapeDtypeStruct(target.a_shape, config.dtype, sharding=a_sharding)
       b = jax.ShapeDtypeStruct(target.b_shape, config.dtype, sharding=b_sharding)
     else:
-      a = _init_a(subkey, target=target, init=config.init, dtype=config.dtype)
-      b = jnp.zeros(target.b_shape, config.dtype)
-      if a_sharding is not None:
-        a = jax.device_put(a, a_sharding)
-        b = jax.device_put(b, b_sharding)
+      make_a, make_b = _initializers(target._replace(path=""), config.init, config.dtype,
+                                     a_sharding, b_sharding)
+      a, b = make_a(subkey), make_b()
     flat[target.path] = {"a": a, "b": b}
     if target.dora:
       flat[target.path]["m"] = _magnitude(leaf, target, config.dtype, b_sharding)
