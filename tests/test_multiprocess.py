@@ -109,8 +109,8 @@ def test_train_job_runs_as_two_processes(tmp_path):
   import lora_jax as lj
 
   args = ["--config", str(JOB.parent.parent / "configs" / "digits.yaml"), "--set",
-          "mesh.data=2", "--set", "mesh.model=4", "--set", "pretrain.steps=20", "--set",
-          "finetune.steps=20", "--set", "full_finetune=false"]
+          "mesh.data=2", "--set", "mesh.model=4", "--set", "pretrain.steps=8", "--set",
+          "finetune.steps=8", "--set", "finetune.log_every=1", "--set", "full_finetune=false"]
   cli = [sys.executable, "-m", "lora_jax._src.cli", "train"]
 
   def env(devices, **extra):
