@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lora_jax._src import dora
-from lora_jax._src.lowrank import LowRank
+from lora_jax._src.lowrank import LowRank, dora_output
 from lora_jax._src.lowrank_dot import accumulation_dtype, ascending, rebuild_input
 
 
@@ -64,7 +64,7 @@ def batched_dot_apply(x: jax.Array, lr: LowRank, weight_is_rhs: bool, params: di
   first_out = n_batch + (n_x_free if weight_is_rhs else 0)
   order = sorted(lr.outs)
   dims = [rb.index(p) for p in lr.stack] + [first_out + order.index(p) for p in lr.outs]
-  return dora.scale_output(y, dora.place(lr.dora_factor(), dims, y.ndim))
+  return dora_output(lr, y, dims)
 
 
 def ragged_dot_apply(x: jax.Array, lr: LowRank, group_sizes: jax.Array,

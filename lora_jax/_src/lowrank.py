@@ -116,7 +116,7 @@ def contracted_side(lr: LowRank, params: dict[str, Any], weight_is_rhs: bool) ->
   return None
 
 
-def _dora_output(lr: LowRank, y: jax.Array | None, dims: list[int]) -> jax.Array | None:
+def dora_output(lr: LowRank, y: jax.Array | None, dims: list[int]) -> jax.Array | None:
   """DoRA: the LoRA rule's result ``y`` times ``c`` along the result dimensions ``dims``
   that hold the weight's output axes (in ``lr.outs`` order)."""
   if y is None:
@@ -152,7 +152,7 @@ def dot_general_apply(x: jax.Array, lr: LowRank, weight_is_rhs: bool, params: di
                   recompute=recompute)
   n_x = x.ndim - len(lc)
   if lr.m is not None and contract_in:
-    y = _dora_output(lr, y, [n_x + free.index(p) for p in lr.outs])
+    y = dora_output(lr, y, [n_x + free.index(p) for p in lr.outs])
   if weight_is_rhs:
     return y
   return jnp.transpose(y, tuple(range(n_x, n_x + len(free))) + tuple(range(n_x)))
@@ -167,7 +167,7 @@ def conv_apply(x: jax.Array, lr: LowRank, params: dict[str, Any],
   if lr.m is None:
     return _conv_lora(x, lr, params, dropout_mask, out_dtype)
   y = _conv_lora(x, lr.replace(m=None), params, dropout_mask, out_dtype)
-  return _dora_output(lr, y, [params["dimension_numbers"].out_spec[1]])
+  return dora_output(lr, y, [params["dimension_numbers"].out_spec[1]])
 
 
 def _conv_lora(x: jax.Array, lr: LowRank, params: dict[str, Any],
@@ -223,4 +223,4 @@ def gather_apply(lr: LowRank, indices: jax.Array, params: dict[str, Any]) -> jax
   if lr.m is None:
     return y
   order = sorted(lr.outs)
-  return _dora_output(lr, y, [n_batch + order.index(p) for p in lr.outs])
+  return dora_output(lr, y, [n_batch + order.index(p) for p in lr.outs])
