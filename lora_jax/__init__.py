@@ -15,6 +15,9 @@ from lora_jax._src.optim import labels, optimizer
 from lora_jax._src.peft_format import export_peft, import_peft
 from lora_jax._src.plan import Target, plan
 from lora_jax._src.principal import to_standard as principal_to_lora
+from lora_jax._src.qarray import QuantizedArray
+from lora_jax._src.quantize import dequantize, quantize
+from lora_jax._src.quantized_io import load_quantized, save_quantized
 from lora_jax._src.streaming import merge_checkpoint
 from lora_jax._src.summary import Summary, SummaryRow, summary
 from lora_jax._src.train_state import restore_train_state, save_train_state
@@ -28,6 +31,8 @@ __all__ = [
     "save_adapters",
     "restore_train_state",
     "load_adapters",
+    "load_quantized",
+    "save_quantized",
     "BaseMismatch",
     "CheckpointMismatch",
     "ChecksumError",
@@ -35,6 +40,7 @@ __all__ = [
     "LoraConfig",
     "LoraParams",
     "PyTree",
+    "QuantizedArray",
     "Summary",
     "SummaryRow",
     "Target",
@@ -43,6 +49,7 @@ __all__ = [
     "import_peft",
     "infer_axes",
     "combine",
+    "dequantize",
     "labels",
     "lift",
     "load_job_config",
@@ -54,6 +61,7 @@ __all__ = [
     "paths",
     "plan",
     "principal_to_lora",
+    "quantize",
     "run_job",
     "summary",
     "unmerge",

@@ -84,6 +84,10 @@ def test_quickstart_lora_beats_frozen_base(tmp_path):
     ("model.width=3", r"unknown config key 'model.width'; allowed keys here: \['hidden'\]"),
     ("framework=torch", r"config key 'framework': 'torch' is not one of \['linen', 'nnx'\]"),
     ("steps", r"--set expects key=value, got 'steps'"),
+    ("quantize=int4", r"config key 'quantize.dtype': 'int4' is not one of \['nf4', 'int8'\]"),
+    ("quantize.block_size=0", r"config key 'quantize.block_size': got 0; expected int >= 1"),
+    ("quantize.bits=4", r"unknown config key 'quantize.bits'; allowed keys here"),
+    ("quantize=[nf4]", r"config key 'quantize': expected nf4, int8 or a mapping"),
 ])
 def test_bad_config_values_name_the_key(override, match):
   with pytest.raises(ValueError, match=match):
@@ -126,3 +130,29 @@ def test_cli_version_help_and_required_config(capsys):
   with pytest.raises(SystemExit):
     cli(["--help"])
   assert "lora-jax train --config configs/quickstart.yaml" in capsys.readouterr().out
+
+
+def test_qlora_config_runs_tiny(tmp_path, capsys):
+  """configs/charlm_qlora.yaml at a tiny size: an NF4 base trains, merges and is reported."""
+  config = lj.load_job_config(ROOT / "configs" / "charlm_qlora.yaml",
+                              [*TINY, *TINY_LM, "quantize.block_size=8", f"run_dir={tmp_path}"])
+  metrics = run(config)
+  q = metrics["quantize"]
+  assert q["dtype"] == "nf4" and q["targets"] == list(config["lora"].targets)
+  assert 4.0 < q["bits_per_param"] < 5.5  # 4 + 8/8 (double-quantized scales) + groups
+  assert q["base_bytes"] < q["full_precision_base_bytes"]
+  assert metrics["merged_vs_adapted_max_abs_diff"] < 1e-3
+  loaded, _ = lj.load_adapters(tmp_path / "adapters")
+  assert sum(x.size for x in jax.tree.leaves(loaded)) == metrics["trainable_params"]
+  out = capsys.readouterr().out
+  assert "nf4 base (" in out and "QLoRA (nf4 base)" in out
+
+
+def test_quantize_key_refused_before_training(tmp_path):
+  """A quantization that cannot apply fails at the start, naming the leaf and the key."""
+  config = lj.load_job_config(ROOT / "configs" / "quickstart.yaml",
+                              ["quantize.block_size=48", f"run_dir={tmp_path}"])
+  with pytest.raises(ValueError, match=r"(?s)config key 'quantize': cannot.*Dense_0/kernel: shape "
+                                       r"\(64, 256\); blocks of 48"):
+    run(config)
+  assert not (tmp_path / "metrics.json").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import pathlib
 import sys
 import time
 
@@ -83,8 +84,37 @@ def _merge(args: argparse.Namespace) -> int:
   return 0
 
 
+def _inspect_quantized(path: str) -> int:
+  """A quantized base (``lora_jax.save_quantized``): its quantized leaves and their bits."""
+  from lora_jax._src.streaming import open_base  # pylint: disable=import-outside-toplevel
+
+  reader = open_base(path)
+  rows, params, nbytes = [], 0, 0
+  for p in natural_sorted(reader.quantized):
+    q = reader.quantized[p]
+    size = sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in q.arrays)
+    params, nbytes = params + q.size, nbytes + size
+    block = "per channel" if q.block_size is None else str(q.block_size)
+    rows.append((p, q.kind, str(tuple(q.shape)), np.dtype(q.dtype).name, block,
+                 "yes" if q.double_quantized else "no", f"{size:,}", f"{8 * size / q.size:.3f}"))
+  print(format_table(("quantized leaf", "kind", "shape", "dtype", "block", "double quant",
+                      "bytes", "bits/param"), rows, right_from=2))
+  others = [leaf for leaf in reader.leaves if leaf.path not in reader.quantized]
+  print(f"\n{len(rows)} quantized leaves, {params:,} parameters in {nbytes:,} bytes "
+        f"({8 * nbytes / max(params, 1):.3f} bits each); {len(others)} other leaves, "
+        f"{sum(leaf.nbytes for leaf in others):,} bytes")
+  return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
   import jax  # pylint: disable=import-outside-toplevel
+
+  from lora_jax._src.quantized_io import (  # pylint: disable=import-outside-toplevel
+      is_quantized_checkpoint,
+  )
+
+  if is_quantized_checkpoint(pathlib.Path(args.path)):
+    return _inspect_quantized(args.path)
 
   from lora_jax._src.checkpoint import (  # pylint: disable=import-outside-toplevel
       load_with_lineage,
@@ -226,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "jax.distributed from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
                      "JAX_PROCESS_ID, or the cluster's own settings on Cloud TPU / Slurm")
   train.set_defaults(run=_train)
-  inspect = commands.add_parser("inspect", help="print an adapter checkpoint's config and table")
+  inspect = commands.add_parser("inspect", help="print an adapter checkpoint's config and table, "
+                                  "or a quantized base's leaves and bits per parameter")
   inspect.add_argument("path")
   inspect.set_defaults(run=_inspect)
   return parser

@@ -10,6 +10,11 @@ use only, with one ``FallbackWarning`` per (primitive, path). The interpreter
 also records which values were computed by elementwise equations, so an
 adapted product whose input is one of them can recompute that input in the
 backward pass instead of keeping it (``recompute.py``).
+
+A ``QuantizedArray`` (a quantized frozen leaf, or the ``W`` of a ``LowRank``)
+passes through the same structural primitives (transposes and dtype conversions
+are recorded on it) and is dequantized inside each other use
+(``dequantized.py``).
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from lora_jax._src import experts, recompute
+from lora_jax._src import dequantized, experts, recompute
 from lora_jax._src import lowrank as lr_ops
 from lora_jax._src.lowrank import LowRank
+from lora_jax._src.qarray import QuantizedArray, is_quantized
 
 # jax.extend.core has DropVar from JAX 0.8 on; JAX 0.7 keeps it in jax.core only.
 _DropVar = getattr(jcore, "DropVar", None) or jax.core.DropVar
@@ -50,6 +56,8 @@ class Context:
   rng: jax.Array | None = None
   rate: float = 0.0
   uses: int = 0
+  # A dropout mask drawn outside a dequantized use (see _dequantized_eqn), returned once.
+  preset_mask: Any = None
   # Per adapted path, how the function used it: "in" (x @ W), "out" (x @ W.T) or the
   # primitive's name; read by wrap to catch a kernel whose input axes were guessed wrong.
   seen: dict[str, set[str]] = dataclasses.field(default_factory=dict)
@@ -62,6 +70,9 @@ class Context:
 
   def dropout_mask(self, x: jax.Array) -> jax.Array | None:
     """A fresh inverted-dropout mask for one adapter-branch input, or None when off."""
+    if self.preset_mask is not None:
+      mask, self.preset_mask = self.preset_mask, None
+      return mask
     if self.rng is None or self.rate == 0.0:
       return None
     key = jax.random.fold_in(self.rng, self.uses)
@@ -70,6 +81,8 @@ class Context:
     return keep.astype(x.dtype) / np.asarray(1.0 - self.rate, x.dtype)
 
   def materialize(self, value: Any, primitive: str, reason: str) -> Any:
+    if isinstance(value, QuantizedArray):  # exact, no adapter: no warning
+      return value.dequantize()
     if not isinstance(value, LowRank):
       return value
     if (primitive, value.path) not in self.warned:
@@ -106,7 +119,7 @@ def interpret(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Conte
   producers: dict[Any, tuple[int, Any]] = {}  # computed by cheap equations: (position, eqn)
   for position, eqn in enumerate(jaxpr.eqns):
     invals = [read(v) for v in eqn.invars]
-    if any(isinstance(v, LowRank) for v in invals):
+    if any(isinstance(v, _STRUCTURED) for v in invals):
       outs = _lowrank_eqn(eqn, invals, ctx,
                           lambda var, flops: _recompute(var, producers, read, flops))
     else:
@@ -144,9 +157,108 @@ def _fallback(eqn: Any, invals: Sequence[Any], ctx: Context, reason: str) -> lis
   return _bind(eqn, _materialized(invals, ctx, eqn.primitive.name, reason))
 
 
+_STRUCTURED = (LowRank, QuantizedArray)
+# Primitives that pass a quantized weight on without computing with it.
+_STRUCTURAL = ("transpose", "convert_element_type", "sharding_constraint", "copy", "copy_p",
+               "remat", "remat2", "checkpoint", "scan", "cond", "while", *recompute.CALL_BODIES)
+
+
+def _quantized(v: Any) -> QuantizedArray | None:
+  if isinstance(v, QuantizedArray):
+    return v
+  if isinstance(v, LowRank) and is_quantized(v.w):
+    return v.w
+  return None
+
+
+def _adapted_input(eqn: Any, invals: list[Any]) -> tuple[int, float] | None:
+  """``(position, product FLOPs)`` of the activation of an adapted product (the input
+  its adapter's gradient needs), or None."""
+  name = eqn.primitive.name
+  out_size = math.prod(eqn.outvars[0].aval.shape)
+  if name == "dot_general" and len(invals) == 2:
+    rhs = isinstance(invals[1], LowRank)
+    if rhs == isinstance(invals[0], LowRank):
+      return None
+    position = 0 if rhs else 1
+    dims = eqn.params["dimension_numbers"][0][position]
+    return position, 2.0 * out_size * math.prod(invals[position].shape[d] for d in dims)
+  if name in ("ragged_dot_general", "ragged_dot") and isinstance(invals[1], LowRank):
+    return 0, 2.0 * out_size * invals[0].shape[-1]
+  return None
+
+
+def _dequantized_eqn(eqn: Any, invals: list[Any], ctx: Context,
+                     recompute_of: Callable[[Any, float], Any]) -> list[Any]:
+  """Runs one equation with its quantized weights dequantized inside (``dequantized.py``).
+
+  An adapted product whose input is cheap to recompute keeps what it is computed from
+  instead (``recompute.py``), as the float rules do."""
+  weights = [q for q in map(_quantized, invals) if q is not None]
+  adapted = _adapted_input(eqn, invals)
+  cone = None
+  if adapted is not None and isinstance(invals[adapted[0]], jax.Array):
+    cone = recompute_of(eqn.invars[adapted[0]], adapted[1])
+  others: list[Any] = []
+  for i, v in enumerate(invals):
+    if isinstance(v, LowRank):
+      others.extend((v.a, v.b) if v.m is None else (v.a, v.b, v.m))
+    elif not isinstance(v, QuantizedArray):
+      recomputed = cone is not None and i == adapted[0]
+      others.append(v if isinstance(v, (jax.Array, np.ndarray)) and not recomputed else None)
+  n_cone = 0 if cone is None else len(cone[1])
+  others.extend([] if cone is None else cone[1])
+  mask = None
+  if ctx.rng is not None and ctx.rate > 0 and any(isinstance(v, LowRank) for v in invals):
+    act = [v for v in invals if isinstance(v, jax.Array) and jnp.issubdtype(v.dtype,
+                                                                             jnp.floating)]
+    mask = ctx.dropout_mask(act[0]) if act else None
+  others.append(mask)
+
+  def fn(ws: list[jax.Array], arrays: list[Any]) -> list[jax.Array]:
+    ws_iter, arrays_iter = iter(ws), iter(arrays)
+    n_in = len(arrays) - n_cone - 1
+    leaves, preset = arrays[n_in:n_in + n_cone], arrays[-1]
+    rebuilt = []
+    for i, v in enumerate(invals):
+      if isinstance(v, LowRank):  # W dequantized (or as it was), then its factors
+        w = next(ws_iter) if is_quantized(v.w) else v.w
+        a, b, *m = (next(arrays_iter) for _ in range(2 if v.m is None else 3))
+        rebuilt.append(v.replace(w=w, a=a, b=b, m=m[0] if m else None))
+      elif isinstance(v, QuantizedArray):
+        rebuilt.append(next(ws_iter))
+      else:
+        a = next(arrays_iter)
+        if cone is not None and i == adapted[0]:
+          a = cone[0](*leaves)
+        rebuilt.append(v if a is None else a)
+    if not any(isinstance(v, LowRank) for v in rebuilt):
+      return _bind(eqn, rebuilt)
+    inner = Context(ctx.warned, None, ctx.rate, seen=ctx.seen, preset_mask=preset)
+    x_var = None if cone is None else eqn.invars[adapted[0]]
+    return _lowrank_eqn(eqn, rebuilt, inner, lambda var, flops: (
+        (cone[0], leaves) if cone is not None and var is x_var else None))
+
+  sizes = [(v.size, i) for i, v in enumerate(others)
+           if isinstance(v, jax.Array) and jnp.issubdtype(v.dtype, jnp.floating)]
+  return dequantized.apply(fn, weights, others, max(sizes)[1] if sizes else None)
+
+
 def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
                  recompute_of: Callable[[Any, float], Any]) -> list[Any]:
   name, params = eqn.primitive.name, eqn.params
+  if name not in _STRUCTURAL and any(_quantized(v) is not None for v in invals):
+    return _dequantized_eqn(eqn, invals, ctx, recompute_of)
+  if name == "transpose" and isinstance(invals[0], QuantizedArray):
+    return [invals[0].transpose(tuple(params["permutation"]))]
+  if name in ("convert_element_type", "sharding_constraint", "copy", "copy_p") and isinstance(
+      invals[0], QuantizedArray):
+    q = invals[0]
+    if name != "convert_element_type":
+      return [q]
+    if jnp.issubdtype(params["new_dtype"], jnp.floating):
+      return [q.astype(params["new_dtype"])]
+    return _bind(eqn, [q.dequantize()])
   # Rules accumulate in float32 or wider and round once to the original result's dtype.
   out_dtype = eqn.outvars[0].aval.dtype
   if name == "dot_general":
@@ -197,6 +309,9 @@ def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
     return [lr_ops.transpose_apply(invals[0], tuple(params["permutation"]))]
   if name in ("convert_element_type", "sharding_constraint", "copy", "copy_p"):
     (lr,) = invals
+    if is_quantized(lr.w):
+      return [lr.replace(w=lr.w.astype(params["new_dtype"]) if name == "convert_element_type"
+                         else lr.w)]
     return [lr.replace(w=eqn.primitive.bind(lr.w, **params))]
   if recompute.CALL_BODIES.get(name) in params:
     inner = params[recompute.CALL_BODIES[name]]
@@ -213,15 +328,14 @@ def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
 
 
 def _flatten(values: Sequence[Any]) -> tuple[list[Any], Callable[[Sequence[Any]], list[Any]]]:
-  """Splits ``LowRank`` values into their arrays, with the inverse."""
+  """Splits ``LowRank`` and ``QuantizedArray`` values into their arrays, with the inverse."""
   flat: list[Any] = []
-  layout: list[LowRank | None] = []
+  layout: list[Any] = []
   for v in values:
-    layout.append(v if isinstance(v, LowRank) else None)
-    flat.extend(v.arrays if isinstance(v, LowRank) else (v,))
+    layout.append(v if isinstance(v, _STRUCTURED) else None)
+    flat.extend(v.arrays if isinstance(v, _STRUCTURED) else (v,))
 
-  def rebuild(arrays: Sequence[Any], transform: Callable[[LowRank], LowRank] = lambda x: x
-              ) -> list[Any]:
+  def rebuild(arrays: Sequence[Any]) -> list[Any]:
     out, i = [], 0
     for meta in layout:
       if meta is None:
@@ -229,7 +343,7 @@ def _flatten(values: Sequence[Any]) -> tuple[list[Any], Callable[[Sequence[Any]]
         i += 1
       else:
         n = len(meta.arrays)
-        out.append(transform(meta.with_arrays(tuple(arrays[i:i + n]))))
+        out.append(meta.with_arrays(tuple(arrays[i:i + n])))
         i += n
     return out
 
@@ -254,8 +368,9 @@ def _scan(eqn: Any, invals: list[Any], ctx: Context) -> list[Any]:
   consts = invals[:n_consts]
   init = _materialized(invals[n_consts:n_consts + n_carry], ctx, "scan",
                        "an adapted weight in a scan carry")
-  xs = [v if not isinstance(v, LowRank) or v.drop_leading_axis() is not None
-        else ctx.materialize(v, "scan", "scanned over an axis that is not a stacked-layer axis")
+  # A structured value scanned over its stacked axis keeps its arrays; the per-step value
+  # is the same value with that axis dropped from its metadata, over the sliced arrays.
+  xs = [_sliced_layout(v, ctx) if isinstance(v, _STRUCTURED) else v
         for v in invals[n_consts + n_carry:]]
   xs_flat, rebuild = _flatten(xs)
   keys = None if ctx.rng is None else jax.random.split(ctx.rng, params["length"])
@@ -263,7 +378,7 @@ def _scan(eqn: Any, invals: list[Any], ctx: Context) -> list[Any]:
 
   def body(carry, sliced):
     arrays, key = sliced
-    x_vals = rebuild(arrays, lambda v: v.drop_leading_axis())
+    x_vals = rebuild(arrays)
     outs = interpret(closed.jaxpr, closed.consts, [*consts, *carry, *x_vals],
                      ctx.with_rng(key) if key is not None else ctx)
     outs = _materialized(outs, ctx, "scan", "a scan body returned the weight")
@@ -273,6 +388,13 @@ def _scan(eqn: Any, invals: list[Any], ctx: Context) -> list[Any]:
                        reverse=params["reverse"], unroll=params["unroll"],
                        _split_transpose=params.get("_split_transpose", False))
   return [*carry, *ys]
+
+
+def _sliced_layout(v: Any, ctx: Context) -> Any:
+  dropped = v.drop_leading_axis()
+  if dropped is None:
+    return ctx.materialize(v, "scan", "scanned over an axis that is not a stacked-layer axis")
+  return dropped
 
 
 def _cond(eqn: Any, invals: list[Any], ctx: Context) -> list[Any]:
@@ -313,7 +435,7 @@ def run_factored(apply_fn: Callable[..., Any], base: Any, lowranks: dict[str, Lo
                  leaf_paths: Sequence[str], args: tuple[Any, ...], kwargs: dict[str, Any],
                  ctx: Context) -> Any:
   """Calls ``apply_fn(base, *args, **kwargs)`` with the leaves at ``lowranks`` factored."""
-  base_leaves, base_tree = jax.tree.flatten(base)
+  base_leaves, base_tree = jax.tree.flatten(base, is_leaf=is_quantized)
   arg_leaves, arg_tree = jax.tree.flatten((args, kwargs))
   dynamic = [i for i, leaf in enumerate(arg_leaves) if _is_dynamic(leaf)]
   out_tree: list[Any] = []
@@ -333,7 +455,10 @@ def run_factored(apply_fn: Callable[..., Any], base: Any, lowranks: dict[str, Lo
   dynamic_leaves = [jnp.asarray(arg_leaves[i]) if isinstance(arg_leaves[i], (np.ndarray,
                                                                             np.generic))
                     else arg_leaves[i] for i in dynamic]
-  closed = jax.make_jaxpr(traced)(base_leaves, dynamic_leaves)
+  # The function is traced with a quantized leaf's logical shape and dtype.
+  closed = jax.make_jaxpr(traced)(
+      [jax.ShapeDtypeStruct(v.shape, v.dtype) if is_quantized(v) else v for v in base_leaves],
+      dynamic_leaves)
   inputs = [lowranks.get(path, leaf) for path, leaf in zip(leaf_paths, base_leaves)]
   outs = interpret(closed.jaxpr, closed.consts, [*inputs, *dynamic_leaves], ctx)
   outs = _materialized(outs, ctx, "return", "the function returned the adapted weight")

@@ -31,6 +31,7 @@ from lora_jax._src.merge import merge
 from lora_jax._src.optim import optimizer
 from lora_jax._src.plot import write_loss_svg
 from lora_jax._src.progress import Progress
+from lora_jax._src.quantize import dequantize, quantize
 from lora_jax._src.summary import format_table, summary
 from lora_jax._src.tasks import TASKS, Task
 from lora_jax._src.wrap import wrap
@@ -53,7 +54,11 @@ DEFAULTS: dict[str, Any] = {
     "lora": {"rank": 8, "alpha": 16.0, "targets": ["kernel$"]},  # any LoraConfig field
     "full_finetune": True,       # also fine-tune every parameter, for comparison
     "mesh": None,                # {data: N, model: M}: shard the base and the batch
+    "quantize": None,            # nf4 | int8 | {dtype, targets, block_size, double_quant}
 }
+# ``quantize:`` as a mapping; targets default to the LoRA targets.
+QUANTIZE_DEFAULTS: dict[str, Any] = {"dtype": "nf4", "targets": None, "block_size": None,
+                                     "double_quant": None}
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {"model": {"hidden": [256, 128]},
                "data": {"shift": "rotate", "test_fraction": 0.3}},
@@ -185,7 +190,8 @@ def load_job_config(path: str | pathlib.Path | None = None,
   task = given.get("task", DEFAULTS["task"])
   _check(task, DEFAULTS["task"], "task")
   config = _merge_config(DEFAULTS, {k: v for k, v in given.items()
-                                    if k not in ("model", "data", "lora", "mesh")}, "")
+                                    if k not in ("model", "data", "lora", "mesh",
+                                                 "quantize")}, "")
   for section in ("model", "data"):
     config[section] = _merge_config(TASK_DEFAULTS[task][section], given.get(section) or {},
                                     f"{section}.")
@@ -201,12 +207,42 @@ def load_job_config(path: str | pathlib.Path | None = None,
   mesh = given.get("mesh")
   if mesh is not None:
     config["mesh"] = _merge_config({"data": 1, "model": 1}, mesh, "mesh.")
+  config["quantize"] = _quantize_config(given.get("quantize"))
   if config["framework"] == "nnx" and task != "digits":
     raise ValueError("config key 'framework': 'nnx' is available for task 'digits'.")
   if config["run_dir"] is None:
     stem = pathlib.Path(path).stem if path is not None else task
     config["run_dir"] = str(pathlib.Path("runs") / stem)
   return config
+
+
+def _quantize_config(given: Any) -> dict[str, Any] | None:
+  """``quantize:`` as a mapping of ``QUANTIZE_DEFAULTS`` keys, or None."""
+  if given is None:
+    return None
+  if isinstance(given, str):
+    given = {"dtype": given}
+  if not isinstance(given, Mapping):
+    raise ValueError(f"config key 'quantize': expected nf4, int8 or a mapping of keys "
+                     f"{sorted(QUANTIZE_DEFAULTS)}, got {short(given)}.")
+  out = dict(QUANTIZE_DEFAULTS)
+  kinds = {"dtype": (str,), "targets": (str, list), "block_size": (int,),
+           "double_quant": (bool,)}
+  for key, value in given.items():
+    if key not in QUANTIZE_DEFAULTS:
+      raise ValueError(f"unknown config key 'quantize.{str(key)[:80]}'; allowed keys here: "
+                       f"{sorted(QUANTIZE_DEFAULTS)}.")
+    bad_int = key == "block_size" and (isinstance(value, bool) or
+                                       (isinstance(value, int) and value < 1))
+    if value is not None and (not isinstance(value, kinds[key]) or bad_int):
+      raise ValueError(f"config key 'quantize.{key}': got {short(value)}; expected "
+                       f"{' or '.join(k.__name__ for k in kinds[key])}"
+                       f"{' >= 1' if key == 'block_size' else ''}.")
+    out[key] = value
+  if out["dtype"] not in ("nf4", "int8"):
+    raise ValueError(f"config key 'quantize.dtype': {short(out['dtype'])} is not one of "
+                     "['nf4', 'int8'].")
+  return out
 
 
 def _check_model(config: dict[str, Any], task: str) -> None:
@@ -244,7 +280,8 @@ def fit(loss_fn: Callable[..., jax.Array], params: Any, tx: optax.GradientTransf
 
   @jax.jit
   def step(params, opt_state, x, y, key):
-    loss, grads = jax.value_and_grad(loss_fn)(params, x, y, key)
+    # allow_int: a quantized base's codes get float0 gradients, which lj.optimizer zeroes
+    loss, grads = jax.value_and_grad(loss_fn, allow_int=True)(params, x, y, key)
     # optax's Adam mixes Python floats with its int32 step count: trace it with standard
     # promotion so the job also runs where strict dtype promotion is switched on.
     with jax.numpy_dtype_promotion("standard"):
@@ -359,6 +396,8 @@ def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[
   run_dir.mkdir(parents=True, exist_ok=True)
   put, shard = _sharding(config)
   key = jax.random.key(config["seed"])
+  if config["quantize"]:  # refuse a config that cannot quantize before any training
+    _quantized_base(jax.eval_shape(task.init, key), config["quantize"], lora_config)
 
   def full_loss(apply):
     return lambda p, x, y, key: task.loss(apply(p, x), y)
@@ -391,7 +430,17 @@ def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[
                              "base": evaluate(task, task.apply, params, task.test)}
   samples = {"base": task.sample(params, task.apply)} if task.sample else {}
 
-  lp = lift(params, lora_config, key=jax.random.fold_in(key, 1))
+  base = params
+  if config["quantize"]:
+    base = _quantized_base(params, config["quantize"], lora_config)
+    s = summary(base, lora_config)
+    metrics["quantize"] = {**config["quantize"], "targets": list(
+        config["quantize"]["targets"] or lora_config.targets),
+        "bits_per_param": 8 * s.quantized_bytes / s.quantized_params,
+        "base_bytes": s.base_bytes, "full_precision_base_bytes": summary(
+            params, lora_config).base_bytes}
+    metrics["base_quantized"] = evaluate(task, task.apply, dequantize(base), task.test)
+  lp = lift(base, lora_config, key=jax.random.fold_in(key, 1))
   apply = wrap(task.apply, lora_config)
   use_rng = config["finetune"]["dropout_rng"] and lora_config.dropout > 0
 
@@ -439,6 +488,17 @@ def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[
   return metrics
 
 
+def _quantized_base(params: Any, settings: dict[str, Any], lora_config: LoraConfig) -> Any:
+  try:
+    return quantize(params, targets=settings["targets"] or lora_config.targets,
+                    dtype=settings["dtype"], block_size=settings["block_size"],
+                    double_quant=settings["double_quant"])
+  except ValueError as e:
+    why = str(e).removeprefix("quantize: ")
+    raise ValueError(f"config key 'quantize': {why}\n(quantize.targets defaults to "
+                     "lora.targets; set quantize.block_size or quantize.targets.)") from None
+
+
 def run_job(config_path: str | pathlib.Path, overrides: list[str] | None = None
             ) -> dict[str, Any]:
   """Loads a job YAML (with ``key=value`` overrides) and runs it; see ``lora-jax train``."""
@@ -447,9 +507,15 @@ def run_job(config_path: str | pathlib.Path, overrides: list[str] | None = None
 
 def _report(metrics: dict[str, Any], echo: Callable[[str], None], run_dir: pathlib.Path) -> None:
   unit = "accuracy %" if metrics["metric"] == "accuracy" else "perplexity"
-  rows = [("frozen base", f"{metrics['base']:.2f}", "0", "0"),
-          ("LoRA", f"{metrics['lora']:.2f}", f"{metrics['trainable_params']:,}",
-           f"{metrics['trainable_percent']:.2f}")]
+  rows = [("frozen base", f"{metrics['base']:.2f}", "0", "0")]
+  lora = "LoRA"
+  if "quantize" in metrics:
+    q = metrics["quantize"]
+    rows.append((f"{q['dtype']} base ({q['bits_per_param']:.2f} bits/param)",
+                 f"{metrics['base_quantized']:.2f}", "0", "0"))
+    lora = f"QLoRA ({q['dtype']} base)"
+  rows.append((lora, f"{metrics['lora']:.2f}", f"{metrics['trainable_params']:,}",
+               f"{metrics['trainable_percent']:.2f}"))
   if "full" in metrics:
     rows.append(("full fine-tune", f"{metrics['full']:.2f}", f"{metrics['base_params']:,}",
                  "100.00"))

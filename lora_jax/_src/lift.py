@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from lora_jax._src import dora, principal
 from lora_jax._src.config import LoraConfig, is_principal
 from lora_jax._src.plan import Target, plan, sharding_specs
+from lora_jax._src.qarray import is_quantized
 from lora_jax._src.tree import PyTree, leaves_with_paths, map_with_paths, nest
 
 
@@ -112,6 +113,7 @@ def lift(params: PyTree, config: LoraConfig, *, key: jax.Array) -> LoraParams:
     {'dense': {'kernel': {'a': (16, 4), 'b': (4, 32)}}}
   """
   targets = plan(params, config)
+  _check_quantized(params, targets, config)
   key = _as_key(key)
   keys = jax.random.split(key, max(len(targets), 1))
   leaves = dict(_target_leaves(params, targets))
@@ -163,6 +165,24 @@ def _magnitude(leaf: Any, target: Target, dtype: str, b_sharding: Any) -> Any:
     return jax.ShapeDtypeStruct(target.m_shape, dtype, sharding=sharding)
   m = _norms(leaf, target=target._replace(path=""), dtype=dtype)
   return m if sharding is None else jax.device_put(m, sharding)
+
+
+def _check_quantized(params: PyTree, targets: tuple[Target, ...], config: LoraConfig) -> None:
+  """Refuses the variants that need ``W`` itself at lift time on a quantized target."""
+  leaves = dict(_target_leaves(params, targets))
+  errors = []
+  for t in targets:
+    if not is_quantized(leaves[t.path]):
+      continue
+    if is_principal(config.init):
+      errors.append(f"{t.path}: init={config.init!r} replaces W by a residual, which a "
+                    "quantized leaf cannot hold. Lift the full-precision base with this init, "
+                    "then quantize the residual base (lp.base) with lora_jax.quantize.")
+    if t.dora:
+      errors.append(f"{t.path}: DoRA on a quantized base is not supported (its norms need W "
+                    "in full precision); use use_dora=False or a full-precision base.")
+  if errors:
+    raise ValueError("lift: these targets are quantized:\n  - " + "\n  - ".join(errors))
 
 
 def _target_leaves(params: PyTree, targets: tuple[Target, ...]):

@@ -15,6 +15,11 @@ after training on a float32 copy match; a fine-tune of them does not, since
 changes of even 0.1% move most values across a rounding step). A sample catches
 another base, not a deliberate edit of values between sampled positions; the
 SHA-256 records of the arrays themselves (``checksums.py``) are for damage.
+
+Adapters trained on a quantized base (QLoRA) record a sample of its codes: a base
+quantized the same way must hold the same codes, and the full-precision original
+(which QLoRA users merge into) must quantize to them. Adapters trained on a
+full-precision base and used over a quantized copy are checked by shape only.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lora_jax._src.qarray import is_quantized, quantize_array
 
 SAMPLE = 256
 
@@ -69,9 +76,18 @@ def _sample_of(value: Any) -> np.ndarray | None:
   return np.ascontiguousarray(_sample(value, tuple(int(d) for d in value.shape)))
 
 
+def _encoded(sample: np.ndarray | None) -> str | None:
+  return None if sample is None else base64.b64encode(sample.tobytes()).decode("ascii")
+
+
 def leaf_fingerprint(value: Any) -> dict[str, Any]:
   """``{"shape", "dtype", "values"}`` of one leaf: ``values`` is the sample's bytes in
-  base64, or None (see ``_sample_of``)."""
+  base64, or None (see ``_sample_of``). A quantized leaf records how it was quantized
+  and a sample of its codes instead (see ``differences``)."""
+  if is_quantized(value):
+    return {"shape": [int(d) for d in value.shape], "dtype": jnp.dtype(value.dtype).name,
+            "values": None, "quantized": _how(value),
+            "codes": _encoded(_sample_of(value.codes))}
   sample = _sample_of(value)
   return {"shape": [int(d) for d in value.shape], "dtype": np.dtype(value.dtype).name,
           "values": None if sample is None else base64.b64encode(sample.tobytes()).decode("ascii")}
@@ -107,12 +123,45 @@ def differences(recorded: Mapping[str, Any], path: str, value: Any | None) -> st
   if shape != saved["shape"]:
     return (f"{path}: shape {tuple(shape)} {dtype} here, trained on "
             f"{tuple(saved['shape'])} {saved['dtype']}")
-  if saved.get("values") is None:
-    return None
+  if "quantized" in saved:
+    return _quantized_difference(saved, path, value)
+  if saved.get("values") is None or is_quantized(value):
+    return None  # (a quantized copy's values cannot be compared with the original's)
   sample = _sample_of(value)
   if sample is not None and not _same_values(_decode(saved), sample):
     return (f"{path}: other values ({dtype} here, trained on {saved['dtype']}; "
             f"compared at {SAMPLE} sampled positions)")
+  return None
+
+
+def _how(q: Any) -> dict[str, Any]:
+  return {"kind": q.kind, "block_size": q.block_size, "double_quant": q.double_quantized,
+          "scale_axes": None if q.scale_axes is None else list(q.scale_axes)}
+
+
+def _quantized_difference(saved: Mapping[str, Any], path: str, value: Any) -> str | None:
+  """Trained on a quantized leaf: the base given (quantized the same way, or the
+  full-precision original, which is quantized here) must give the same codes."""
+  how = saved["quantized"]
+  if is_quantized(value):
+    mine = _how(value)
+    if mine != how:
+      return f"{path}: quantized as {mine} here, trained on a base quantized as {how}"
+    codes = value.codes
+  else:
+    concrete = isinstance(value, np.ndarray) or (
+        isinstance(value, jax.Array) and value.is_fully_addressable)
+    if not concrete or saved.get("codes") is None:
+      return None
+    axes = how.get("scale_axes")
+    codes = quantize_array(jnp.asarray(value), how["kind"], how["block_size"],
+                           how["double_quant"], None if axes is None else tuple(axes)).codes
+  sample = _sample_of(codes)
+  if saved.get("codes") is None or sample is None:
+    return None
+  if base64.b64decode(saved["codes"]) != sample.tobytes():
+    return (f"{path}: other values (trained on a {how['kind']} base; this base's "
+            f"{how['kind']} codes differ at {SAMPLE} sampled positions)")
   return None
 
 

@@ -23,6 +23,7 @@ from lora_jax._src import dora
 from lora_jax._src.lowrank_conv import lowrank_conv
 from lora_jax._src.lowrank_dot import accumulation_dtype, ascending, lowrank_dot
 from lora_jax._src.plan import Target
+from lora_jax._src.qarray import is_quantized
 
 
 def low_rank_delta(a: jax.Array, b: jax.Array, *, stack: tuple[int, ...],
@@ -64,22 +65,26 @@ class LowRank:
 
   @property
   def arrays(self) -> tuple[jax.Array, ...]:
-    """The arrays this value holds: ``(W, A, B)``, and ``m`` for DoRA."""
-    return (self.w, self.a, self.b) if self.m is None else (self.w, self.a, self.b, self.m)
+    """The arrays this value holds: ``W`` (a quantized ``W``'s arrays), ``A``, ``B``, and
+    ``m`` for DoRA."""
+    w = self.w.arrays if is_quantized(self.w) else (self.w,)
+    return (*w, self.a, self.b) if self.m is None else (*w, self.a, self.b, self.m)
 
   def with_arrays(self, arrays: tuple[jax.Array, ...]) -> LowRank:
     """The same value over other arrays, in the order of ``arrays``."""
-    w, a, b, *m = arrays
+    n = len(self.w.arrays) if is_quantized(self.w) else 1
+    w = self.w.with_arrays(tuple(arrays[:n])) if is_quantized(self.w) else arrays[0]
+    a, b, *m = arrays[n:]
     return self.replace(w=w, a=a, b=b, m=m[0] if m else None)
 
   def materialize(self) -> jax.Array:
     """Forms the adapted weight in ``W``'s dtype, accumulating in float32."""
+    w = self.w.dequantize() if is_quantized(self.w) else self.w
     delta = low_rank_delta(self.a, self.b, stack=self.stack, ins=self.ins, outs=self.outs,
-                           ndim=self.w.ndim, scale=self.scale)
+                           ndim=w.ndim, scale=self.scale)
     if self.m is not None:
-      return dora.merged(self.w, delta, self.m, stack=self.stack,
-                         outs=self.outs).astype(self.w.dtype)
-    return (self.w.astype(jnp.float32) + delta).astype(self.w.dtype)
+      return dora.merged(w, delta, self.m, stack=self.stack, outs=self.outs).astype(w.dtype)
+    return (w.astype(jnp.float32) + delta).astype(w.dtype)
 
   def dora_factor(self) -> jax.Array:
     """DoRA's ``c = m / ‖W + s·A·B‖``, float32, laid out ``stack + outs`` (see ``dora.py``)."""
@@ -94,13 +99,19 @@ class LowRank:
     if not self.stack or self.stack[0] != 0:
       return None
     shift = lambda axes: tuple(p - 1 for p in axes)  # noqa: E731
-    return LowRank(self.w, self.a, self.b, shift(self.ins), shift(self.outs),
+    w = self.w
+    if is_quantized(w):
+      w = w.drop_leading_axis()
+      if w is None:
+        return None
+    return LowRank(w, self.a, self.b, shift(self.ins), shift(self.outs),
                    shift(self.stack[1:]), self.scale, self.path, self.m)
 
 
 def transpose_apply(lr: LowRank, permutation: tuple[int, ...]) -> LowRank:
   new = lambda axes: tuple(permutation.index(p) for p in axes)  # noqa: E731
-  return lr.replace(w=jnp.transpose(lr.w, permutation), ins=new(lr.ins), outs=new(lr.outs),
+  w = lr.w.transpose(permutation) if is_quantized(lr.w) else jnp.transpose(lr.w, permutation)
+  return lr.replace(w=w, ins=new(lr.ins), outs=new(lr.outs),
                     stack=new(lr.stack))
 
 

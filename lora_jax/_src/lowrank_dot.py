@@ -15,8 +15,10 @@ values it is cheaply recomputed from, see ``recompute.py``), the r-wide
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -89,7 +91,12 @@ def _differentiable(v: jax.Array) -> bool:
   return jnp.issubdtype(v.dtype, jnp.inexact)
 
 
-def _anti_cse(leaves: tuple[jax.Array, ...], dy: jax.Array) -> tuple[jax.Array, ...]:
+def _integer(v: Any) -> bool:
+  """Integer arrays (quantization codes) are tied too: else XLA merges their decoding."""
+  return hasattr(v, "dtype") and jnp.issubdtype(v.dtype, jnp.integer)
+
+
+def anti_cse(leaves: tuple[jax.Array, ...], dy: jax.Array) -> tuple[jax.Array, ...]:
   """The same values, tied to ``dy`` so XLA cannot merge their recomputation.
 
   A recomputation in the backward pass is only worth it if XLA's
@@ -107,7 +114,8 @@ def _anti_cse(leaves: tuple[jax.Array, ...], dy: jax.Array) -> tuple[jax.Array, 
 
   def multiply(leaves, dy):
     one = 1 + 0 * dy[(0,) * dy.ndim]
-    return tuple(v * one.astype(v.dtype) if _differentiable(v) else v for v in leaves)
+    return tuple(v * one.astype(v.dtype) if _differentiable(v) or _integer(v) else v
+                 for v in leaves)
 
   if explicit_spec(dy) is not None:  # a one-element slice of a sharded type is not allowed
     return barrier(leaves, dy)
@@ -118,11 +126,11 @@ def rebuild_input(leaves: tuple[jax.Array, ...], x_fn: Callable[..., jax.Array],
                   recompute: bool) -> tuple[jax.Array, Callable[[jax.Array], tuple[Any, ...]]]:
   """In a backward pass: ``x = x_fn(*leaves)`` and a map from ``dx`` to the leaves' cotangents.
 
-  With ``recompute`` the leaves are first tied to ``dy`` (``_anti_cse``) so that the
+  With ``recompute`` the leaves are first tied to ``dy`` (``anti_cse``) so that the
   recomputation stays in the backward pass.
   """
   if recompute:
-    leaves = _anti_cse(leaves, dy)
+    leaves = anti_cse(leaves, dy)
   diff = [i for i, v in enumerate(leaves) if _differentiable(v)]
 
   def of_diff(*values):
@@ -140,6 +148,21 @@ def rebuild_input(leaves: tuple[jax.Array, ...], x_fn: Callable[..., jax.Array],
     return tuple(d_leaves)
 
   return x, to_leaves
+
+
+_ONE_PRODUCT = contextvars.ContextVar("lora_jax_one_product", default=False)
+
+
+@contextlib.contextmanager
+def one_product() -> Iterator[None]:
+  """Products traced inside use the training forward (one product ``[x, s·x·P]·[W; Q]``)
+  though not differentiated themselves: for a caller whose own VJP keeps the output
+  (``dequantized.py``, where ``W`` is decoded inside the use anyway)."""
+  token = _ONE_PRODUCT.set(True)
+  try:
+    yield
+  finally:
+    _ONE_PRODUCT.reset(token)
 
 
 def _matmul(w_transposed: bool, scale: float, precision: Any, acc: Any, out: Any,
@@ -174,7 +197,7 @@ def _matmul(w_transposed: bool, scale: float, precision: Any, acc: Any, out: Any
 
   @jax.custom_vjp
   def f(leaves, w, p, q, mask):
-    return forward(x_fn(*leaves), w, p, q, mask, False)[0]
+    return forward(x_fn(*leaves), w, p, q, mask, _ONE_PRODUCT.get())[0]
 
   def f_fwd(leaves, w, p, q, mask):
     y, t = forward(x_fn(*leaves), w, p, q, mask, True)

@@ -14,6 +14,7 @@ from lora_jax._src.config import LoraConfig
 from lora_jax._src.lift import LoraParams
 from lora_jax._src.lowrank import low_rank_delta
 from lora_jax._src.plan import Target, plan
+from lora_jax._src.qarray import is_quantized
 from lora_jax._src.tree import PyTree, adapter_paths, lookup, map_with_paths
 
 
@@ -78,13 +79,16 @@ def check_adapters(targets: tuple[Target, ...], adapters: Mapping[str, Any] | No
   return entries
 
 
-def fold(params: PyTree, adapters: Mapping[str, Any] | None, config: LoraConfig) -> PyTree:
-  """``params`` with every adapted leaf replaced by its merged weight (in its own dtype)."""
-  if adapters is None:
-    return params
-  entries = {t.path: (t, a, b, m) for t, a, b, m in check_adapters(plan(params, config), adapters)}
+def fold(params: PyTree, adapters: Mapping[str, Any] | None, config: LoraConfig,
+         quantized_dtype: Any = None) -> PyTree:
+  """``params`` with every adapted leaf replaced by its merged weight (in its own dtype),
+  and every quantized leaf dequantized (to ``quantized_dtype``, default its own dtype)."""
+  entries = {} if adapters is None else {
+      t.path: (t, a, b, m) for t, a, b, m in check_adapters(plan(params, config), adapters)}
 
   def one(path: str, leaf: Any) -> Any:
+    if is_quantized(leaf):
+      leaf = leaf.dequantize(quantized_dtype)
     if path not in entries:
       return leaf
     target, a, b, m = entries[path]
@@ -112,9 +116,9 @@ def _unfold(params: PyTree, adapters: Mapping[str, Any], config: LoraConfig) -> 
   return map_with_paths(one, params)
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _merge(lp: LoraParams, config: LoraConfig) -> PyTree:
-  return fold(lp.base, lp.adapters, config)
+@functools.partial(jax.jit, static_argnames=("config", "dtype"))
+def _merge(lp: LoraParams, config: LoraConfig, dtype: str | None) -> PyTree:
+  return fold(lp.base, lp.adapters, config, dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
@@ -122,10 +126,12 @@ def _unmerge(params: PyTree, adapters: Mapping[str, Any], config: LoraConfig) ->
   return _unfold(params, adapters, config)
 
 
-def merge(lp: LoraParams, config: LoraConfig) -> PyTree:
+def merge(lp: LoraParams, config: LoraConfig, *, dtype: Any = None) -> PyTree:
   """Folds the adapters into the base: ``W + scale * A @ B`` for every target.
 
   A DoRA target becomes ``m ⊙ V / ‖V‖`` for that ``V`` (norm over the input axes).
+  A quantized base leaf (``lora_jax.quantize``) is dequantized first, and the
+  result holds full-precision arrays.
 
   The sum is accumulated in float32 and cast back to each weight's dtype; the
   result has the structure, dtypes and shardings of ``lp.base``. Compiled with
@@ -134,6 +140,8 @@ def merge(lp: LoraParams, config: LoraConfig) -> PyTree:
   Args:
     lp: the ``LoraParams`` from ``lift`` (adapters ``None`` returns the base).
     config: the ``LoraConfig`` used to lift.
+    dtype: the dtype of leaves that were quantized (default: the dtype they had
+      before ``quantize``); other leaves keep theirs.
 
   Returns:
     A parameter tree like ``lp.base`` that the original model consumes.
@@ -149,7 +157,7 @@ def merge(lp: LoraParams, config: LoraConfig) -> PyTree:
     >>> bool((lj.merge(lp, config)["w"]["kernel"] == jnp.eye(4)).all())  # B starts at 0
     True
   """
-  return _merge(lp, config=config)
+  return _merge(lp, config=config, dtype=None if dtype is None else jnp.dtype(dtype).name)
 
 
 def unmerge(params: PyTree, adapters: Mapping[str, Any], config: LoraConfig) -> PyTree:

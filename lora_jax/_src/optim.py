@@ -60,6 +60,24 @@ def labels(lp: LoraParams, config: LoraConfig) -> LoraParams:
   return LoraParams(base, jax.tree.map(lambda _: LORA, lp.adapters))
 
 
+def _zero_update(update: Any, param: Any) -> Any:
+  if getattr(update, "dtype", None) == jax.dtypes.float0 and param is not None:
+    return jnp.zeros(param.shape, param.dtype)
+  return jnp.zeros_like(update)
+
+
+def _frozen() -> optax.GradientTransformation:
+  """``optax.set_to_zero()`` that also zeroes an integer leaf's ``float0`` gradient (the
+  codes of a quantized base under ``jax.grad(..., allow_int=True)``) as an integer zero,
+  which ``optax.apply_updates`` can add; XLA removes the addition."""
+  def update(updates, state, params=None):
+    if params is None:
+      return jax.tree.map(jnp.zeros_like, updates), state
+    return jax.tree.map(_zero_update, updates, params), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def optimizer(tx: optax.GradientTransformation, config: LoraConfig, *,
               trainable_tx: optax.GradientTransformation | None = None,
               lora_plus_ratio: float = 1.0, freeze_a: bool = False
@@ -115,7 +133,7 @@ def optimizer(tx: optax.GradientTransformation, config: LoraConfig, *,
       LORA_A: optax.set_to_zero() if freeze_a else tx,
       LORA_B: tx if ratio == 1 else optax.chain(tx, optax.scale(float(ratio))),
       TRAINABLE: trainable_tx if trainable_tx is not None else tx,
-      FROZEN: optax.set_to_zero(),
+      FROZEN: _frozen(),
   }
 
   def factor_labels(lp: LoraParams) -> LoraParams:

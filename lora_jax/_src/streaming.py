@@ -30,12 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lora_jax._src import atomic, lineage
+from lora_jax._src import atomic, lineage, quantized_io
 from lora_jax._src.checkpoint import load_with_lineage
 from lora_jax._src.checksums import ChecksumError, check_record, entry
 from lora_jax._src.lift import LoraParams
 from lora_jax._src.merge import check_adapters, low_rank_product, merged_weight
 from lora_jax._src.plan import Target, plan
+from lora_jax._src.qarray import is_quantized
+from lora_jax._src.quantize import dequantize
 from lora_jax._src.tree import leaves_with_paths, nest
 
 CHECKSUMS_FILE = "lora_jax_checksums.json"
@@ -87,6 +89,13 @@ class OrbaxReader:
     if nest({leaf.path: 0 for leaf in self.leaves}) != jax.tree.map(lambda _: 0, tree):
       raise ValueError(f"{path}: the streaming merge handles trees of nested dicts (Flax and "
                        "NNX parameters); this checkpoint holds other containers.")
+    # A quantized base (lora_jax.save_quantized): each quantized leaf is one logical leaf.
+    self._arrays = {leaf.path: leaf for leaf in self.leaves}
+    layout = quantized_io.group({leaf.path: (leaf.shape, leaf.dtype) for leaf in self.leaves},
+                                quantized_io.read_record(path), str(path))
+    self.quantized = {p: q for p, q in layout.items() if is_quantized(q)}
+    self.leaves = [Leaf(p, q.shape, np.dtype(q.dtype)) if is_quantized(q) else Leaf(p, *q)
+                   for p, q in layout.items()]
     self.recorded = None
     if (path / CHECKSUMS_FILE).is_file():
       try:
@@ -95,9 +104,13 @@ class OrbaxReader:
         raise ChecksumError(f"Base checkpoint {path}: its {CHECKSUMS_FILE} is damaged "
                             f"({type(e).__name__}).") from e
 
-  def read(self, paths: list[str]) -> dict[str, np.ndarray]:
-    by_path = {leaf.path: leaf for leaf in self.leaves}
-    item = nest({p: jax.ShapeDtypeStruct(by_path[p].shape, by_path[p].dtype) for p in paths})
+  def read(self, paths: list[str]) -> dict[str, Any]:
+    """The arrays at ``paths``; a quantized leaf as a ``QuantizedArray`` of NumPy arrays."""
+    by_path = self._arrays
+    wanted = [a for p in paths for a in (
+        [f"{p}/{n}" for n in ("codes", "absmax", "absmax2", "offset")[
+            :len(self.quantized[p].arrays)]] if p in self.quantized else [p])]
+    item = nest({p: jax.ShapeDtypeStruct(by_path[p].shape, by_path[p].dtype) for p in wanted})
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
     try:
       got = self._checkpointer.restore(self.path, args=ocp.args.PyTreeRestore(
@@ -105,7 +118,10 @@ class OrbaxReader:
     except Exception as e:
       raise ValueError(f"Cannot read {paths} from the base checkpoint {self.path}: "
                        f"{type(e).__name__}: {e}") from e
-    return dict(leaves_with_paths(got))
+    flat = dict(leaves_with_paths(got))
+    return {p: self.quantized[p].with_arrays(tuple(
+        flat[a] for a in wanted if a.rsplit("/", 1)[0] == p)) if p in self.quantized
+        else flat[p] for p in paths}
 
 
 class SafetensorsReader:
@@ -467,13 +483,16 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
         result = {}
         for leaf in group:
           w = arrays.pop(leaf.path)
+          quantized = w if is_quantized(w) else None
+          if quantized is not None:  # merged in full precision (the leaf's dtype, or dtype)
+            w = np.asarray(dequantize({"w": quantized})["w"])
           if leaf.path in trained:
             value = np.asarray(trained[leaf.path]).astype(final_dtype(leaf), copy=False)
             merged_count += 1
           elif leaf.path in pairs:
             target, a, b, m = pairs[leaf.path]
             found = None if record is None or leaf.path not in record else (
-                lineage.differences(record, leaf.path, w))
+                lineage.differences(record, leaf.path, w if quantized is None else quantized))
             if found:
               mismatched.append(found)
               if not force:  # before anything is committed

@@ -13,6 +13,7 @@ import numpy as np
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.lift import LoraParams
 from lora_jax._src.plan import plan
+from lora_jax._src.qarray import is_quantized
 from lora_jax._src.tree import PyTree, leaves_with_paths
 
 
@@ -62,6 +63,10 @@ class Summary:
     trainable_params: ``adapter_params + full_trainable_params``.
     trainable_percent: ``trainable_params`` as a percent of ``base_params``.
     adapter_bytes: bytes of the adapter arrays.
+    base_bytes: bytes of the base tree as stored (a quantized leaf's codes and scales).
+    quantized_params: base parameters held as ``QuantizedArray`` values.
+    quantized_bytes: their bytes (so ``8 * quantized_bytes / quantized_params`` is
+      their bits per parameter).
   """
 
   rows: tuple[SummaryRow, ...]
@@ -71,6 +76,9 @@ class Summary:
   trainable_params: int
   trainable_percent: float
   adapter_bytes: int
+  base_bytes: int = 0
+  quantized_params: int = 0
+  quantized_bytes: int = 0
 
   def __str__(self) -> str:
     dora = any(r.m_shape is not None for r in self.rows)
@@ -81,12 +89,16 @@ class Summary:
              f"{r.adapter_params:,}") for r in self.rows]
     lines = [format_table(header, body), ""]
     lines += [
-        f"base parameters:       {self.base_params:,}",
+        f"base parameters:       {self.base_params:,} ({self.base_bytes:,} bytes)",
         f"adapter parameters:    {self.adapter_params:,} ({self.adapter_bytes:,} bytes)",
         f"trained in full:       {self.full_trainable_params:,}",
         f"trainable parameters:  {self.trainable_params:,} "
         f"({self.trainable_percent:.4f}% of base)",
     ]
+    if self.quantized_params:
+      lines.insert(-3, f"quantized base:        {self.quantized_params:,} parameters in "
+                   f"{self.quantized_bytes:,} bytes "
+                   f"({8 * self.quantized_bytes / self.quantized_params:.3f} bits each)")
     return "\n".join(lines)
 
 
@@ -130,5 +142,10 @@ def summary(lp: LoraParams | PyTree, config: LoraConfig) -> Summary:
   else:
     adapter_bytes = adapter_params * np.dtype(config.dtype).itemsize
   trainable = adapter_params + full
+  quantized = [leaf for _, leaf in leaves if is_quantized(leaf)]
+  base_bytes = sum(leaf.nbytes if is_quantized(leaf)
+                   else _size(leaf) * np.dtype(leaf.dtype).itemsize
+                   for _, leaf in leaves if getattr(leaf, "dtype", None) is not None)
   return Summary(rows, base_params, adapter_params, full, trainable,
-                 100.0 * trainable / base_params if base_params else 0.0, adapter_bytes)
+                 100.0 * trainable / base_params if base_params else 0.0, adapter_bytes,
+                 base_bytes, sum(q.size for q in quantized), sum(q.nbytes for q in quantized))

@@ -13,6 +13,8 @@ from typing import Any
 
 import jax
 
+from lora_jax._src.qarray import is_quantized
+
 PyTree = Any
 """Any JAX pytree: nested dicts, Flax ``FrozenDict`` or NNX ``State``, dataclasses."""
 
@@ -79,15 +81,19 @@ def _raise_collisions(names: list[str], key_paths: list[tuple[Any, ...]]) -> Non
 
 
 def leaves_with_paths(tree: PyTree) -> list[tuple[str, Any]]:
-  """Returns ``(path, leaf)`` for every leaf of ``tree``, in flattening order."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree)
+  """Returns ``(path, leaf)`` for every leaf of ``tree``, in flattening order.
+
+  A ``QuantizedArray`` is one leaf (its codes and scales are not separate parameters).
+  """
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
   names = _path_strings((kp for kp, _ in flat), tree)
   return [(name, leaf) for name, (_, leaf) in zip(names, flat)]
 
 
 def map_with_paths(fn: Callable[[str, Any], Any], tree: PyTree) -> PyTree:
-  """Like ``jax.tree.map`` but ``fn`` also receives each leaf's path string."""
-  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  """Like ``jax.tree.map`` but ``fn`` also receives each leaf's path string (a
+  ``QuantizedArray`` is one leaf)."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)
   names = _path_strings((kp for kp, _ in flat), tree)
   return jax.tree_util.tree_unflatten(
       treedef, [fn(name, leaf) for name, (_, leaf) in zip(names, flat)])

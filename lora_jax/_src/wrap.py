@@ -16,6 +16,7 @@ from lora_jax._src.lift import LoraParams
 from lora_jax._src.lowrank import LowRank
 from lora_jax._src.merge import check_adapters, fold
 from lora_jax._src.plan import Target, plan
+from lora_jax._src.qarray import is_quantized
 from lora_jax._src.tree import PyTree, leaves_with_paths, map_with_paths
 
 _MODES = ("factored", "merge")
@@ -25,6 +26,12 @@ def freeze(base: PyTree, config: LoraConfig) -> PyTree:
   """Puts every base leaf not matched by ``config.trainable`` behind ``stop_gradient``."""
 
   def one(path: str, leaf: Any) -> Any:
+    if is_quantized(leaf):
+      if config.is_trainable(path):
+        raise ValueError(f"{path}: quantized leaves are frozen and cannot be trained in full; "
+                         "leave it out of LoraConfig.trainable, or of lora_jax.quantize's "
+                         "targets.")
+      return jax.tree.map(jax.lax.stop_gradient, leaf)
     if config.is_trainable(path) or not isinstance(leaf, (jax.Array, np.ndarray)):
       return leaf
     return jax.lax.stop_gradient(leaf)
@@ -114,7 +121,8 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *, mode: str = "facto
           f"{type(lp).__name__}. Lift the parameters first: lp = lora_jax.lift(params, config, "
           "key=...).")
     base = freeze(lp.base, config)
-    if lp.adapters is None:
+    quantized = any(is_quantized(leaf) for _, leaf in leaves_with_paths(base))
+    if lp.adapters is None and not quantized:
       return call(base, *args, **kwargs)
     if mode == "merge":
       if lora_rng is not None and config.dropout > 0:
@@ -124,7 +132,7 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *, mode: str = "facto
       return call(fold(base, lp.adapters, config), *args, **kwargs)
     leaves = leaves_with_paths(base)
     by_path = dict(leaves)
-    pairs = check_adapters(plan(base, config), lp.adapters)
+    pairs = [] if lp.adapters is None else check_adapters(plan(base, config), lp.adapters)
     lowranks = {t.path: LowRank.from_target(t, by_path[t.path], a, b, m) for t, a, b, m in pairs}
     paths = [p for p, _ in leaves]
     ctx = Context(warned, lora_rng, config.dropout)
