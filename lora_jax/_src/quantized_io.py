@@ -45,8 +45,7 @@ def expected(entry: Mapping[str, Any]) -> QuantizedArray:
   make = functools.partial(quantize_array, kind=entry["kind"], block_size=entry["block_size"],
                            double_quant=entry["double_quant"],
                            scale_axes=None if axes is None else tuple(int(a) for a in axes))
-  q = jax.eval_shape(make, jax.ShapeDtypeStruct(shape, jnp.dtype(entry["dtype"])))
-  return q
+  return jax.eval_shape(make, jax.ShapeDtypeStruct(shape, jnp.dtype(entry["dtype"])))
 
 
 def is_quantized_checkpoint(path: pathlib.Path) -> bool:
@@ -95,11 +94,15 @@ def save_quantized(directory: str | os.PathLike[str], base: PyTree, *,
   if views:
     raise ValueError(f"save_quantized: {views[:5]} are transposed views (made inside a traced "
                      "function); save the quantized base itself.")
-  atomic.check_replaceable(final, overwrite=overwrite, ours=is_quantized_checkpoint,
-                           what="a quantized base saved by lora_jax.save_quantized")
+  def refuse_existing() -> None:
+    atomic.check_replaceable(final, overwrite=overwrite, ours=is_quantized_checkpoint,
+                             what="a quantized base saved by lora_jax.save_quantized")
+
+  refuse_existing()
   final.parent.mkdir(parents=True, exist_ok=True)
   with atomic.locked(final):
     atomic.clean_stale(final)
+    refuse_existing()  # again under the lock: another writer may have come first
     staging = atomic.staging_path(final)
     try:
       with ocp.StandardCheckpointer() as checkpointer:
