@@ -18,6 +18,7 @@ from lora_jax._src.principal import to_standard as principal_to_lora
 from lora_jax._src.qarray import QuantizedArray
 from lora_jax._src.quantize import dequantize, quantize
 from lora_jax._src.quantized_io import load_quantized, save_quantized
+from lora_jax._src.stack import AdapterStack, stack_adapters
 from lora_jax._src.streaming import merge_checkpoint
 from lora_jax._src.summary import Summary, SummaryRow, summary
 from lora_jax._src.train_state import restore_train_state, save_train_state
@@ -39,6 +40,7 @@ __all__ = [
     "FallbackWarning",
     "LoraConfig",
     "LoraParams",
+    "AdapterStack",
     "PyTree",
     "QuantizedArray",
     "Summary",
@@ -63,6 +65,7 @@ __all__ = [
     "principal_to_lora",
     "quantize",
     "run_job",
+    "stack_adapters",
     "summary",
     "unmerge",
     "wrap",

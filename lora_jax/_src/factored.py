@@ -31,7 +31,7 @@ import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
-from lora_jax._src import dequantized, experts, recompute
+from lora_jax._src import dequantized, experts, recompute, stack
 from lora_jax._src import lowrank as lr_ops
 from lora_jax._src.lowrank import LowRank
 from lora_jax._src.qarray import QuantizedArray, is_quantized
@@ -61,9 +61,20 @@ class Context:
   # Per adapted path, how the function used it: "in" (x @ W), "out" (x @ W.T) or the
   # primitive's name; read by wrap to catch a kernel whose input axes were guessed wrong.
   seen: dict[str, set[str]] = dataclasses.field(default_factory=dict)
+  # Mixed batches (stack.py): each example's adapter index; A and B carry a leading
+  # adapter axis.
+  adapter_ids: Any = None
 
   def with_rng(self, rng: jax.Array | None) -> Context:
-    return Context(self.warned, rng, self.rate, seen=self.seen)
+    return Context(self.warned, rng, self.rate, seen=self.seen, adapter_ids=self.adapter_ids)
+
+  def refuse_mixed(self, value: Any, primitive: str) -> None:
+    """Mixed batches run only through ``dot_general``: anything else is refused."""
+    if self.adapter_ids is not None and isinstance(value, LowRank):
+      raise ValueError(
+          f"lora_jax: {value.path} is used by `{primitive}`, which has no mixed-batch rule; "
+          "adapter_ids supports adapted weights used as x @ W (Dense, DenseGeneral, einsum "
+          "over the input axes). Select one adapter instead (stack.select(name)).")
 
   def record(self, lr: LowRank, use: str) -> None:
     self.seen.setdefault(lr.path, set()).add(use)
@@ -83,6 +94,7 @@ class Context:
   def materialize(self, value: Any, primitive: str, reason: str) -> Any:
     if isinstance(value, QuantizedArray):  # exact, no adapter: no warning
       return value.dequantize()
+    self.refuse_mixed(value, primitive)
     if not isinstance(value, LowRank):
       return value
     if (primitive, value.path) not in self.warned:
@@ -244,6 +256,26 @@ def _dequantized_eqn(eqn: Any, invals: list[Any], ctx: Context,
   return dequantized.apply(fn, weights, others, max(sizes)[1] if sizes else None)
 
 
+def _mixed_dot(eqn: Any, invals: list[Any], ctx: Context) -> jax.Array:
+  """``x·W`` with each example's own adapter (``stack.mixed_product``)."""
+  x, w = invals
+  rhs = isinstance(w, LowRank)
+  lr, x = (w, x) if rhs else (x, w)
+  if isinstance(x, LowRank):
+    ctx.refuse_mixed(x, "dot_general of two adapted weights")
+  (lhs_c, rhs_c), (lhs_b, rhs_b) = eqn.params["dimension_numbers"]
+  x_c, w_c = (lhs_c, rhs_c) if rhs else (rhs_c, lhs_c)
+  if lr.stack or lhs_b or rhs_b or not rhs or sorted(w_c) != sorted(lr.ins) or lr.m is not None:
+    ctx.refuse_mixed(lr, "dot_general (not x @ W over all input axes of an unstacked, "
+                     "non-DoRA weight)")
+  ctx.record(lr, "in")
+  w_value = lr.w.dequantize() if is_quantized(lr.w) else lr.w
+  base = _bind(eqn, [x, w_value])[0]
+  x_contract = tuple(x_c[list(w_c).index(p)] for p in lr.ins)
+  return stack.mixed_product(x, base, lr.a, lr.b, ctx.adapter_ids, x_contract=x_contract,
+                             ins=lr.ins, outs=lr.outs, path=lr.path)
+
+
 def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
                  recompute_of: Callable[[Any, float], Any]) -> list[Any]:
   name, params = eqn.primitive.name, eqn.params
@@ -261,6 +293,12 @@ def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
     return _bind(eqn, [q.dequantize()])
   # Rules accumulate in float32 or wider and round once to the original result's dtype.
   out_dtype = eqn.outvars[0].aval.dtype
+  if ctx.adapter_ids is not None and name == "dot_general":
+    return [_mixed_dot(eqn, invals, ctx)]
+  if ctx.adapter_ids is not None and name in ("conv_general_dilated", "gather",
+                                              "ragged_dot_general", "ragged_dot"):
+    for v in invals:
+      ctx.refuse_mixed(v, name)
   if name == "dot_general":
     x, w = invals
     if isinstance(x, LowRank) and isinstance(w, LowRank):
@@ -391,6 +429,7 @@ def _scan(eqn: Any, invals: list[Any], ctx: Context) -> list[Any]:
 
 
 def _sliced_layout(v: Any, ctx: Context) -> Any:
+  ctx.refuse_mixed(v, "scan")
   dropped = v.drop_leading_axis()
   if dropped is None:
     return ctx.materialize(v, "scan", "scanned over an axis that is not a stacked-layer axis")

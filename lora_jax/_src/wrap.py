@@ -17,7 +17,8 @@ from lora_jax._src.lowrank import LowRank
 from lora_jax._src.merge import check_adapters, fold
 from lora_jax._src.plan import Target, plan
 from lora_jax._src.qarray import is_quantized
-from lora_jax._src.tree import PyTree, leaves_with_paths, map_with_paths
+from lora_jax._src.stack import AdapterStack, check_ids
+from lora_jax._src.tree import PyTree, leaves_with_paths, lookup, map_with_paths
 
 _MODES = ("factored", "merge")
 
@@ -114,13 +115,24 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *, mode: str = "facto
 
   @functools.wraps(apply_fn)
   def wrapped(lp: LoraParams, *args: Any, lora_rng: jax.Array | None = None,
-              **kwargs: Any) -> Any:
+              adapter_ids: Any = None, **kwargs: Any) -> Any:
     if not isinstance(lp, LoraParams):
       raise TypeError(
           f"The wrapped function takes lora_jax.LoraParams as its first argument, got "
           f"{type(lp).__name__}. Lift the parameters first: lp = lora_jax.lift(params, config, "
           "key=...).")
     base = freeze(lp.base, config)
+    stacked = isinstance(lp.adapters, AdapterStack)
+    if stacked != (adapter_ids is not None):
+      raise ValueError(
+          "adapter_ids needs LoraParams(base, stack) with stack from lora_jax.stack_adapters"
+          if not stacked else
+          f"LoraParams holds a stack of {len(lp.adapters)} adapters {list(lp.adapters.names)}: "
+          "pass adapter_ids=(one index per example, -1 for the base), or select one: "
+          "LoraParams(base, stack.select(name)).")
+    if stacked and mode == "merge":
+      raise ValueError("adapter_ids needs mode='factored': one merged weight cannot hold a "
+                       "different adapter per example.")
     quantized = any(is_quantized(leaf) for _, leaf in leaves_with_paths(base))
     if lp.adapters is None and not quantized:
       return call(base, *args, **kwargs)
@@ -132,10 +144,18 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *, mode: str = "facto
       return call(fold(base, lp.adapters, config), *args, **kwargs)
     leaves = leaves_with_paths(base)
     by_path = dict(leaves)
-    pairs = [] if lp.adapters is None else check_adapters(plan(base, config), lp.adapters)
+    adapters = lp.adapters.select(0) if stacked else lp.adapters
+    pairs = [] if adapters is None else check_adapters(plan(base, config), adapters)
+    if stacked:  # the factors with their leading adapter axis
+      pairs = [(t, lookup(lp.adapters.adapters, t.path)["a"],
+                lookup(lp.adapters.adapters, t.path)["b"], m) for t, _, _, m in pairs]
     lowranks = {t.path: LowRank.from_target(t, by_path[t.path], a, b, m) for t, a, b, m in pairs}
     paths = [p for p, _ in leaves]
-    ctx = Context(warned, lora_rng, config.dropout)
+    ctx = Context(warned, lora_rng, config.dropout, adapter_ids=None if not stacked else
+                  check_ids(adapter_ids, len(lp.adapters), "wrap"))
+    if stacked and lora_rng is not None and config.dropout > 0:
+      raise ValueError("LoRA dropout is not supported with adapter_ids (mixed batches are for "
+                       "inference and per-adapter evaluation); drop lora_rng.")
     out = run_factored(call, base, lowranks, paths, args, kwargs, ctx)
     _check_layouts({t.path: t for t, *_ in pairs}, ctx.seen)
     return out

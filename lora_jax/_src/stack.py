@@ -1,0 +1,192 @@
+"""Many adapters of one base at once: a stack, one selected by name, or one per example.
+
+``stack_adapters`` puts N adapters trained on the same base along a new leading
+axis. Each path is padded to the largest rank among them with exact zeros, and
+each adapter's own scale (``alpha / r``, rsLoRA, per-path patterns) is folded
+into its ``B``, so the stack's config has scale 1 on every path and the scales
+are data: selecting or swapping adapters changes arrays, never a Python
+constant, and never retraces a jitted function.
+
+* ``AdapterStack.select(name)`` (or a traced integer index) gives one adapter,
+  a plain adapter tree for the stack's config: ``lift``/``wrap``/``merge`` and
+  the optimizer use it unchanged.
+* Mixed batches: ``wrap(fn, config)(LoraParams(base, stack), x, adapter_ids=ids)``
+  runs example ``i`` with adapter ``ids[i]`` (``-1``: the base alone, exactly).
+  Each adapted product ``x·W`` whose input's first axis is the batch computes
+  ``x·W + (x·A[ids])·B[ids]`` with each example's factors gathered (as Punica's
+  BGMV kernel does): the work of one adapter, whatever N is. Gradients reach
+  each adapter only from its own examples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lora_jax._src.combine import _entries
+from lora_jax._src.config import LoraConfig, is_principal
+from lora_jax._src.tree import nest
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterStack:
+  """N adapters of one base: every path ``{"a": (N, ...), "b": (N, ...)}``, ``names`` in order.
+
+  A pytree (the arrays are its leaves, the names static), so it passes through ``jax.jit``.
+  """
+
+  adapters: Any
+  names: tuple[str, ...]
+
+  def index(self, name: str) -> int:
+    """The position of ``name`` in the stack (``adapter_ids`` use these)."""
+    if name not in self.names:
+      raise KeyError(f"no adapter {name!r} in this stack; it holds {list(self.names)}.")
+    return self.names.index(name)
+
+  def select(self, which: str | int | jax.Array) -> Any:
+    """One adapter as a plain tree for the stack's config: by name, or by an integer
+    index that may be traced (a jitted server switching adapters does not retrace)."""
+    i = self.index(which) if isinstance(which, str) else which
+    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False),
+                        self.adapters)
+
+  def __len__(self) -> int:
+    return len(self.names)
+
+
+jax.tree_util.register_pytree_with_keys(
+    AdapterStack,
+    lambda s: (((jax.tree_util.GetAttrKey("adapters"), s.adapters),), s.names),
+    lambda names, children: AdapterStack(children[0], names),
+    flatten_func=lambda s: ((s.adapters,), s.names))
+
+
+def stack_adapters(adapters: Mapping[str, tuple[Any, LoraConfig]]
+                   ) -> tuple[AdapterStack, LoraConfig]:
+  """Stacks adapters trained on one base (any ranks, alphas, rsLoRA, per-path patterns).
+
+  Args:
+    adapters: ``{name: (adapters or LoraParams, config)}``, in the order that
+      ``adapter_ids`` index.
+
+  Returns:
+    ``(stack, config)``: the ``AdapterStack`` and the config of each selected
+    adapter (each path at the largest rank, scale 1: ``alpha = rank``).
+
+  Raises:
+    ValueError: for fewer than one adapter, adapters of different weights (paths or
+      shapes), DoRA or PiSSA/OLoRA adapters (not a ``W + scale·A·B`` on the base).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import lora_jax as lj
+    >>> params = {"d": {"kernel": jnp.ones((8, 8))}}
+    >>> c2, c4 = lj.LoraConfig(rank=2), lj.LoraConfig(rank=4, alpha=4.0)
+    >>> lp2 = lj.lift(params, c2, key=jax.random.key(0))
+    >>> lp4 = lj.lift(params, c4, key=jax.random.key(1))
+    >>> stack, config = lj.stack_adapters({"x": (lp2, c2), "y": (lp4, c4)})
+    >>> stack.adapters["d"]["kernel"]["a"].shape, config.rank, config.scale_for("d/kernel")
+    ((2, 8, 4), 4, 1.0)
+  """
+  names = list(adapters)
+  if not names:
+    raise ValueError("stack_adapters: pass at least one adapter.")
+  errors = [f"{n!r}: PiSSA/OLoRA adapters belong to their own residual base; convert them "
+            "with lora_jax.principal_to_lora first" for n in names
+            if is_principal(adapters[n][1].init)]
+  if errors:
+    raise ValueError("stack_adapters: cannot stack:\n  - " + "\n  - ".join(errors))
+  entries = {n: _entries(n, *adapters[n]) for n in names}
+  first = entries[names[0]]
+  for n in names[1:]:
+    if set(entries[n]) != set(first):
+      extra, missing = sorted(set(entries[n]) - set(first)), sorted(set(first) - set(entries[n]))
+      errors.append(f"{n!r} adapts other paths than {names[0]!r}: extra {extra[:5]}, "
+                    f"missing {missing[:5]}")
+      continue
+    for path, (a, b, *_rest) in entries[n].items():
+      a0, b0 = first[path][:2]
+      if (a.shape[0], a.shape[1], b.shape[2]) != (a0.shape[0], a0.shape[1], b0.shape[2]):
+        errors.append(f"{path}: {n!r} has A {entries[n][path][2]} and B {entries[n][path][3]}, "
+                      f"{names[0]!r} A {first[path][2]} and B {first[path][3]}: not adapters "
+                      "of the same weight")
+  if errors:
+    raise ValueError("stack_adapters: cannot stack:\n  - " + "\n  - ".join(errors))
+  flat, ranks = {}, {}
+  dtype = adapters[names[0]][1].dtype
+  for path, (_, _, a_shape, b_shape, n_stack, _) in first.items():
+    r = max(entries[n][path][0].shape[-1] for n in names)
+    ranks[path] = r
+    a_all, b_all = [], []
+    for n in names:
+      a, b, *_, scale = entries[n][path]
+      pad = r - a.shape[-1]
+      a_all.append(jnp.pad(a, ((0, 0), (0, 0), (0, pad))))
+      b_all.append(jnp.pad(b * jnp.float32(scale), ((0, 0), (0, pad), (0, 0))))
+    a = jnp.stack(a_all).reshape(len(names), *a_shape[:-1], r)
+    b = jnp.stack(b_all).reshape(len(names), *b_shape[:n_stack], r, *b_shape[n_stack + 1:])
+    flat[path] = {"a": a.astype(dtype), "b": b.astype(dtype)}
+  top = max(ranks.values())
+  pattern = {f"^{re.escape(p)}$": r for p, r in ranks.items() if r != top}
+  config = dataclasses.replace(adapters[names[0]][1], rank=top, alpha=float(top),
+                               use_rslora=False, rank_pattern=pattern,
+                               alpha_pattern={k: float(v) for k, v in pattern.items()},
+                               init="default")
+  return AdapterStack(nest(flat), tuple(names)), LoraConfig(**config.to_dict())
+
+
+def check_ids(ids: Any, n: int, where: str) -> jax.Array:
+  """``adapter_ids`` as int32, checked where its values are known (concrete)."""
+  ids = jnp.asarray(ids)
+  if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.ndim > 1:
+    raise ValueError(f"{where}: adapter_ids must be integers of shape (batch,) (or one "
+                     f"integer under vmap), got {ids.dtype} of shape {ids.shape}.")
+  if not isinstance(ids, jax.core.Tracer):
+    values = np.asarray(ids)
+    if values.size and (values.min() < -1 or values.max() >= n):
+      raise ValueError(f"{where}: adapter_ids must be -1 (the base) or 0..{n - 1} (the "
+                       f"stack's {n} adapters), found {sorted(set(values.tolist()))[:10]}.")
+  return ids.astype(jnp.int32)
+
+
+def mixed_product(x: jax.Array, w_product: jax.Array, a: jax.Array, b: jax.Array,
+                  ids: jax.Array, *, x_contract: tuple[int, ...], ins: tuple[int, ...],
+                  outs: tuple[int, ...], path: str) -> jax.Array:
+  """``x·W + (x·A[ids])·B[ids]`` per example (batch = x's axis 0), given ``x·W``.
+
+  ``a``: ``(N, *in, R)`` in the weight's axis order, ``b``: ``(N, R, *out)``;
+  ``x_contract``: x's axes contracted with ``ins`` (in that order). The result has the
+  layout of ``dot_general(x, W)``: x's free axes, then the weight's output axes.
+  """
+  if ids.ndim == 1 and (x.ndim == 0 or 0 in x_contract or x.shape[0] != ids.shape[0]):
+    raise ValueError(f"lora_jax: {path}: adapter_ids has {ids.shape[0]} entries, but this "
+                     f"product's input {x.shape} does not have the batch as its first free "
+                     "axis; mixed batches need every adapted product's input to lead with "
+                     "the batch (or vmap the function over examples with one id each).")
+  n, r = a.shape[0], a.shape[-1]
+  k = math.prod(a.shape[1:-1])
+  free = [d for d in range(x.ndim) if d not in x_contract]
+  rows = jnp.transpose(x, free + list(x_contract))
+  valid = ids >= 0
+  sel = jnp.clip(ids, 0, n - 1)
+  a2, b2 = a.reshape(n, k, r), b.reshape(n, r, -1)
+  acc = jnp.promote_types(x.dtype, jnp.float32)
+  if ids.ndim == 0:  # one adapter for the whole input (vmap over examples)
+    t = rows.reshape(-1, k).astype(acc) @ a2[sel].astype(acc)
+    low = (t * valid.astype(acc)) @ b2[sel].astype(acc)
+  else:
+    batch = x.shape[0]
+    t = jnp.einsum("bmk,bkr->bmr", rows.reshape(batch, -1, k).astype(acc),
+                   a2[sel].astype(acc))
+    t = t * valid.astype(acc)[:, None, None]
+    low = jnp.einsum("bmr,brn->bmn", t, b2[sel].astype(acc))
+  low = low.reshape(w_product.shape)
+  return (w_product.astype(acc) + low).astype(w_product.dtype)
