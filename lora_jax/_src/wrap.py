@@ -76,6 +76,10 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *, mode: str = "facto
   in factored mode when the call passes ``lora_rng=key``; without it dropout is
   off (evaluation).
 
+  With ``lp.adapters`` an ``AdapterStack`` (``lora_jax.stack_adapters``) and
+  ``adapter_ids=ids`` (one index per example, ``-1`` for the base alone), every
+  example runs with its own adapter (``stack.py``).
+
   In factored mode, a kernel whose input axes the axis rule guessed (no
   ``config.in_axes`` pattern, and shapes that do not settle it) but which the
   function only ever contracts over its *output* axes (``x @ W.T``: a kernel
@@ -91,11 +95,13 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *, mode: str = "facto
       params=...)``); the wrapped function still takes ``lp`` first.
 
   Returns:
-    ``fn(lp, *args, lora_rng=None, **kwargs)``.
+    ``fn(lp, *args, lora_rng=None, adapter_ids=None, **kwargs)``.
 
   Raises:
     ValueError: for an unknown mode, ``lora_rng`` with ``mode="merge"`` and
-      dropout, or a kernel used as ``x @ W.T`` whose layout was guessed.
+      dropout, or a kernel used as ``x @ W.T`` whose layout was guessed; a stack
+      without ``adapter_ids`` (or ids without a stack), ids out of range, or an
+      adapted weight used where mixed batches have no rule.
 
   Example:
     >>> import jax, jax.numpy as jnp

@@ -1,0 +1,127 @@
+"""Mixed-batch inference: every example with its own adapter, N adapters over one base.
+
+The benchmark LM of train_step.py (d_model 512, 4 blocks, vocabulary 1024, sequence 128),
+batch 64, LoRA r=8 on every kernel; N = 1, 4, 16, 64 stacked adapters (lj.stack_adapters),
+each example with a random adapter. One jitted forward per approach:
+
+  gather    lj.wrap(...)(LoraParams(base, stack), x, adapter_ids=ids): each example's
+            factors gathered (the work of one adapter, whatever N is)
+  one-hot   the same model with every adapted product computing x·A for all N adapters and
+            keeping each example's by a one-hot mask (N times the adapter work; what JAX
+            serving stacks do), emulated by swapping the per-example rule
+  loop      for each of the N adapters, the whole batch with that adapter selected, keeping
+            its examples' rows (N forward passes)
+
+Reports the median time per batch over interleaved repeats and its ratio to gather at N = 1,
+and the stack's bytes.
+
+Run: python benchmarks/mixed_batch.py [--repeats 5] [--sizes 1 4 16 64] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from train_step import RANK, SEQ, TARGETS, VOCAB, DecoderLM
+
+import lora_jax as lj
+from lora_jax._src import stack as stack_module
+
+BATCH = 64
+
+
+def one_hot_product(x, w_product, a, b, ids, *, x_contract, ins, outs, path):
+  """The one-hot alternative: x·A for every adapter, each example keeps its own."""
+  del ins, outs, path
+  n, r = a.shape[0], a.shape[-1]
+  k = a[0].size // r
+  free = [d for d in range(x.ndim) if d not in x_contract]
+  rows = jnp.transpose(x, free + list(x_contract)).reshape(x.shape[0], -1, k)
+  hot = jax.nn.one_hot(ids, n, dtype=jnp.float32)                      # (batch, N)
+  t = jnp.einsum("bmk,nkr->bmnr", rows, a.reshape(n, k, r)) * hot[:, None, :, None]
+  low = jnp.einsum("bmnr,nro->bmo", t, b.reshape(n, r, -1))
+  return (w_product + low.reshape(w_product.shape)).astype(w_product.dtype)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 64])
+  parser.add_argument("--json", default=None)
+  args = parser.parse_args()
+
+  model = DecoderLM()
+  tokens = jax.random.randint(jax.random.key(0), (BATCH, SEQ), 0, VOCAB)
+  params = jax.jit(model.init)(jax.random.key(0), tokens)
+  config = lj.infer_axes(model.apply, params, jax.ShapeDtypeStruct(tokens.shape, tokens.dtype),
+                         config=lj.LoraConfig(rank=RANK, alpha=2.0 * RANK, targets=TARGETS))
+  template = lj.lift(params, config, key=jax.random.key(1)).adapters
+
+  def adapter(i):
+    leaves, tree = jax.tree.flatten(template)
+    keys = jax.random.split(jax.random.key(100 + i), len(leaves))
+    return jax.tree.unflatten(tree, [0.01 * jax.random.normal(k, v.shape, v.dtype)
+                                     for k, v in zip(keys, leaves)])
+
+  gather = jax.jit(lambda st, t, ids: lj.wrap(model.apply, stack_config)(
+      lj.LoraParams(params, st), t, adapter_ids=ids))
+  rows = {}
+  for n in args.sizes:
+    stack, stack_config = lj.stack_adapters({f"a{i}": (adapter(i), config) for i in range(n)})
+    ids = jax.random.randint(jax.random.key(n), (BATCH,), 0, n)
+    apply = lj.wrap(model.apply, stack_config)
+    gather = jax.jit(lambda st, t, ids: apply(lj.LoraParams(params, st), t, adapter_ids=ids))
+    original = stack_module.mixed_product
+    stack_module.mixed_product = one_hot_product
+    try:
+      one_hot = jax.jit(lambda st, t, ids: apply(lj.LoraParams(params, st), t,
+                                                 adapter_ids=ids)).lower(stack, tokens,
+                                                                         ids).compile()
+    finally:
+      stack_module.mixed_product = original
+    single = jax.jit(lambda ad, t: apply(lj.LoraParams(params, ad), t))
+
+    def loop(st, t, ids, n=n, single=single):
+      out = jnp.zeros((BATCH, SEQ, VOCAB), jnp.float32)
+      for i in range(n):
+        y = single(st.select(jnp.int32(i)), t)
+        out = jnp.where((ids == i)[:, None, None], y, out)
+      return out
+
+    fns = {"gather": lambda: gather(stack, tokens, ids),
+           "one-hot": lambda: one_hot(stack, tokens, ids),
+           "loop": lambda: loop(stack, tokens, ids)}
+    reference = jax.block_until_ready(fns["gather"]())
+    for name in ("one-hot", "loop"):
+      other = jax.block_until_ready(fns[name]())
+      assert float(jnp.max(jnp.abs(other - reference))) < 1e-3 * float(
+          jnp.max(jnp.abs(reference))), name
+    times = {name: [] for name in fns}
+    for _ in range(args.repeats):
+      for name, fn in fns.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times[name].append(time.perf_counter() - t0)
+    stack_bytes = sum(x.nbytes for x in jax.tree.leaves(stack))
+    rows[n] = {name: statistics.median(v) for name, v in times.items()}
+    rows[n]["stack_bytes"] = stack_bytes
+  unit = rows[args.sizes[0]]["gather"]
+  print(f"mixed-batch forward, benchmark LM, batch {BATCH}, r={RANK}; device "
+        f"{jax.devices()[0].device_kind}; {args.repeats} interleaved repeats, medians; ratios "
+        f"to gather at N={args.sizes[0]} ({1e3 * unit:.0f} ms)\n")
+  print(f"{'N':>3} {'gather':>8} {'one-hot':>8} {'loop':>8} {'stack MB':>9}")
+  for n, row in rows.items():
+    print(f"{n:>3} {row['gather'] / unit:8.3f} {row['one-hot'] / unit:8.3f} "
+          f"{row['loop'] / unit:8.3f} {row['stack_bytes'] / 2**20:9.2f}")
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump({"unit_s": unit, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
