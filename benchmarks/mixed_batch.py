@@ -48,6 +48,59 @@ def one_hot_product(x, w_product, a, b, ids, *, x_contract, ins, outs, path):
   return (w_product + low.reshape(w_product.shape)).astype(w_product.dtype)
 
 
+def adapter(n: int, template):
+  """``n`` random adapters shaped like ``template``."""
+  def one(i):
+    leaves, tree = jax.tree.flatten(template)
+    keys = jax.random.split(jax.random.key(100 + i), len(leaves))
+    return jax.tree.unflatten(tree, [0.01 * jax.random.normal(k, v.shape, v.dtype)
+                                     for k, v in zip(keys, leaves)])
+  return [one(i) for i in range(n)]
+
+
+def measure(n, model, params, config, adapters, tokens, repeats):
+  """Median seconds per batch of each approach with ``n`` stacked adapters."""
+  stack, stack_config = lj.stack_adapters({f"a{i}": (a, config) for i, a in enumerate(adapters)})
+  ids = jax.random.randint(jax.random.key(n), (BATCH,), 0, n)
+  apply = lj.wrap(model.apply, stack_config)
+
+  def mixed(st, t, ids):
+    return apply(lj.LoraParams(params, st), t, adapter_ids=ids)
+
+  gather = jax.jit(mixed).lower(stack, tokens, ids).compile()
+  original = stack_module.mixed_product
+  stack_module.mixed_product = one_hot_product
+  try:
+    one_hot = jax.jit(mixed).lower(stack, tokens, ids).compile()
+  finally:
+    stack_module.mixed_product = original
+  single = jax.jit(lambda ad, t: apply(lj.LoraParams(params, ad), t))
+
+  def loop():
+    out = jnp.zeros((BATCH, SEQ, VOCAB), jnp.float32)
+    for i in range(n):
+      y = single(stack.select(jnp.int32(i)), tokens)
+      out = jnp.where((ids == i)[:, None, None], y, out)
+    return out
+
+  fns = {"gather": lambda: gather(stack, tokens, ids),
+         "one-hot": lambda: one_hot(stack, tokens, ids), "loop": loop}
+  reference = jax.block_until_ready(fns["gather"]())
+  for name in ("one-hot", "loop"):
+    other = jax.block_until_ready(fns[name]())
+    assert float(jnp.max(jnp.abs(other - reference))) < 1e-3 * float(
+        jnp.max(jnp.abs(reference))), name
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t0)
+  row = {name: statistics.median(v) for name, v in times.items()}
+  row["stack_bytes"] = sum(x.nbytes for x in jax.tree.leaves(stack))
+  return row
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--repeats", type=int, default=5)
@@ -61,55 +114,8 @@ def main():
   config = lj.infer_axes(model.apply, params, jax.ShapeDtypeStruct(tokens.shape, tokens.dtype),
                          config=lj.LoraConfig(rank=RANK, alpha=2.0 * RANK, targets=TARGETS))
   template = lj.lift(params, config, key=jax.random.key(1)).adapters
-
-  def adapter(i):
-    leaves, tree = jax.tree.flatten(template)
-    keys = jax.random.split(jax.random.key(100 + i), len(leaves))
-    return jax.tree.unflatten(tree, [0.01 * jax.random.normal(k, v.shape, v.dtype)
-                                     for k, v in zip(keys, leaves)])
-
-  gather = jax.jit(lambda st, t, ids: lj.wrap(model.apply, stack_config)(
-      lj.LoraParams(params, st), t, adapter_ids=ids))
-  rows = {}
-  for n in args.sizes:
-    stack, stack_config = lj.stack_adapters({f"a{i}": (adapter(i), config) for i in range(n)})
-    ids = jax.random.randint(jax.random.key(n), (BATCH,), 0, n)
-    apply = lj.wrap(model.apply, stack_config)
-    gather = jax.jit(lambda st, t, ids: apply(lj.LoraParams(params, st), t, adapter_ids=ids))
-    original = stack_module.mixed_product
-    stack_module.mixed_product = one_hot_product
-    try:
-      one_hot = jax.jit(lambda st, t, ids: apply(lj.LoraParams(params, st), t,
-                                                 adapter_ids=ids)).lower(stack, tokens,
-                                                                         ids).compile()
-    finally:
-      stack_module.mixed_product = original
-    single = jax.jit(lambda ad, t: apply(lj.LoraParams(params, ad), t))
-
-    def loop(st, t, ids, n=n, single=single):
-      out = jnp.zeros((BATCH, SEQ, VOCAB), jnp.float32)
-      for i in range(n):
-        y = single(st.select(jnp.int32(i)), t)
-        out = jnp.where((ids == i)[:, None, None], y, out)
-      return out
-
-    fns = {"gather": lambda: gather(stack, tokens, ids),
-           "one-hot": lambda: one_hot(stack, tokens, ids),
-           "loop": lambda: loop(stack, tokens, ids)}
-    reference = jax.block_until_ready(fns["gather"]())
-    for name in ("one-hot", "loop"):
-      other = jax.block_until_ready(fns[name]())
-      assert float(jnp.max(jnp.abs(other - reference))) < 1e-3 * float(
-          jnp.max(jnp.abs(reference))), name
-    times = {name: [] for name in fns}
-    for _ in range(args.repeats):
-      for name, fn in fns.items():
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times[name].append(time.perf_counter() - t0)
-    stack_bytes = sum(x.nbytes for x in jax.tree.leaves(stack))
-    rows[n] = {name: statistics.median(v) for name, v in times.items()}
-    rows[n]["stack_bytes"] = stack_bytes
+  rows = {n: measure(n, model, params, config, adapter(n, template), tokens, args.repeats)
+          for n in args.sizes}
   unit = rows[args.sizes[0]]["gather"]
   print(f"mixed-batch forward, benchmark LM, batch {BATCH}, r={RANK}; device "
         f"{jax.devices()[0].device_kind}; {args.repeats} interleaved repeats, medians; ratios "

@@ -114,3 +114,21 @@ def test_mixed_batch_under_vmap_and_errors():
                                  v.shape[-1] == 32 else v, params),
                     named["r2"][1], key=jax.random.key(0))
     lj.stack_adapters({"a": named["r2"], "b": (other.adapters, named["r2"][1])})
+
+
+@pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
+def test_mixed_batch_on_a_mesh(axis_type):
+  """The batch (and its ids) sharded over 8 devices: the same outputs as on one device."""
+  model, x, params, named = _adapters()
+  stack, config = lj.stack_adapters(named)
+  apply = jax.jit(lambda st, x, ids: lj.wrap(model.apply, config)(lj.LoraParams(params, st),
+                                                                    x, adapter_ids=ids))
+  x8 = jnp.concatenate([x, x[:2]], 0)
+  ids = jnp.array([0, 2, -1, 1, 2, 0, 1, -1], jnp.int32)
+  want = apply(stack, x8, ids)
+  mesh = jax.make_mesh((8,), ("data",),
+                       axis_types=(getattr(jax.sharding.AxisType, axis_type),))
+  put = lambda v: jax.device_put(v, jax.sharding.NamedSharding(  # noqa: E731
+      mesh, jax.sharding.PartitionSpec("data")))
+  got = apply(stack, put(x8), put(ids))
+  np.testing.assert_allclose(got, want, **F32)

@@ -32,6 +32,7 @@ import numpy as np
 
 from lora_jax._src.combine import _entries
 from lora_jax._src.config import LoraConfig, is_principal
+from lora_jax._src.qarray import explicit_sharding
 from lora_jax._src.tree import nest
 
 
@@ -171,6 +172,16 @@ def mixed_product(x: jax.Array, w_product: jax.Array, a: jax.Array, b: jax.Array
                      f"product's input {x.shape} does not have the batch as its first free "
                      "axis; mixed batches need every adapted product's input to lead with "
                      "the batch (or vmap the function over examples with one id each).")
+  explicit = explicit_sharding(w_product)
+  if explicit is not None:  # the gathers and batched products under auto axes
+    return jax.sharding.auto_axes(
+        lambda x, w_product, a, b, ids: _mixed(x, w_product, a, b, ids, x_contract),
+        out_sharding=explicit)(x, w_product, a, b, ids)
+  return _mixed(x, w_product, a, b, ids, x_contract)
+
+
+def _mixed(x: jax.Array, w_product: jax.Array, a: jax.Array, b: jax.Array, ids: jax.Array,
+           x_contract: tuple[int, ...]) -> jax.Array:
   n, r = a.shape[0], a.shape[-1]
   k = math.prod(a.shape[1:-1])
   free = [d for d in range(x.ndim) if d not in x_contract]
