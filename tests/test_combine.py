@@ -86,9 +86,58 @@ def test_linear_is_peft_weighted_sum_of_factors():
   assert combined.scale_for("dense/kernel") == 1.0
 
 
+def test_ties_prunes_each_factor_of_each_layer_by_magnitude():
+  """Agreement with PEFT is checked in test_peft.py; here, per stacked layer: at density 1 ties
+  of one adapter is linear, and a lone adapter's pruned factors keep exactly int(d·size)."""
+  one, config = INPUTS["x"]
+  alone, _ = lj.combine({"x": (one, config)}, {"x": 1.0}, method="ties", density=0.25)
+  s = config.scale_for("blocks/kernel")
+  for factor, sign in (("a", 1.0), ("b", 1.0)):
+    got = np.asarray(alone["blocks"]["kernel"][factor])
+    full = np.sqrt(s) * sign * np.asarray(one["blocks"]["kernel"][factor])
+    for layer in range(3):  # each layer keeps its own top quarter
+      kept = got[layer] != 0
+      assert kept.sum() == int(0.25 * kept.size)
+      np.testing.assert_allclose(got[layer][kept], full[layer][kept], rtol=1e-6)
+      assert np.abs(full[layer][~kept]).max() <= np.abs(full[layer][kept]).min()
+  lin, _ = lj.combine({"x": (one, config)}, {"x": 1.0}, method="linear")
+  whole, _ = lj.combine({"x": (one, config)}, {"x": 1.0}, method="ties", density=1.0)
+  jax.tree.map(lambda p, q: np.testing.assert_allclose(p, q, rtol=1e-6), whole, lin)
+
+
+def test_dare_is_reproducible_from_its_key_and_rescales_what_it_keeps():
+  one, config = INPUTS["x"]
+  run = lambda key: lj.combine({"x": (one, config)}, {"x": 1.0}, method="dare_linear",  # noqa: E731
+                               density=0.5, key=key)[0]
+  first, again, other = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
+  jax.tree.map(np.testing.assert_array_equal, first, again)
+  assert not np.array_equal(first["dense"]["kernel"]["a"], other["dense"]["kernel"]["a"])
+  s = config.scale_for("dense/kernel")
+  got = np.asarray(first["dense"]["kernel"]["a"])
+  full = np.sqrt(s) * np.asarray(one["dense"]["kernel"]["a"])
+  kept = got != 0
+  assert 0.3 < kept.mean() < 0.7
+  np.testing.assert_allclose(got[kept], full[kept] / 0.5, rtol=1e-6)
+
+
 def test_refusals_name_the_problem():
-  with pytest.raises(ValueError, match=r"method must be one of \('cat', 'svd', 'linear'\)"):
-    lj.combine(INPUTS, WEIGHTS, method="ties")
+  with pytest.raises(ValueError, match=r"method must be one of \('cat', 'svd', 'linear', "
+                     r"'ties', 'dare_linear', 'dare_ties'\)"):
+    lj.combine(INPUTS, WEIGHTS, method="task_arithmetic")
+  same = {"x": INPUTS["x"], "w": _adapters(5)}
+  for options, message in [
+      ({"method": "ties"}, r"'ties', 'dare_linear' and 'dare_ties' take a density"),
+      ({"method": "cat", "density": 0.5}, r"other methods take none"),
+      ({"method": "ties", "density": 0.0}, r"density=0.0: must be a number in \(0, 1\]"),
+      ({"method": "ties", "density": 1.5}, r"density=1.5: must be a number in \(0, 1\]"),
+      ({"method": "dare_ties", "density": 0.5}, r"need key=jax.random.key"),
+      ({"method": "ties", "density": 0.5, "key": jax.random.key(0)}, r"takes no key"),
+      ({"method": "ties", "density": 0.5, "majority_sign": "mean"}, r"majority_sign='mean'"),
+      ({"method": "cat", "majority_sign": "frequency"}, r"other methods leave it 'total'")]:
+    with pytest.raises(ValueError, match=message):
+      lj.combine(same, {"x": 1.0, "w": 1.0}, **options)
+  with pytest.raises(ValueError, match=r"dense/kernel: ranks \[4, 2, 3\] differ; 'ties'"):
+    lj.combine(INPUTS, WEIGHTS, method="ties", density=0.5)
   with pytest.raises(ValueError, match=r"weights must name exactly the adapters"):
     lj.combine(INPUTS, {"x": 1.0})
   with pytest.raises(ValueError, match=r"dense/kernel: ranks \[4, 2, 3\] differ; 'linear'"):

@@ -339,27 +339,74 @@ def test_import_checks_exact_peft_shapes(tmp_path):
     lj.import_peft(tmp_path / "peft", params=params)
 
 
-@pytest.mark.parametrize("method", ["cat", "svd"])
-def test_combine_agrees_with_peft_add_weighted_adapter(tmp_path, method):
-  """Two adapters (ranks 4 and 2, different alphas) combined by lj.combine give the outputs of
-  PEFT's add_weighted_adapter on the same adapters (exported through export_peft)."""
+def _same_dare_masks(monkeypatch, peft_model, n_adapters):
+  """Records the masks lj.combine draws and hands PEFT the same ones, so dare_* compare
+  exactly: each PEFT module asks for its A masks (one per adapter, (r, in)), then its B masks
+  ((out, r)); ours are (N, 1, in, r) and (N, 1, r, out) per path, in adapter_paths order."""
+  ours, state = [], {}
+  real = jax.random.bernoulli
+  monkeypatch.setattr(jax.random, "bernoulli",
+                      lambda *a, **k: ours.append(real(*a, **k)) or ours[-1])
+  names = {id(m): name for name, m in peft_model.named_modules()}
+  merge_one = peft_model.base_model._generalized_task_arithmetic_weighted_adapter
+
+  def per_module(combination_type, adapters, weights, target, *rest):
+    state["module"], state["calls"] = names[id(target)], 0
+    return merge_one(combination_type, adapters, weights, target, *rest)
+
+  def bernoulli(probabilities):
+    from lora_jax._src.peft_format import default_module_name
+    from lora_jax._src.tree import adapter_paths
+    paths = adapter_paths(state["tree"])
+    path = next(p for p in paths if state["module"].endswith("." + default_module_name(p)))
+    factor, n = divmod(state["calls"], n_adapters)
+    state["calls"] += 1
+    mask = np.asarray(ours[2 * paths.index(path) + factor][n, 0]).T
+    assert mask.shape == tuple(probabilities.shape), (path, mask.shape, probabilities.shape)
+    return torch.from_numpy(mask.astype(np.float32))
+
+  monkeypatch.setattr(peft_model.base_model, "_generalized_task_arithmetic_weighted_adapter",
+                      per_module)
+  monkeypatch.setattr(torch, "bernoulli", bernoulli)
+  return state
+
+
+@pytest.mark.parametrize("method,options", [
+    ("cat", {}), ("svd", {"rank": 3}), ("linear", {}), ("ties", {"density": 0.5}),
+    ("ties", {"density": 0.6, "majority_sign": "frequency"}), ("dare_linear", {"density": 0.5}),
+    ("dare_ties", {"density": 0.7})])
+def test_combine_agrees_with_peft_add_weighted_adapter(tmp_path, monkeypatch, method, options):
+  """Two adapters combined by lj.combine give the outputs of PEFT's add_weighted_adapter on the
+  same adapters (exported through export_peft): ranks 4 and 2 with different alphas for cat and
+  svd, equal ranks (one rsLoRA) for PEFT's factor merges; dare_* with the same random masks."""
   model, params, x, torch_model, x_torch = _text()
+  factor = method not in ("cat", "svd")
   configs = {"x": lj.LoraConfig(rank=4, alpha=8.0, targets=(r"kernel$", "emb")),
-             "y": lj.LoraConfig(rank=2, alpha=3.0, targets=(r"kernel$", "emb"))}
+             "y": lj.LoraConfig(rank=4 if factor else 2, alpha=3.0, use_rslora=factor,
+                                targets=(r"kernel$", "emb"))}
   adapters = {n: _perturbed(lj.lift(params, c, key=jax.random.key(i))).adapters
               for i, (n, c) in enumerate(configs.items())}
   for n in configs:
     lj.export_peft(lj.LoraParams(params, adapters[n]), configs[n], tmp_path / n)
   weights = {"x": 0.7, "y": -0.4}
-  combined, config = lj.combine({n: (adapters[n], configs[n]) for n in configs}, weights,
-                                method=method, rank=3 if method == "svd" else None)
-  ours = np.asarray(lj.wrap(model.apply, config)(lj.LoraParams(params, combined), x))
   peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "x"), adapter_name="x")
   peft_model.load_adapter(str(tmp_path / "y"), adapter_name="y")
+  if method.startswith("dare"):
+    state = _same_dare_masks(monkeypatch, peft_model, 2)
+    options = {**options, "key": jax.random.key(5)}
+  combined, config = lj.combine({n: (adapters[n], configs[n]) for n in configs}, weights,
+                                method=method, **options)
+  if method.startswith("dare"):
+    state["tree"] = combined
+  ours = np.asarray(lj.wrap(model.apply, config)(lj.LoraParams(params, combined), x))
+  theirs_options = {"svd_rank": options.get("rank"), "density": options.get("density"),
+                    "majority_sign_method": options.get("majority_sign", "total")}
   peft_model.add_weighted_adapter(["x", "y"], [weights["x"], weights["y"]], "c",
-                                  combination_type=method,
-                                  **({"svd_rank": 3} if method == "svd" else {}))
+                                  combination_type=method, **theirs_options)
   peft_model.set_adapter("c")
   with torch.no_grad():
     theirs = peft_model.eval()(x_torch).numpy()
+    with peft_model.disable_adapter():
+      base = peft_model(x_torch).numpy()
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+  assert not np.allclose(ours, base, atol=1e-3)  # the combination does change the output

@@ -10,7 +10,17 @@ For adapters ``i`` with weights ``wᵢ`` and scales ``sᵢ``, per adapted path:
   (zero-padded where ``k`` exceeds the path's ``Σ rᵢ``: exact there);
 * ``linear``: PEFT's weighted sum of the factors (same rank only):
   ``A = Σ sign(wᵢsᵢ)·√|wᵢsᵢ|·Aᵢ``, ``B = Σ √|wᵢsᵢ|·Bᵢ`` at scale 1. Its product
-  has cross terms ``Aᵢ·Bⱼ``, so it is *not* ``Σ wᵢ·ΔWᵢ`` (as in PEFT).
+  has cross terms ``Aᵢ·Bⱼ``, so it is *not* ``Σ wᵢ·ΔWᵢ`` (as in PEFT);
+* ``ties``, ``dare_linear``, ``dare_ties``: PEFT's task-arithmetic merges of the
+  same factors with the same per-factor weights (same rank only). Each factor
+  tensor of each adapter (per layer of a stacked weight) is first pruned to a
+  fraction ``density`` of its entries: ``ties`` keeps the ``int(density·size)``
+  largest magnitudes, ``dare_*`` keeps each entry with probability ``density``
+  (from ``key``) and divides the kept ones by ``density``. ``dare_linear`` then
+  adds the weighted tensors; ``ties`` and ``dare_ties`` elect a sign per entry
+  (the sign of the sum of the pruned tensors, ``"total"``, or of their signs,
+  ``"frequency"``; zero counts as positive) and average the weighted entries
+  that have it. Like ``linear``, none of these is ``Σ wᵢ·ΔWᵢ``.
 
 Each adapter's own scale (``alpha / r``, ``alpha / √r`` with rsLoRA, per-path
 rank and alpha patterns) is folded into the factors, and the result's config
@@ -32,7 +42,9 @@ from lora_jax._src.config import LoraConfig, is_principal
 from lora_jax._src.lift import LoraParams
 from lora_jax._src.tree import adapter_paths, lookup, nest
 
-METHODS = ("cat", "svd", "linear")
+METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")
+_FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties")
+_SIGN_METHODS = ("total", "frequency")
 
 
 def _entries(name: str, adapters: Any, config: LoraConfig) -> dict[str, tuple[Any, Any, int]]:
@@ -66,8 +78,37 @@ def _svd(a: jax.Array, b: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
   return (jnp.pad(a_new, ((0, 0), (0, rank - k))), jnp.pad(b_new, ((0, rank - k), (0, 0))))
 
 
+def _magnitude_prune(t: jax.Array, density: float) -> jax.Array:
+  """``t`` (N, S, ...) with only the ``int(density·size)`` largest magnitudes of each
+  ``t[n, s]`` kept (exactly that many, as PEFT's top-k)."""
+  flat = t.reshape(t.shape[0] * t.shape[1], -1)
+  k = int(density * flat.shape[1])
+  _, keep = jax.lax.top_k(jnp.abs(flat), k)
+  mask = jnp.zeros(flat.shape, bool).at[jnp.arange(flat.shape[0])[:, None], keep].set(True)
+  return jnp.where(mask, flat, 0.0).reshape(t.shape)
+
+
+def _merge_factors(t: jax.Array, weights: jax.Array, method: str, density: float | None,
+                   majority_sign: str, key: jax.Array | None) -> jax.Array:
+  """PEFT's merge of one factor: ``t`` (N adapters, S layers, ...), ``weights`` (N,)."""
+  if method != "linear" and density < 1:  # PEFT does not prune at density 1
+    if method == "ties":
+      t = _magnitude_prune(t, density)
+    else:
+      t = jnp.where(jax.random.bernoulli(key, density, t.shape), t / density, 0.0)
+  weighted = t * weights.reshape((-1,) + (1,) * (t.ndim - 1))
+  if method in ("linear", "dare_linear"):
+    return weighted.sum(0)
+  votes = t.sum(0) if majority_sign == "total" else jnp.sign(t).sum(0)
+  agree = jnp.sign(t) == jnp.where(votes >= 0, 1.0, -1.0)
+  kept = jnp.where(agree, weighted, 0.0).sum(0)
+  return kept / jnp.maximum(agree.sum(0), 1).astype(t.dtype)
+
+
 def combine(adapters: Mapping[str, tuple[Any, LoraConfig]], weights: Mapping[str, float], *,
-            method: str = "cat", rank: int | None = None) -> tuple[dict[str, Any], LoraConfig]:
+            method: str = "cat", rank: int | None = None, density: float | None = None,
+            majority_sign: str = "total", key: jax.Array | None = None
+            ) -> tuple[dict[str, Any], LoraConfig]:
   """Combines adapters trained on one base into one adapter, from their factors.
 
   Args:
@@ -77,8 +118,15 @@ def combine(adapters: Mapping[str, tuple[Any, LoraConfig]], weights: Mapping[str
     weights: ``{name: weight}`` for the same names (negative weights allowed).
     method: ``"cat"`` (exact ``Σ wᵢ·ΔWᵢ`` at rank ``Σ rᵢ``), ``"svd"`` (its best
       rank-``rank`` approximation; default rank: the largest input rank) or
-      ``"linear"`` (PEFT's weighted sum of factors; same ranks only).
+      ``"linear"`` (PEFT's weighted sum of factors; same ranks only), ``"ties"``,
+      ``"dare_linear"`` or ``"dare_ties"`` (PEFT's pruned merges of the factors;
+      same ranks only; module docstring).
     rank: the output rank for ``"svd"``.
+    density: for ``ties`` and ``dare_*``: the fraction of each factor's entries
+      kept, in ``(0, 1]`` (1: no pruning).
+    majority_sign: for ``ties`` and ``dare_ties``: ``"total"`` or ``"frequency"``.
+    key: for ``dare_*``: the PRNG key of the random pruning (the same key gives the
+      same result).
 
   Returns:
     ``(adapters, config)``: the combined adapter tree and its config (the
@@ -86,7 +134,8 @@ def combine(adapters: Mapping[str, tuple[Any, LoraConfig]], weights: Mapping[str
 
   Raises:
     ValueError: for an unknown method, mismatched names, paths or shapes, DoRA
-      adapters, different ranks with ``"linear"``, or a bad ``rank``.
+      adapters, different ranks with a factor method, or a bad ``rank``,
+      ``density``, ``majority_sign`` or ``key``.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -131,23 +180,42 @@ def combine(adapters: Mapping[str, tuple[Any, LoraConfig]], weights: Mapping[str
                f"{first[p][0].shape[1]} or output size {first[p][1].shape[2]}; use method='svd' "
                "with a rank" for p, r in ranks.items()
                if sum(r) > min(first[p][0].shape[1], first[p][1].shape[2])]
-  if method == "linear":
-    errors += [f"{p}: ranks {r} differ; 'linear' adds factors of equal rank (use 'cat' or 'svd')"
-               for p, r in ranks.items() if len(set(r)) > 1]
+  if method in _FACTOR_METHODS:
+    errors += [f"{p}: ranks {r} differ; {method!r} merges factors of equal rank (use 'cat' or "
+               "'svd')" for p, r in ranks.items() if len(set(r)) > 1]
   if rank is not None and (method != "svd" or isinstance(rank, bool)
                            or not isinstance(rank, int) or rank < 1):
     errors.append(f"rank={rank!r}: only method='svd' takes a rank, a positive integer")
+  pruned = method in ("ties", "dare_linear", "dare_ties")
+  if pruned != (density is not None):
+    errors.append(f"density={density!r}: 'ties', 'dare_linear' and 'dare_ties' take a density "
+                  "(the fraction of entries kept, in (0, 1]); other methods take none")
+  elif pruned and (isinstance(density, bool) or not isinstance(density, (int, float))
+                   or not 0 < density <= 1):
+    errors.append(f"density={density!r}: must be a number in (0, 1] (the fraction kept)")
+  if majority_sign not in _SIGN_METHODS or (majority_sign != "total"
+                                            and method not in ("ties", "dare_ties")):
+    errors.append(f"majority_sign={majority_sign!r}: 'ties' and 'dare_ties' take 'total' or "
+                  "'frequency'; other methods leave it 'total'")
+  if method.startswith("dare") != (key is not None):
+    errors.append("key: 'dare_linear' and 'dare_ties' prune at random and need key=jax.random."
+                  "key(...)" if method.startswith("dare") else
+                  f"key: {method!r} is deterministic and takes no key")
   if errors:
     raise ValueError("combine: the adapters do not combine:\n  - " + "\n  - ".join(errors))
 
   flat, out_ranks = {}, {}
-  for path, (_, _, a_shape, b_shape, n_stack, _) in first.items():
+  for i, (path, (_, _, a_shape, b_shape, n_stack, _)) in enumerate(first.items()):
     scaled = [float(weights[n]) * entries[n][path][5] for n in names]
     a_all = [entries[n][path][0] for n in names]
     b_all = [entries[n][path][1] for n in names]
-    if method == "linear":
-      a = sum(math.copysign(math.sqrt(abs(w)), w) * x for w, x in zip(scaled, a_all))
-      b = sum(math.sqrt(abs(w)) * x for w, x in zip(scaled, b_all))
+    if method in _FACTOR_METHODS:  # PEFT: the sign on A's weight only
+      roots = jnp.array([math.sqrt(abs(w)) for w in scaled], jnp.float32)
+      signs = jnp.array([math.copysign(1.0, w) for w in scaled], jnp.float32)
+      key_a, key_b = (None, None) if key is None else jax.random.split(
+          jax.random.fold_in(key, i))
+      a = _merge_factors(jnp.stack(a_all), signs * roots, method, density, majority_sign, key_a)
+      b = _merge_factors(jnp.stack(b_all), roots, method, density, majority_sign, key_b)
     else:
       a = jnp.concatenate([w * x for w, x in zip(scaled, a_all)], axis=-1)
       b = jnp.concatenate(b_all, axis=1)
