@@ -410,3 +410,27 @@ def test_combine_agrees_with_peft_add_weighted_adapter(tmp_path, monkeypatch, me
       base = peft_model(x_torch).numpy()
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
   assert not np.allclose(ours, base, atol=1e-3)  # the combination does change the output
+
+
+def test_several_peft_adapters_stack_into_mixed_batches_like_peft(tmp_path):
+  """Two adapters written by PEFT itself (ranks 4 and 2, one rsLoRA) imported into one stack:
+  a mixed batch equals PEFT's own mixed-batch inference (adapter_names=, "__base__")."""
+  model, params, x, torch_model, x_torch = _text()
+  targets = ["Dense_0", "Dense_1"]
+  peft_model = peft.get_peft_model(torch_model, peft.LoraConfig(
+      r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False), adapter_name="math")
+  peft_model.add_adapter("code", peft.LoraConfig(r=2, lora_alpha=3, use_rslora=True,
+                                              target_modules=targets, init_lora_weights=False))
+  peft_model.save_pretrained(str(tmp_path))
+  folders = {n: tmp_path / n for n in ("math", "code")}
+  stack, config = lj.stack_adapters({n: lj.import_peft(d, params=params)
+                                     for n, d in folders.items()})
+  ids = jnp.array([1, -1, 0], jnp.int32)
+  ours = np.asarray(lj.wrap(model.apply, config)(lj.LoraParams(params, stack), x,
+                                                 adapter_ids=ids))
+  with torch.no_grad():
+    theirs = peft_model.eval()(x_torch, adapter_names=["code", "__base__", "math"]).numpy()
+    with peft_model.disable_adapter():
+      base = peft_model(x_torch).numpy()
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+  assert not np.allclose(ours[0], base[0], atol=1e-3)  # the adapters change their rows

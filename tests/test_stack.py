@@ -114,6 +114,9 @@ def test_mixed_batch_under_vmap_and_errors():
                                  v.shape[-1] == 32 else v, params),
                     named["r2"][1], key=jax.random.key(0))
     lj.stack_adapters({"a": named["r2"], "b": (other.adapters, named["r2"][1])})
+  headed = lj.LoraConfig(rank=2, targets=r"kernel$", trainable=(r"bias$",))
+  with pytest.raises(ValueError, match=r"adapter 'h' trains base leaves in full"):
+    lj.stack_adapters({"h": (lj.lift(params, headed, key=jax.random.key(0)), headed)})
 
 
 @pytest.mark.parametrize("axis_type", ["Auto", "Explicit"])
@@ -132,3 +135,48 @@ def test_mixed_batch_on_a_mesh(axis_type):
       mesh, jax.sharding.PartitionSpec("data")))
   got = apply(stack, put(x8), put(ids))
   np.testing.assert_allclose(got, want, **F32)
+
+
+def test_stack_checkpoint_round_trip_and_merge_of_one(tmp_path, capsys):
+  """A stack saves as one checkpoint (with its names and the base's fingerprint), loads back as
+  a stack (onto a target's shardings, too), and `lora-jax merge --adapter NAME` merges one."""
+  import orbax.checkpoint as ocp
+
+  from lora_jax._src.cli import main as cli
+
+  model, x, params, named = _adapters()
+  stack, config = lj.stack_adapters(named)
+  lj.save_adapters(tmp_path / "stack", lj.LoraParams(params, stack), config)
+  loaded, loaded_config = lj.load_adapters(tmp_path / "stack", base=params)
+  assert isinstance(loaded, lj.AdapterStack) and loaded.names == stack.names
+  assert loaded_config == config
+  jax.tree.map(np.testing.assert_array_equal, loaded.adapters, stack.adapters)
+  again, _ = lj.load_adapters(tmp_path / "stack", target=stack)
+  jax.tree.map(np.testing.assert_array_equal, again.adapters, stack.adapters)
+  with pytest.raises(ValueError, match=r"holds a stack of adapters, but the target is one "
+                     r"adapter"):
+    lj.load_adapters(tmp_path / "stack", target=stack.select(0))
+  lj.save_adapters(tmp_path / "one", *named["r2"])
+  with pytest.raises(ValueError, match=r"holds one adapter, but the target is a stack"):
+    lj.load_adapters(tmp_path / "one", target=stack)
+  with pytest.raises(ValueError, match=r"stack of 3 adapters \['r2', 'r4rs', 'mixed'\], but "
+                     r"params/up/kernel/a: leading axis \(2,\)"):
+    lj.save_adapters(tmp_path / "bad", lj.AdapterStack(
+        {**stack.adapters, "params": {**stack.adapters["params"], "up": {"kernel": {
+            k: v[:2] for k, v in stack.adapters["params"]["up"]["kernel"].items()}}}},
+        stack.names), config)
+
+  base_dir = tmp_path / "base"
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(base_dir, params)
+  with pytest.raises(ValueError, match=r"holds a stack of adapters \['r2', 'r4rs', 'mixed'\]; "
+                     r"name the one to merge"):
+    lj.merge_checkpoint(base_dir, tmp_path / "stack", tmp_path / "merged")
+  assert cli(["merge", "--base", str(base_dir), "--adapters", str(tmp_path / "stack"),
+              "--out", str(tmp_path / "merged"), "--adapter", "r4rs"]) == 0
+  merged = ocp.StandardCheckpointer().restore(tmp_path / "merged")
+  want = lj.merge(lj.LoraParams(params, named["r4rs"][0]), named["r4rs"][1])
+  jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, **F32), merged, want)
+  assert cli(["inspect", str(tmp_path / "stack")]) == 0
+  assert "a stack of 3 adapters (leading axis of every A and B): r2, r4rs, mixed" in (
+      capsys.readouterr().out)

@@ -28,10 +28,12 @@ from lora_jax._src.checksums import ChecksumError, check_record, record
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.lift import LoraParams
 from lora_jax._src.lineage import fingerprint
+from lora_jax._src.stack import AdapterStack
 from lora_jax._src.tree import PyTree, adapter_paths, leaves_with_paths, lookup, trained_leaves
 
 _ADAPTERS, _CONFIG, _TRAINED, _CHECKSUMS = "adapters", "config", "trained", "checksums"
 _BASE = "base_fingerprint"  # JSON: the adapted base leaves' shapes, dtypes, sampled values
+_STACK = "adapter_stack"  # JSON: {"names": [...]} for an AdapterStack (stack.py)
 
 
 def _composite() -> ocp.Checkpointer:
@@ -138,12 +140,15 @@ def save_adapters(directory: str | os.PathLike[str], adapters: LoraParams | Mapp
   ``directory``, never a partial one, and two processes saving to one place are
   serialized by a lock.
 
+  An ``AdapterStack`` (``lora_jax.stack_adapters``), alone or as the adapters of
+  a ``LoraParams``, is saved whole with its names and loads back as a stack.
+
   Args:
     directory: where to write. With ``step``, a step folder ``directory/<step>``
       is written and others are kept.
-    adapters: the ``LoraParams`` (adapters and trained leaves), or ``lp.adapters``.
-      Saving only ``lp.adapters`` while ``config.trainable`` names leaves is an
-      error: those leaves would be lost.
+    adapters: the ``LoraParams`` (adapters and trained leaves), or ``lp.adapters``
+      (an adapter tree or an ``AdapterStack``). Saving only ``lp.adapters`` while
+      ``config.trainable`` names leaves is an error: those leaves would be lost.
     config: the ``LoraConfig`` they were made with (saved as JSON beside them).
     step: optional training step (an int >= 0).
     overwrite: replace an existing lora_jax checkpoint at the same place;
@@ -177,8 +182,9 @@ def save_adapters(directory: str | os.PathLike[str], adapters: LoraParams | Mapp
     if adapters.adapters is None:
       raise ValueError("save_adapters: the LoraParams has no adapters (lora_jax.disable?).")
     base = dict(leaves_with_paths(adapters.base))
-    json_items[_BASE] = fingerprint({p: base[p] for p in adapter_paths(adapters.adapters)
-                                     if p in base})
+    adapted = adapters.adapters
+    adapted = adapted.adapters if isinstance(adapted, AdapterStack) else adapted
+    json_items[_BASE] = fingerprint({p: base[p] for p in adapter_paths(adapted) if p in base})
     trained = trained_leaves(adapters.base, config.is_trainable)
     if trained:
       items[_TRAINED] = trained
@@ -191,10 +197,29 @@ def save_adapters(directory: str | os.PathLike[str], adapters: LoraParams | Mapp
   if not jax.tree.leaves(adapters):
     raise ValueError("save_adapters: the adapter tree is empty (does config.targets select any "
                      "leaf? see lora_jax.paths); there is nothing to save.")
-  check_fits_config(adapters, items.get(_TRAINED, {}), config, "save_adapters")
+  one = adapters
+  if isinstance(adapters, AdapterStack):
+    json_items[_STACK] = {"names": list(adapters.names)}
+    adapters = adapters.adapters
+    one = _one_of_stack(adapters, json_items[_STACK]["names"], "save_adapters")
+  check_fits_config(one, items.get(_TRAINED, {}), config, "save_adapters")
   items[_ADAPTERS] = adapters
   return write(final, items, config, overwrite=overwrite, what="adapter checkpoint",
                lock=None if step is None else directory, json_items=json_items)
+
+
+def _one_of_stack(tree: Any, names: Any, where: str) -> Any:
+  """The shapes of one adapter of a stack, after checking its leading axis against its
+  names; raises ``CheckpointMismatch``."""
+  if (not isinstance(names, (list, tuple)) or not names
+      or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names)):
+    raise CheckpointMismatch(f"{where}: the stack's names {names!r} are not distinct strings.")
+  wrong = [f"{p}: leading axis {np.shape(x)[:1]}" for p, x in leaves_with_paths(tree)
+           if np.shape(x)[:1] != (len(names),)]
+  if wrong:
+    raise CheckpointMismatch(f"{where}: a stack of {len(names)} adapters {list(names)}, but "
+                             + "; ".join(wrong[:5]))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype), tree)
 
 
 def check_fits_config(adapters: Any, trained: Any, config: LoraConfig, where: str) -> None:
@@ -395,7 +420,9 @@ def load_adapters(directory: str | os.PathLike[str], *, target: PyTree | None = 
     force: with ``base``, warn instead of raising when it differs.
 
   Returns:
-    ``(adapters, config)``; for a checkpoint saved from a ``LoraParams``,
+    ``(adapters, config)`` (``adapters`` an ``AdapterStack`` for a saved stack;
+    pass one as ``target`` to restore onto its shardings); for a checkpoint saved
+    from a ``LoraParams``,
     ``(LoraParams(trained, adapters), config)`` where ``trained`` holds just the
     leaves trained in full at their paths: ``lora_jax.overlay(base, loaded)``
     puts them into the original base.
@@ -419,23 +446,39 @@ def load_with_lineage(directory: str | os.PathLike[str], *, target: PyTree | Non
                       ) -> tuple[dict[str, Any] | LoraParams, LoraConfig, dict[str, Any] | None]:
   """``load_adapters``'s result and the base fingerprint recorded with it (or None)."""
   path = _resolve(pathlib.Path(directory).absolute(), step)
+  where = f"Adapter checkpoint {path}"
   is_lp = isinstance(target, LoraParams)
   has_trained = (path / _TRAINED).is_dir()
-  targets: dict[str, Any] = {_ADAPTERS: target.adapters if is_lp else target}
+  target_adapters = target.adapters if is_lp else target
+  is_stack = (path / _STACK).is_dir()
+  if target_adapters is not None and isinstance(target_adapters, AdapterStack) != is_stack:
+    raise CheckpointMismatch(
+        f"{where} holds {'a stack of adapters' if is_stack else 'one adapter'}, but the target "
+        f"is {'a stack' if isinstance(target_adapters, AdapterStack) else 'one adapter'}; load "
+        "it without a target, or with a target of its kind.")
+  if isinstance(target_adapters, AdapterStack):
+    target_adapters = target_adapters.adapters
+  targets: dict[str, Any] = {_ADAPTERS: target_adapters}
   if has_trained:  # the trained leaves' target follows from the saved config
     targets[_TRAINED] = ((lambda config: trained_leaves(target.base, config.is_trainable))
                          if is_lp else None)
-  config, restored = read(path, targets, "Adapter checkpoint", json_names=(_BASE,))
-  record = restored.pop(_BASE)
+  config, restored = read(path, targets, "Adapter checkpoint", json_names=(_BASE, _STACK))
+  record, stack_record = restored.pop(_BASE), restored.pop(_STACK)
   if record is not None and not isinstance(record, Mapping):
-    raise ChecksumError(f"Adapter checkpoint {path}: its base fingerprint is damaged.")
+    raise ChecksumError(f"{where}: its base fingerprint is damaged.")
   if is_lp and not has_trained and config.trainable:
     raise CheckpointMismatch(
-        f"Adapter checkpoint {path} holds no trained leaves, but its config trains "
+        f"{where} holds no trained leaves, but its config trains "
         f"{list(config.trainable)} in full.")
-  check_fits_config(restored[_ADAPTERS], restored.get(_TRAINED, {}), config,
-                    f"Adapter checkpoint {path}")
+  adapters = restored[_ADAPTERS]
+  if is_stack:
+    names = stack_record.get("names") if isinstance(stack_record, Mapping) else None
+    check_fits_config(_one_of_stack(adapters, names, where), restored.get(_TRAINED, {}), config,
+                      where)
+    adapters = AdapterStack(adapters, tuple(names))
+  else:
+    check_fits_config(adapters, restored.get(_TRAINED, {}), config, where)
   if has_trained:
-    return LoraParams(restored[_TRAINED], restored[_ADAPTERS]), config, record
-  return restored[_ADAPTERS], config, record
+    return LoraParams(restored[_TRAINED], adapters), config, record
+  return adapters, config, record
 

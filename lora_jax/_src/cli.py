@@ -56,6 +56,9 @@ def _merge(args: argparse.Namespace) -> int:
   from lora_jax._src.streaming import merge_checkpoint  # pylint: disable=import-outside-toplevel
 
   if is_hf_folder(args.base):
+    if args.adapter is not None:
+      raise ValueError("--adapter selects one adapter of a lora_jax adapter stack; a Hugging "
+                       "Face merge takes one PEFT adapter folder.")
     return _merge_hf(args)
   if args.name_map:
     raise ValueError("--name-map applies to Hugging Face bases (a folder with "
@@ -63,7 +66,7 @@ def _merge(args: argparse.Namespace) -> int:
   start = time.perf_counter()
   report = merge_checkpoint(args.base, args.adapters, args.out, dtype=args.dtype, safe=args.safe,
                             output_format=args.format, group_bytes=args.group_mb << 20,
-                            overwrite=args.overwrite, force=args.force)
+                            overwrite=args.overwrite, force=args.force, adapter=args.adapter)
   for path in report["removed_stale"]:
     print(f"removed {path}: staging left by a merge that was killed")
   print(f"merged {report['merged']} of {report['leaves']} leaves ({report['trained']} trained "
@@ -122,10 +125,16 @@ def _inspect(args: argparse.Namespace) -> int:
   from lora_jax._src.lift import LoraParams  # pylint: disable=import-outside-toplevel
   from lora_jax._src.tree import leaves_with_paths  # pylint: disable=import-outside-toplevel
 
+  from lora_jax._src.stack import AdapterStack  # pylint: disable=import-outside-toplevel
+
   loaded, config, record = load_with_lineage(args.path)
   trained = dict(leaves_with_paths(loaded.base)) if isinstance(loaded, LoraParams) else {}
   adapters = loaded.adapters if isinstance(loaded, LoraParams) else loaded
   print("config:", json.dumps(config.to_dict(), indent=2, sort_keys=True))
+  if isinstance(adapters, AdapterStack):
+    print(f"\na stack of {len(adapters)} adapters (leading axis of every A and B): "
+          f"{', '.join(adapters.names)}")
+    adapters = adapters.adapters
   flat = dict(leaves_with_paths(adapters))
   rows, total, nbytes = [], 0, 0
   dora = any(p.endswith("/m") for p in flat)
@@ -244,6 +253,8 @@ def build_parser() -> argparse.ArgumentParser:
   merge.add_argument("--force", action="store_true",
                      help="merge even if the base differs from the one the adapters were "
                           "trained on (their recorded fingerprint)")
+  merge.add_argument("--adapter", default=None, metavar="NAME",
+                     help="the adapter to merge from a saved adapter stack (stack_adapters)")
   merge.set_defaults(run=_merge)
   train = commands.add_parser("train", help="run a LoRA fine-tuning job from a YAML config")
   train.add_argument("--config", required=True,

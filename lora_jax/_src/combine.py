@@ -49,6 +49,11 @@ _SIGN_METHODS = ("total", "frequency")
 
 def _entries(name: str, adapters: Any, config: LoraConfig) -> dict[str, tuple[Any, Any, int]]:
   """``{path: (A as (S, in, r), B as (S, r, out), stack size S)}`` of one adapter tree."""
+  if config.trainable:
+    raise ValueError(f"adapter {name!r} trains base leaves in full (config.trainable "
+                     f"{list(config.trainable)}); only its A and B would be kept here, and the "
+                     "model would silently lose those leaves. Use adapters without leaves "
+                     "trained in full.")
   tree = adapters.adapters if isinstance(adapters, LoraParams) else adapters
   out = {}
   for path in adapter_paths(tree):

@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 
 from lora_jax._src import atomic, lineage, quantized_io
 from lora_jax._src.checkpoint import load_with_lineage
+from lora_jax._src.stack import AdapterStack
 from lora_jax._src.checksums import ChecksumError, check_record, entry
 from lora_jax._src.lift import LoraParams
 from lora_jax._src.merge import check_adapters, low_rank_product, merged_weight
@@ -369,7 +370,7 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
                      out: str | os.PathLike[str], *, dtype: str | None = None,
                      safe: bool = False, output_format: str = "orbax",
                      group_bytes: int = 128 << 20, overwrite: bool = False,
-                     force: bool = False) -> dict[str, Any]:
+                     force: bool = False, adapter: str | None = None) -> dict[str, Any]:
   """Merges an adapter checkpoint into a base checkpoint, streaming leaf by leaf.
 
   Every input is checked before anything is written; the output goes to a
@@ -398,6 +399,8 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
       else there is never replaced).
     force: merge even when the base differs from the fingerprint of the base the
       adapters were trained on (a warning instead of ``BaseMismatch``).
+    adapter: for a checkpoint of an ``AdapterStack``, the name of the adapter to
+      merge (required there, refused elsewhere).
 
   Returns:
     A report: leaves written, merged and trained in full, bytes written, how
@@ -435,6 +438,14 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
   if isinstance(adapter_tree, LoraParams):
     trained = dict(leaves_with_paths(adapter_tree.base))
     adapter_tree = adapter_tree.adapters
+  if isinstance(adapter_tree, AdapterStack) != (adapter is not None):
+    raise ValueError(
+        f"merge: {adapters} holds a stack of adapters {list(adapter_tree.names)}; name the one "
+        "to merge (adapter=NAME, --adapter NAME)." if adapter is None else
+        f"merge: adapter={adapter!r} names one adapter of a stack, but {adapters} holds a "
+        "single adapter; leave it out.")
+  if adapter is not None:
+    adapter_tree = jax.tree.map(np.asarray, adapter_tree.select(adapter))
   base_leaves = {leaf.path: leaf for leaf in reader.leaves}
   misfits = [f"{p}: shape {tuple(v.shape)} dtype {np.dtype(v.dtype).name} in the adapter "
              f"checkpoint, " + (f"shape {base_leaves[p].shape} dtype "
