@@ -120,12 +120,11 @@ def _inspect(args: argparse.Namespace) -> int:
     return _inspect_quantized(args.path)
 
   from lora_jax._src.checkpoint import (  # pylint: disable=import-outside-toplevel
-      load_with_lineage,
+    load_with_lineage,
   )
   from lora_jax._src.lift import LoraParams  # pylint: disable=import-outside-toplevel
-  from lora_jax._src.tree import leaves_with_paths  # pylint: disable=import-outside-toplevel
-
   from lora_jax._src.stack import AdapterStack  # pylint: disable=import-outside-toplevel
+  from lora_jax._src.tree import leaves_with_paths  # pylint: disable=import-outside-toplevel
 
   loaded, config, record = load_with_lineage(args.path)
   trained = dict(leaves_with_paths(loaded.base)) if isinstance(loaded, LoraParams) else {}

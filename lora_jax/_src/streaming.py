@@ -32,13 +32,13 @@ import orbax.checkpoint as ocp
 
 from lora_jax._src import atomic, lineage, quantized_io
 from lora_jax._src.checkpoint import load_with_lineage
-from lora_jax._src.stack import AdapterStack
 from lora_jax._src.checksums import ChecksumError, check_record, entry
 from lora_jax._src.lift import LoraParams
 from lora_jax._src.merge import check_adapters, low_rank_product, merged_weight
 from lora_jax._src.plan import Target, plan
 from lora_jax._src.qarray import is_quantized
 from lora_jax._src.quantize import dequantize
+from lora_jax._src.stack import AdapterStack
 from lora_jax._src.tree import leaves_with_paths, nest
 
 CHECKSUMS_FILE = "lora_jax_checksums.json"
