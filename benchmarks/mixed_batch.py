@@ -9,11 +9,14 @@ each example with a random adapter. One jitted forward per approach:
   one-hot   the same model with every adapted product computing x·A for all N adapters and
             keeping each example's by a one-hot mask (N times the adapter work; what JAX
             serving stacks do), emulated by swapping the per-example rule
+  ragged    the same, with the examples sorted by adapter and jax.lax.ragged_dot over the
+            groups (the SGMV form); off TPU, jax lowers ragged_dot densely (each group
+            masked against every row), so this measures what it costs on this machine
   loop      for each of the N adapters, the whole batch with that adapter selected, keeping
             its examples' rows (N forward passes)
 
 Reports the median time per batch over interleaved repeats and its ratio to gather at N = 1,
-and the stack's bytes.
+the stack's bytes and the temporary memory of the compiled gather forward.
 
 Run: python benchmarks/mixed_batch.py [--repeats 5] [--sizes 1 4 16 64] [--json out.json]
 """
@@ -48,6 +51,25 @@ def one_hot_product(x, w_product, a, b, ids, *, x_contract, ins, outs, path):
   return (w_product + low.reshape(w_product.shape)).astype(w_product.dtype)
 
 
+def ragged_product(x, w_product, a, b, ids, *, x_contract, ins, outs, path):
+  """Examples grouped by adapter (ids sorted), one ragged_dot for x·A and one for ·B."""
+  del ins, outs, path
+  n, r = a.shape[0], a.shape[-1]
+  k = a[0].size // r
+  free = [d for d in range(x.ndim) if d not in x_contract]
+  rows = jnp.transpose(x, free + list(x_contract)).reshape(x.shape[0], -1, k)
+  batch, m = rows.shape[:2]
+  order = jnp.argsort(ids)
+  sel = jnp.clip(ids[order], 0, n - 1)
+  sizes = jnp.bincount(sel, length=n).astype(jnp.int32) * m
+  grouped = rows[order].reshape(batch * m, k)
+  t = jax.lax.ragged_dot(grouped, a.reshape(n, k, r), sizes)
+  t = t * jnp.repeat((ids[order] >= 0).astype(t.dtype), m)[:, None]
+  low = jax.lax.ragged_dot(t, b.reshape(n, r, -1), sizes).reshape(batch, m, -1)
+  low = low[jnp.argsort(order)]
+  return (w_product + low.reshape(w_product.shape)).astype(w_product.dtype)
+
+
 def adapter(n: int, template):
   """``n`` random adapters shaped like ``template``."""
   def one(i):
@@ -64,16 +86,22 @@ def measure(n, model, params, config, adapters, tokens, repeats):
   ids = jax.random.randint(jax.random.key(n), (BATCH,), 0, n)
   apply = lj.wrap(model.apply, stack_config)
 
-  def mixed(st, t, ids):
-    return apply(lj.LoraParams(params, st), t, adapter_ids=ids)
+  def compiled(rule):
+    """The mixed forward compiled with ``rule`` as the per-example product (a new function
+    each time: jit would otherwise reuse the first trace)."""
+    def mixed(st, t, ids):
+      return apply(lj.LoraParams(params, st), t, adapter_ids=ids)
 
-  gather = jax.jit(mixed).lower(stack, tokens, ids).compile()
-  original = stack_module.mixed_product
-  stack_module.mixed_product = one_hot_product
-  try:
-    one_hot = jax.jit(mixed).lower(stack, tokens, ids).compile()
-  finally:
-    stack_module.mixed_product = original
+    original = stack_module.mixed_product
+    stack_module.mixed_product = rule
+    try:
+      return jax.jit(mixed).lower(stack, tokens, ids).compile()
+    finally:
+      stack_module.mixed_product = original
+
+  gather = compiled(stack_module.mixed_product)
+  one_hot = compiled(one_hot_product)
+  ragged = compiled(ragged_product)
   single = jax.jit(lambda ad, t: apply(lj.LoraParams(params, ad), t))
 
   def loop():
@@ -84,9 +112,10 @@ def measure(n, model, params, config, adapters, tokens, repeats):
     return out
 
   fns = {"gather": lambda: gather(stack, tokens, ids),
-         "one-hot": lambda: one_hot(stack, tokens, ids), "loop": loop}
+         "one-hot": lambda: one_hot(stack, tokens, ids),
+         "ragged": lambda: ragged(stack, tokens, ids), "loop": loop}
   reference = jax.block_until_ready(fns["gather"]())
-  for name in ("one-hot", "loop"):
+  for name in ("one-hot", "ragged", "loop"):
     other = jax.block_until_ready(fns[name]())
     assert float(jnp.max(jnp.abs(other - reference))) < 1e-3 * float(
         jnp.max(jnp.abs(reference))), name
@@ -98,6 +127,7 @@ def measure(n, model, params, config, adapters, tokens, repeats):
       times[name].append(time.perf_counter() - t0)
   row = {name: statistics.median(v) for name, v in times.items()}
   row["stack_bytes"] = sum(x.nbytes for x in jax.tree.leaves(stack))
+  row["temp_bytes"] = gather.memory_analysis().temp_size_in_bytes
   return row
 
 
@@ -120,10 +150,12 @@ def main():
   print(f"mixed-batch forward, benchmark LM, batch {BATCH}, r={RANK}; device "
         f"{jax.devices()[0].device_kind}; {args.repeats} interleaved repeats, medians; ratios "
         f"to gather at N={args.sizes[0]} ({1e3 * unit:.0f} ms)\n")
-  print(f"{'N':>3} {'gather':>8} {'one-hot':>8} {'loop':>8} {'stack MB':>9}")
+  print(f"{'N':>3} {'gather':>8} {'one-hot':>8} {'ragged':>8} {'loop':>8} {'stack MB':>9} "
+        f"{'gather temp MB':>15}")
   for n, row in rows.items():
     print(f"{n:>3} {row['gather'] / unit:8.3f} {row['one-hot'] / unit:8.3f} "
-          f"{row['loop'] / unit:8.3f} {row['stack_bytes'] / 2**20:9.2f}")
+          f"{row['ragged'] / unit:8.3f} {row['loop'] / unit:8.3f} "
+          f"{row['stack_bytes'] / 2**20:9.2f} {row['temp_bytes'] / 2**20:15.1f}")
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
       json.dump({"unit_s": unit, "rows": rows}, f, indent=2)

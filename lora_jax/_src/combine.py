@@ -47,10 +47,15 @@ _FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties")
 _SIGN_METHODS = ("total", "frequency")
 
 
-def _entries(name: str, adapters: Any, config: LoraConfig) -> dict[str, tuple[Any, Any, int]]:
-  """``{path: (A as (S, in, r), B as (S, r, out), stack size S)}`` of one adapter tree."""
+def _entries(name: str, adapters: Any, config: LoraConfig, where: str = "combine"
+             ) -> dict[str, tuple[Any, Any, int]]:
+  """``{path: (A as (S, in, r), B as (S, r, out), A's shape, B's shape, number of stack
+  axes, scale)}`` of one adapter tree."""
+  if is_principal(config.init):
+    raise ValueError(f"{where}: adapter {name!r} was initialized with PiSSA/OLoRA, so it applies "
+                     "to its own residual base; convert it with lj.principal_to_lora first.")
   if config.trainable:
-    raise ValueError(f"adapter {name!r} trains base leaves in full (config.trainable "
+    raise ValueError(f"{where}: adapter {name!r} trains base leaves in full (config.trainable "
                      f"{list(config.trainable)}); only its A and B would be kept here, and the "
                      "model would silently lose those leaves. Use adapters without leaves "
                      "trained in full.")
@@ -59,7 +64,7 @@ def _entries(name: str, adapters: Any, config: LoraConfig) -> dict[str, tuple[An
   for path in adapter_paths(tree):
     entry = lookup(tree, path)
     if "m" in entry:
-      raise ValueError(f"combine: adapter {name!r} is DoRA at {path}: a DoRA weight is "
+      raise ValueError(f"{where}: adapter {name!r} is DoRA at {path}: a DoRA weight is "
                        "m ⊙ V / ‖V‖, not W + ΔW, so sums of its ΔW do not combine it. Combine "
                        "plain LoRA adapters only.")
     stack = config.stack_axes_for(path)
@@ -159,10 +164,6 @@ def combine(adapters: Mapping[str, tuple[Any, LoraConfig]], weights: Mapping[str
     raise ValueError(f"combine: weights must name exactly the adapters; adapters "
                      f"{sorted(adapters)}, weights {sorted(weights)}.")
   names = list(adapters)
-  principal = [n for n in names if is_principal(adapters[n][1].init)]
-  if principal:
-    raise ValueError(f"combine: {principal} were initialized with PiSSA/OLoRA, so they apply to "
-                     "their own residual bases; convert each with lj.principal_to_lora first.")
   entries = {n: _entries(n, *adapters[n]) for n in names}
   first = entries[names[0]]
   errors = []

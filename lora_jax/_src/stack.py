@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src.combine import _entries
-from lora_jax._src.config import LoraConfig, is_principal
+from lora_jax._src.config import LoraConfig
 from lora_jax._src.qarray import explicit_sharding
-from lora_jax._src.tree import nest
+from lora_jax._src.tree import adapter_paths, lookup, nest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +58,56 @@ class AdapterStack:
     i = self.index(which) if isinstance(which, str) else which
     return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False),
                         self.adapters)
+
+  def put(self, slot: str | int, adapters: Any, config: LoraConfig, *,
+          name: str | None = None) -> AdapterStack:
+    """A new stack with ``adapters`` (trained with ``config``) in ``slot``: any rank up to
+    the stack's on each path (padded with zeros), any alpha or rsLoRA (the scale is folded
+    into B). The arrays keep their shapes, so a jitted function taking the stack, or
+    ``select``'s result, does not retrace (hot swap). ``name`` renames the slot; names are
+    static, so a renamed stack retraces a function that takes it whole.
+
+    Raises:
+      KeyError: for an unknown slot name.
+      ValueError: for a slot index out of range, other paths or weights, a rank above the
+        stack's, a name another slot has, DoRA, PiSSA/OLoRA adapters or leaves trained in
+        full.
+    """
+    i = self.index(slot) if isinstance(slot, str) else slot
+    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self):
+      raise ValueError(f"put: slot {slot!r} is not one of the stack's {len(self)} slots "
+                       f"{list(self.names)}.")
+    label = name if name is not None else self.names[i]
+    entries = _entries(label, adapters, config, where="AdapterStack.put")
+    ours = {p: lookup(self.adapters, p) for p in adapter_paths(self.adapters)}
+    errors = []
+    if set(entries) != set(ours):
+      errors.append(f"{label!r} adapts other paths than the stack: extra "
+                    f"{sorted(set(entries) - set(ours))[:5]}, missing "
+                    f"{sorted(set(ours) - set(entries))[:5]}")
+    for path in sorted(set(entries) & set(ours)):
+      a_stack, rank = ours[path]["a"], ours[path]["a"].shape[-1]
+      _, _, a_shape, b_shape, n_stack, _ = entries[path]
+      b_stack = ours[path]["b"]
+      if (tuple(a_shape[:-1]) != a_stack.shape[1:-1]
+          or tuple(b_shape[:n_stack]) + tuple(b_shape[n_stack + 1:])
+          != b_stack.shape[1:n_stack + 1] + b_stack.shape[n_stack + 2:]):
+        errors.append(f"{path}: A {a_shape} and B {b_shape} are not adapters of the stack's "
+                      f"weight (A {a_stack.shape[1:]}, B {b_stack.shape[1:]})")
+      elif a_shape[-1] > rank:
+        errors.append(f"{path}: rank {a_shape[-1]} is above the stack's {rank}; a larger rank "
+                      "changes the arrays' shapes (and recompiles): stack_adapters again")
+    if errors:
+      raise ValueError("AdapterStack.put: cannot put:\n  - " + "\n  - ".join(errors))
+    flat = {}
+    for path, entry in ours.items():
+      a, b = _padded(entries[path], entry["a"].shape[-1])
+      flat[path] = {"a": entry["a"].at[i].set(a.astype(entry["a"].dtype)),
+                    "b": entry["b"].at[i].set(b.astype(entry["b"].dtype))}
+    names = self.names[:i] + (label,) + self.names[i + 1:]
+    if len(set(names)) != len(names):
+      raise ValueError(f"AdapterStack.put: the name {label!r} is taken by another slot.")
+    return AdapterStack(nest(flat), names)
 
   def __len__(self) -> int:
     return len(self.names)
@@ -100,13 +150,9 @@ def stack_adapters(adapters: Mapping[str, tuple[Any, LoraConfig]]
   names = list(adapters)
   if not names:
     raise ValueError("stack_adapters: pass at least one adapter.")
-  errors = [f"{n!r}: PiSSA/OLoRA adapters belong to their own residual base; convert them "
-            "with lora_jax.principal_to_lora first" for n in names
-            if is_principal(adapters[n][1].init)]
-  if errors:
-    raise ValueError("stack_adapters: cannot stack:\n  - " + "\n  - ".join(errors))
-  entries = {n: _entries(n, *adapters[n]) for n in names}
+  entries = {n: _entries(n, *adapters[n], where="stack_adapters") for n in names}
   first = entries[names[0]]
+  errors = []
   for n in names[1:]:
     if set(entries[n]) != set(first):
       extra, missing = sorted(set(entries[n]) - set(first)), sorted(set(first) - set(entries[n]))
@@ -123,18 +169,12 @@ def stack_adapters(adapters: Mapping[str, tuple[Any, LoraConfig]]
     raise ValueError("stack_adapters: cannot stack:\n  - " + "\n  - ".join(errors))
   flat, ranks = {}, {}
   dtype = adapters[names[0]][1].dtype
-  for path, (_, _, a_shape, b_shape, n_stack, _) in first.items():
+  for path in first:
     r = max(entries[n][path][0].shape[-1] for n in names)
     ranks[path] = r
-    a_all, b_all = [], []
-    for n in names:
-      a, b, *_, scale = entries[n][path]
-      pad = r - a.shape[-1]
-      a_all.append(jnp.pad(a, ((0, 0), (0, 0), (0, pad))))
-      b_all.append(jnp.pad(b * jnp.float32(scale), ((0, 0), (0, pad), (0, 0))))
-    a = jnp.stack(a_all).reshape(len(names), *a_shape[:-1], r)
-    b = jnp.stack(b_all).reshape(len(names), *b_shape[:n_stack], r, *b_shape[n_stack + 1:])
-    flat[path] = {"a": a.astype(dtype), "b": b.astype(dtype)}
+    padded = [_padded(entries[n][path], r) for n in names]
+    flat[path] = {"a": jnp.stack([a for a, _ in padded]).astype(dtype),
+                  "b": jnp.stack([b for _, b in padded]).astype(dtype)}
   top = max(ranks.values())
   pattern = {f"^{re.escape(p)}$": r for p, r in ranks.items() if r != top}
   config = dataclasses.replace(adapters[names[0]][1], rank=top, alpha=float(top),
@@ -142,6 +182,16 @@ def stack_adapters(adapters: Mapping[str, tuple[Any, LoraConfig]]
                                alpha_pattern={k: float(v) for k, v in pattern.items()},
                                init="default")
   return AdapterStack(nest(flat), tuple(names)), LoraConfig(**config.to_dict())
+
+
+def _padded(entry: tuple[Any, ...], rank: int) -> tuple[jax.Array, jax.Array]:
+  """One adapter's A and B at ``rank`` (exact zeros beyond its own) with its scale folded
+  into B, in the weight's layout (``entry`` from ``combine._entries``)."""
+  a, b, a_shape, b_shape, n_stack, scale = entry
+  pad = rank - a.shape[-1]
+  a = jnp.pad(a, ((0, 0), (0, 0), (0, pad))).reshape(*a_shape[:-1], rank)
+  b = jnp.pad(b * jnp.float32(scale), ((0, 0), (0, pad), (0, 0)))
+  return a, b.reshape(*b_shape[:n_stack], rank, *b_shape[n_stack + 1:])
 
 
 def check_ids(ids: Any, n: int, where: str) -> jax.Array:
