@@ -216,8 +216,10 @@ from architectures import architectures  # noqa: E402
 
 ARCHS = {a.name: a for a in architectures()}
 # Adapted weights each architecture uses in a way mixed batches have no rule for.
-REFUSED = {"moe_ragged_dot": "ragged_dot", "resnet_depthwise": "conv_general_dilated",
+REFUSED = {"moe_ragged_dot": "ragged_dot_general", "resnet_depthwise": "conv_general_dilated",
            "vit": "conv_general_dilated"}
+SERVED = {"moe_ragged_dot": r"router/kernel$", "resnet_depthwise": r"head/kernel$",
+          "vit": r"(query|key|value|out|fc1_\d|fc2_\d)/kernel$"}
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
@@ -227,19 +229,23 @@ def test_zoo_mixed_batches_match_each_adapter_and_cost_one_adapter(name):
   N-fold adapter work, no per-adapter copy); models whose adapted weights mixed batches cannot
   serve are refused by name."""
   arch = ARCHS[name]
-  configs = [lj.infer_axes(arch.apply, arch.params, arch.x, config=lj.LoraConfig(
-      rank=arch.rank - i, alpha=2.0 + i, targets=arch.targets)) for i in range(3)]
-  named = {f"t{i}": (zoo.randomize(lj.lift(arch.params, c, key=jax.random.key(i)), seed=i)
-                     .adapters, c) for i, c in enumerate(configs)}
-  stack, config = lj.stack_adapters(named)
-  apply = lj.wrap(arch.apply, config)
+
+  def stacked(targets):
+    configs = [lj.infer_axes(arch.apply, arch.params, arch.x, config=lj.LoraConfig(
+        rank=max(1, arch.rank - i), alpha=2.0 + i, targets=targets)) for i in range(3)]
+    named = {f"t{i}": (zoo.randomize(lj.lift(arch.params, c, key=jax.random.key(i)), seed=i)
+                       .adapters, c) for i, c in enumerate(configs)}
+    return named, *lj.stack_adapters(named)
+
+  named, stack, config = stacked(arch.targets)
   x = arch.x if arch.x.shape[0] >= 4 else jnp.concatenate([arch.x, arch.x[::-1]])
   ids = jnp.array([(i % 4) - 1 for i in range(x.shape[0])], jnp.int32)  # -1, 0, 1, 2, ...
   if name in REFUSED:
     with pytest.raises(ValueError, match=rf"is used by `{REFUSED[name]}`, which has no "
                        "mixed-batch rule"):
-      apply(lj.LoraParams(arch.params, stack), x, adapter_ids=ids)
-    return
+      lj.wrap(arch.apply, config)(lj.LoraParams(arch.params, stack), x, adapter_ids=ids)
+    named, stack, config = stacked(SERVED[name])  # the weights it can serve
+  apply = lj.wrap(arch.apply, config)
   mixed = jax.jit(lambda st, x, ids: apply(lj.LoraParams(arch.params, st), x, adapter_ids=ids))
   got = mixed(stack, x, ids)
   for i, k in enumerate(ids.tolist()):

@@ -265,15 +265,19 @@ def _mixed_dot(eqn: Any, invals: list[Any], ctx: Context) -> jax.Array:
     ctx.refuse_mixed(x, "dot_general of two adapted weights")
   (lhs_c, rhs_c), (lhs_b, rhs_b) = eqn.params["dimension_numbers"]
   x_c, w_c = (lhs_c, rhs_c) if rhs else (rhs_c, lhs_c)
-  if lr.stack or lhs_b or rhs_b or not rhs or sorted(w_c) != sorted(lr.ins) or lr.m is not None:
+  if lr.stack or lhs_b or rhs_b or sorted(w_c) != sorted(lr.ins) or lr.m is not None:
     ctx.refuse_mixed(lr, "dot_general (not x @ W over all input axes of an unstacked, "
                      "non-DoRA weight)")
   ctx.record(lr, "in")
   w_value = lr.w.dequantize() if is_quantized(lr.w) else lr.w
-  base = _bind(eqn, [x, w_value])[0]
+  base = _bind(eqn, [x, w_value] if rhs else [w_value, x])[0]
   x_contract = tuple(x_c[list(w_c).index(p)] for p in lr.ins)
-  return stack.mixed_product(x, base, lr.a, lr.b, ctx.adapter_ids, x_contract=x_contract,
-                             ins=lr.ins, outs=lr.outs, path=lr.path)
+  n_x, n_w = x.ndim - len(x_c), len(lr.outs)
+  if not rhs:  # W @ x (jnp.einsum picks the order): x's free axes first, and back after
+    base = jnp.transpose(base, [*range(n_w, n_w + n_x), *range(n_w)])
+  out = stack.mixed_product(x, base, lr.a, lr.b, ctx.adapter_ids, x_contract=x_contract,
+                            ins=lr.ins, outs=lr.outs, path=lr.path)
+  return out if rhs else jnp.transpose(out, [*range(n_x, n_x + n_w), *range(n_x)])
 
 
 def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,

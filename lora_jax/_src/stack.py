@@ -32,6 +32,7 @@ import numpy as np
 
 from lora_jax._src.combine import _entries
 from lora_jax._src.config import LoraConfig
+from lora_jax._src.lowrank_dot import accumulation_dtype
 from lora_jax._src.qarray import explicit_sharding
 from lora_jax._src.tree import adapter_paths, lookup, nest
 
@@ -239,7 +240,7 @@ def _mixed(x: jax.Array, w_product: jax.Array, a: jax.Array, b: jax.Array, ids: 
   valid = ids >= 0
   sel = jnp.clip(ids, 0, n - 1)
   a2, b2 = a.reshape(n, k, r), b.reshape(n, r, -1)
-  acc = jnp.promote_types(x.dtype, jnp.float32)
+  acc = accumulation_dtype(x.dtype, a.dtype, b.dtype)
   if ids.ndim == 0:  # one adapter for the whole input (vmap over examples)
     t = rows.reshape(-1, k).astype(acc) @ a2[sel].astype(acc)
     low = (t * valid.astype(acc)) @ b2[sel].astype(acc)
