@@ -38,34 +38,37 @@ from lora_jax._src import stack as stack_module
 BATCH = 64
 
 
-def one_hot_product(x, w_product, a, b, ids, *, x_contract, ins, outs, path):
-  """The one-hot alternative: x·A for every adapter, each example keeps its own."""
-  del ins, outs, path
+def _flat(x, a, b, x_contract):
+  """x as (batch, rows, in), A as (N, in, r), B as (N, r, out)."""
   n, r = a.shape[0], a.shape[-1]
   k = a[0].size // r
   free = [d for d in range(x.ndim) if d not in x_contract]
   rows = jnp.transpose(x, free + list(x_contract)).reshape(x.shape[0], -1, k)
-  hot = jax.nn.one_hot(ids, n, dtype=jnp.float32)                      # (batch, N)
-  t = jnp.einsum("bmk,nkr->bmnr", rows, a.reshape(n, k, r)) * hot[:, None, :, None]
-  low = jnp.einsum("bmnr,nro->bmo", t, b.reshape(n, r, -1))
+  return rows, a.reshape(n, k, r), b.reshape(n, r, -1)
+
+
+def one_hot_product(x, w_product, a, b, ids, *, x_contract, ins, outs, path):
+  """The one-hot alternative: x·A for every adapter, each example keeps its own."""
+  del ins, outs, path
+  rows, a, b = _flat(x, a, b, x_contract)
+  hot = jax.nn.one_hot(ids, a.shape[0], dtype=jnp.float32)             # (batch, N)
+  t = jnp.einsum("bmk,nkr->bmnr", rows, a) * hot[:, None, :, None]
+  low = jnp.einsum("bmnr,nro->bmo", t, b)
   return (w_product + low.reshape(w_product.shape)).astype(w_product.dtype)
 
 
 def ragged_product(x, w_product, a, b, ids, *, x_contract, ins, outs, path):
   """Examples grouped by adapter (ids sorted), one ragged_dot for x·A and one for ·B."""
   del ins, outs, path
-  n, r = a.shape[0], a.shape[-1]
-  k = a[0].size // r
-  free = [d for d in range(x.ndim) if d not in x_contract]
-  rows = jnp.transpose(x, free + list(x_contract)).reshape(x.shape[0], -1, k)
-  batch, m = rows.shape[:2]
+  rows, a, b = _flat(x, a, b, x_contract)
+  (batch, m, k), n = rows.shape, a.shape[0]
   order = jnp.argsort(ids)
   sel = jnp.clip(ids[order], 0, n - 1)
   sizes = jnp.bincount(sel, length=n).astype(jnp.int32) * m
   grouped = rows[order].reshape(batch * m, k)
-  t = jax.lax.ragged_dot(grouped, a.reshape(n, k, r), sizes)
+  t = jax.lax.ragged_dot(grouped, a, sizes)
   t = t * jnp.repeat((ids[order] >= 0).astype(t.dtype), m)[:, None]
-  low = jax.lax.ragged_dot(t, b.reshape(n, r, -1), sizes).reshape(batch, m, -1)
+  low = jax.lax.ragged_dot(t, b, sizes).reshape(batch, m, -1)
   low = low[jnp.argsort(order)]
   return (w_product + low.reshape(w_product.shape)).astype(w_product.dtype)
 

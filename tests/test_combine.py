@@ -148,7 +148,8 @@ def test_refusals_name_the_problem():
   with pytest.raises(ValueError, match=r"adapter 'd' is DoRA at blocks/kernel"):
     lj.combine({"d": (dora, dora_config), "x": INPUTS["x"]}, {"d": 1.0, "x": 1.0})
   other, other_config = _adapters(7, targets=r"dense/kernel$")
-  with pytest.raises(ValueError, match=r"'o' adapts \['blocks/kernel'\]"):
+  with pytest.raises(ValueError, match=r"'o' adapts other paths than 'x': extra \[\], missing "
+                     r"\['blocks/kernel'\]"):
     lj.combine({"x": INPUTS["x"], "o": (other, other_config)}, {"x": 1.0, "o": 1.0})
   many = {f"a{i}": INPUTS["x"] for i in range(4)}  # 4 x rank 4 > the stacked kernel's 12
   with pytest.raises(ValueError, match=r"blocks/kernel: the combined rank 16 exceeds the "

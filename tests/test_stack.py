@@ -137,6 +137,20 @@ def test_mixed_batch_under_vmap_and_errors():
     apply(lj.LoraParams(params, stack), x)
   with pytest.raises(ValueError, match=r"must be -1 \(the base\) or 0..2"):
     apply(lj.LoraParams(params, stack), x, adapter_ids=jnp.array([3, 0, 0, 0, 0, 0]))
+  # Inside jit the ids are not known: an id out of range gives NaN for its example, never
+  # another adapter's output.
+  jitted = jax.jit(lambda ids: apply(lj.LoraParams(params, stack), x, adapter_ids=ids))
+  out = jitted(jnp.array([3, 0, -2, -1, 1, 2], jnp.int32))
+  assert np.isnan(out[0]).all() and np.isnan(out[2]).all()
+  fine = jitted(jnp.array([1, 0, 2, -1, 1, 2], jnp.int32))
+  np.testing.assert_allclose(out[1:2], fine[1:2], **F32)
+  np.testing.assert_allclose(out[3:], fine[3:], **F32)
+  with pytest.raises(IndexError, match=r"select: 3 is not an index 0..2"):
+    stack.select(3)
+  with pytest.raises(IndexError, match=r"select: -1 is not an index"):
+    stack.select(-1)
+  nan = jax.jit(stack.select)(jnp.int32(3))
+  assert all(np.isnan(v).all() for v in jax.tree.leaves(nan))
   with pytest.raises(ValueError, match="batch as its first free axis"):
     apply(lj.LoraParams(params, stack), x, adapter_ids=jnp.array([0, 1]))
   with pytest.raises(ValueError, match="not adapters of the same weight"):

@@ -76,6 +76,31 @@ def _entries(name: str, adapters: Any, config: LoraConfig, where: str = "combine
   return out
 
 
+def same_weights(adapters: Mapping[str, tuple[Any, LoraConfig]], where: str
+                 ) -> dict[str, dict[str, tuple[Any, ...]]]:
+  """``{name: _entries(...)}``, after checking that all adapt the same weights (paths,
+  stack, input and output sizes); raises a ValueError listing every misfit."""
+  names = list(adapters)
+  entries = {n: _entries(n, *adapters[n], where=where) for n in names}
+  first, errors = entries[names[0]], []
+  for n in names[1:]:
+    if set(entries[n]) != set(first):
+      extra, missing = sorted(set(entries[n]) - set(first)), sorted(set(first) - set(entries[n]))
+      errors.append(f"{n!r} adapts other paths than {names[0]!r}: extra {extra[:5]}, "
+                    f"missing {missing[:5]}")
+      continue
+    for path, (a, b, *_rest) in entries[n].items():
+      a0, b0 = first[path][:2]
+      if (a.shape[0], a.shape[1], b.shape[2]) != (a0.shape[0], a0.shape[1], b0.shape[2]):
+        errors.append(f"{path}: {n!r} has A {entries[n][path][2]} and B {entries[n][path][3]}, "
+                      f"{names[0]!r} A {first[path][2]} and B {first[path][3]}: not adapters "
+                      "of the same weight")
+  if errors:
+    raise ValueError(f"{where}: the adapters are not adapters of the same weights:\n  - "
+                     + "\n  - ".join(errors))
+  return entries
+
+
 def _svd(a: jax.Array, b: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:
   """Best rank-``rank`` factors of ``a @ b`` (a: (in, R), b: (R, out)) from QR and a core SVD;
   beyond the product's rank ``R`` the factors are padded with exact zeros."""
@@ -164,22 +189,9 @@ def combine(adapters: Mapping[str, tuple[Any, LoraConfig]], weights: Mapping[str
     raise ValueError(f"combine: weights must name exactly the adapters; adapters "
                      f"{sorted(adapters)}, weights {sorted(weights)}.")
   names = list(adapters)
-  entries = {n: _entries(n, *adapters[n]) for n in names}
+  entries = same_weights(adapters, "combine")
   first = entries[names[0]]
   errors = []
-  for n in names[1:]:
-    if set(entries[n]) != set(first):
-      errors.append(f"{n!r} adapts {sorted(set(entries[n]) ^ set(first))[:4]} where "
-                    f"{names[0]!r} does not (or the reverse)")
-      continue
-    for path, (a, b, *_rest) in entries[n].items():
-      a0, b0 = first[path][:2]
-      if (a.shape[0], a.shape[1], b.shape[2]) != (a0.shape[0], a0.shape[1], b0.shape[2]):
-        errors.append(f"{path}: {n!r} has A {entries[n][path][2]} and B "
-                      f"{entries[n][path][3]}, {names[0]!r} A {first[path][2]} and B "
-                      f"{first[path][3]}: not adapters of the same weight")
-  if errors:
-    raise ValueError("combine: the adapters do not combine:\n  - " + "\n  - ".join(errors))
   ranks = {p: [entries[n][p][0].shape[-1] for n in names] for p in first}
   if method == "cat":
     errors += [f"{p}: the combined rank {sum(r)} exceeds the weight's input size "

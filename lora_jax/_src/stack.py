@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._src.combine import _entries
+from lora_jax._src.combine import _entries, same_weights
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.lowrank_dot import accumulation_dtype
 from lora_jax._src.qarray import explicit_sharding
@@ -55,10 +55,24 @@ class AdapterStack:
 
   def select(self, which: str | int | jax.Array) -> Any:
     """One adapter as a plain tree for the stack's config: by name, or by an integer
-    index that may be traced (a jitted server switching adapters does not retrace)."""
+    index that may be traced (a jitted server switching adapters does not retrace).
+
+    A known index outside ``0..N-1`` raises ``IndexError``; a traced one gives NaN
+    adapters (and so NaN outputs), never another adapter's.
+    """
     i = self.index(which) if isinstance(which, str) else which
-    return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False),
-                        self.adapters)
+    if not isinstance(i, jax.core.Tracer):
+      value = np.asarray(i)
+      if value.ndim or not np.issubdtype(value.dtype, np.integer) or not 0 <= value < len(self):
+        raise IndexError(f"select: {which!r} is not an index 0..{len(self) - 1} or a name of "
+                         f"this stack's adapters {list(self.names)}.")
+    inside = (i >= 0) & (i < len(self))
+
+    def one(x: jax.Array) -> jax.Array:
+      picked = jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=False)
+      return jnp.where(inside, picked, jnp.asarray(jnp.nan, picked.dtype))
+
+    return jax.tree.map(one, self.adapters)
 
   def put(self, slot: str | int, adapters: Any, config: LoraConfig, *,
           name: str | None = None) -> AdapterStack:
@@ -151,23 +165,8 @@ def stack_adapters(adapters: Mapping[str, tuple[Any, LoraConfig]]
   names = list(adapters)
   if not names:
     raise ValueError("stack_adapters: pass at least one adapter.")
-  entries = {n: _entries(n, *adapters[n], where="stack_adapters") for n in names}
+  entries = same_weights(adapters, "stack_adapters")
   first = entries[names[0]]
-  errors = []
-  for n in names[1:]:
-    if set(entries[n]) != set(first):
-      extra, missing = sorted(set(entries[n]) - set(first)), sorted(set(first) - set(entries[n]))
-      errors.append(f"{n!r} adapts other paths than {names[0]!r}: extra {extra[:5]}, "
-                    f"missing {missing[:5]}")
-      continue
-    for path, (a, b, *_rest) in entries[n].items():
-      a0, b0 = first[path][:2]
-      if (a.shape[0], a.shape[1], b.shape[2]) != (a0.shape[0], a0.shape[1], b0.shape[2]):
-        errors.append(f"{path}: {n!r} has A {entries[n][path][2]} and B {entries[n][path][3]}, "
-                      f"{names[0]!r} A {first[path][2]} and B {first[path][3]}: not adapters "
-                      "of the same weight")
-  if errors:
-    raise ValueError("stack_adapters: cannot stack:\n  - " + "\n  - ".join(errors))
   flat, ranks = {}, {}
   dtype = adapters[names[0]][1].dtype
   for path in first:
@@ -237,18 +236,20 @@ def _mixed(x: jax.Array, w_product: jax.Array, a: jax.Array, b: jax.Array, ids: 
   k = math.prod(a.shape[1:-1])
   free = [d for d in range(x.ndim) if d not in x_contract]
   rows = jnp.transpose(x, free + list(x_contract))
-  valid = ids >= 0
   sel = jnp.clip(ids, 0, n - 1)
+  # -1: exact zeros (the base alone); an id outside -1..N-1 (traced, so unchecked): NaN.
+  valid = (ids >= 0) & (ids < n)
+  fill = jnp.where((ids < -1) | (ids >= n), jnp.nan, 0.0)
   a2, b2 = a.reshape(n, k, r), b.reshape(n, r, -1)
   acc = accumulation_dtype(x.dtype, a.dtype, b.dtype)
   if ids.ndim == 0:  # one adapter for the whole input (vmap over examples)
     t = rows.reshape(-1, k).astype(acc) @ a2[sel].astype(acc)
-    low = (t * valid.astype(acc)) @ b2[sel].astype(acc)
+    low = jnp.where(valid, t, fill.astype(acc)) @ b2[sel].astype(acc)
   else:
     batch = x.shape[0]
     t = jnp.einsum("bmk,bkr->bmr", rows.reshape(batch, -1, k).astype(acc),
                    a2[sel].astype(acc))
-    t = t * valid.astype(acc)[:, None, None]
+    t = jnp.where(valid[:, None, None], t, fill.astype(acc)[:, None, None])
     low = jnp.einsum("bmr,brn->bmn", t, b2[sel].astype(acc))
   low = low.reshape(w_product.shape)
   return (w_product.astype(acc) + low).astype(w_product.dtype)
