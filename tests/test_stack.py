@@ -122,7 +122,8 @@ def test_mixed_batch_equals_each_example_alone_values_and_gradients():
     want = jax.grad(alone)(stack.select(name))
     got_k = jax.tree.map(lambda g, k=k: g[k], grads.adapters)
     for g, w in zip(jax.tree.leaves(got_k), jax.tree.leaves(want)):
-      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+      # float32 sums over the examples in another order: error relative to the largest entry
+      np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(w).max())))
 
 
 def test_mixed_batch_under_vmap_and_errors():
