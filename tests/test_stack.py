@@ -317,3 +317,30 @@ def test_training_several_adapters_in_one_batch_with_the_optimizer():
     for g, w in zip(jax.tree.leaves(new.adapters.select(name)),
                     jax.tree.leaves(alone.adapters)):
       np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+def test_mixed_batches_on_transposed_weights_and_a_quantized_base():
+  """A weight used transposed with its output axes reordered (the low-rank part must follow the
+  product's axis order), and an NF4 base (decoded inside each product): a mixed batch equals
+  each example with its selected adapter."""
+  params = {"w": {"kernel": jax.random.normal(jax.random.key(0), (2, 6, 64))},
+            "v": {"kernel": jax.random.normal(jax.random.key(1), (12, 64))}}
+
+  def f(p, x):
+    h = jnp.tensordot(x, p["w"]["kernel"].transpose(1, 0, 2), axes=[[1], [2]])  # (b, 6, 2)
+    return jnp.tanh(h.reshape(x.shape[0], 12)) @ p["v"]["kernel"]
+
+  x = jax.random.normal(jax.random.key(2), (5, 64))
+  config = lj.LoraConfig(rank=2, targets=r"w/kernel$", in_axes={"w": (2,)})
+  named = {f"t{i}": (zoo.randomize(lj.lift(params, config, key=jax.random.key(i)), seed=i)
+                     .adapters, config) for i in range(3)}
+  stack, stack_config = lj.stack_adapters(named)
+  ids = jnp.array([2, 0, -1, 1, 2], jnp.int32)
+  for base in (params, lj.quantize(params, targets=r"w/kernel$")):
+    apply = lj.wrap(f, stack_config)
+    got = jax.jit(lambda st, x, ids, base=base, apply=apply: apply(
+        lj.LoraParams(base, st), x, adapter_ids=ids))(stack, x, ids)
+    for i, k in enumerate(ids.tolist()):
+      adapters = stack.select(k) if k >= 0 else None
+      want = apply(lj.LoraParams(base, adapters), x[i:i + 1])
+      np.testing.assert_allclose(got[i:i + 1], want, rtol=1e-4, atol=1e-4)

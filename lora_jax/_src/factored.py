@@ -269,8 +269,11 @@ def _mixed_dot(eqn: Any, invals: list[Any], ctx: Context) -> jax.Array:
     ctx.refuse_mixed(lr, "dot_general (not x @ W over all input axes of an unstacked, "
                      "non-DoRA weight)")
   ctx.record(lr, "in")
-  w_value = lr.w.dequantize() if is_quantized(lr.w) else lr.w
-  base = _bind(eqn, [x, w_value] if rhs else [w_value, x])[0]
+  operands = [x, lr.w] if rhs else [lr.w, x]
+  if is_quantized(lr.w):  # decoded inside the product, as any quantized product
+    base = _dequantized_eqn(eqn, operands, ctx, lambda var, flops: None)[0]
+  else:
+    base = _bind(eqn, operands)[0]
   x_contract = tuple(x_c[list(w_c).index(p)] for p in lr.ins)
   n_x, n_w = x.ndim - len(x_c), len(lr.outs)
   if not rhs:  # W @ x (jnp.einsum picks the order): x's free axes first, and back after
@@ -283,6 +286,11 @@ def _mixed_dot(eqn: Any, invals: list[Any], ctx: Context) -> jax.Array:
 def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
                  recompute_of: Callable[[Any, float], Any]) -> list[Any]:
   name, params = eqn.primitive.name, eqn.params
+  if ctx.adapter_ids is not None and name not in _STRUCTURAL:  # mixed batches: x @ W only
+    if name == "dot_general" and any(isinstance(v, LowRank) for v in invals):
+      return [_mixed_dot(eqn, invals, ctx)]
+    for v in invals:
+      ctx.refuse_mixed(v, name)
   if name not in _STRUCTURAL and any(_quantized(v) is not None for v in invals):
     return _dequantized_eqn(eqn, invals, ctx, recompute_of)
   if name == "transpose" and isinstance(invals[0], QuantizedArray):
@@ -297,12 +305,6 @@ def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
     return _bind(eqn, [q.dequantize()])
   # Rules accumulate in float32 or wider and round once to the original result's dtype.
   out_dtype = eqn.outvars[0].aval.dtype
-  if ctx.adapter_ids is not None and name == "dot_general":
-    return [_mixed_dot(eqn, invals, ctx)]
-  if ctx.adapter_ids is not None and name in ("conv_general_dilated", "gather",
-                                              "ragged_dot_general", "ragged_dot"):
-    for v in invals:
-      ctx.refuse_mixed(v, name)
   if name == "dot_general":
     x, w = invals
     if isinstance(x, LowRank) and isinstance(w, LowRank):

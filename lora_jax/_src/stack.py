@@ -213,15 +213,20 @@ def mixed_product(x: jax.Array, w_product: jax.Array, a: jax.Array, b: jax.Array
                   outs: tuple[int, ...], path: str) -> jax.Array:
   """``x·W + (x·A[ids])·B[ids]`` per example (batch = x's axis 0), given ``x·W``.
 
-  ``a``: ``(N, *in, R)`` in the weight's axis order, ``b``: ``(N, R, *out)``;
-  ``x_contract``: x's axes contracted with ``ins`` (in that order). The result has the
-  layout of ``dot_general(x, W)``: x's free axes, then the weight's output axes.
+  ``a``: ``(N, *in, R)`` and ``b``: ``(N, R, *out)``, their axes in the order of ``ins``
+  and ``outs`` (positions in the weight); ``x_contract``: x's axes contracted with
+  ``ins`` (in that order). The result has the layout of ``dot_general(x, W)``: x's free
+  axes, then the weight's output axes in ascending position.
   """
   if ids.ndim == 1 and (x.ndim == 0 or 0 in x_contract or x.shape[0] != ids.shape[0]):
     raise ValueError(f"lora_jax: {path}: adapter_ids has {ids.shape[0]} entries, but this "
                      f"product's input {x.shape} does not have the batch as its first free "
                      "axis; mixed batches need every adapted product's input to lead with "
                      "the batch (or vmap the function over examples with one id each).")
+  # dot_general puts the weight's free axes in ascending position; B holds them in the
+  # order of ``outs`` (a transposed weight reorders them).
+  order = sorted(range(len(outs)), key=lambda i: outs[i])
+  b = jnp.transpose(b, (0, 1, *(2 + i for i in order)))
   explicit = explicit_sharding(w_product)
   if explicit is not None:  # the gathers and batched products under auto axes
     return jax.sharding.auto_axes(
