@@ -344,3 +344,23 @@ def test_mixed_batches_on_transposed_weights_and_a_quantized_base():
       adapters = stack.select(k) if k >= 0 else None
       want = apply(lj.LoraParams(base, adapters), x[i:i + 1])
       np.testing.assert_allclose(got[i:i + 1], want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_stack_where_one_adapter_is_expected_is_refused_by_name(tmp_path):
+  """merge, unmerge, export_peft, summary, combine and stack_adapters take one adapter: a stack
+  passed there is refused with the way out, never read as an empty or odd adapter tree."""
+  model, x, params, named = _adapters()
+  stack, config = lj.stack_adapters(named)
+  lp = lj.LoraParams(params, stack)
+  calls = {"merge": lambda: lj.merge(lp, config),
+           "unmerge": lambda: lj.unmerge(params, stack, config),
+           "export_peft": lambda: lj.export_peft(lp, config, tmp_path / "peft"),
+           "summary": lambda: lj.summary(lp, config),
+           "combine": lambda: lj.combine({"s": (stack, config), "t": named["r2"]},
+                                         {"s": 1.0, "t": 1.0}),
+           "stack_adapters": lambda: lj.stack_adapters({"s": (stack, config)})}
+  for name, call in calls.items():
+    with pytest.raises(ValueError, match=r"got a stack of 3 adapters \['r2', 'r4rs', 'mixed'\], "
+                       r"but this takes one adapter; select it: stack.select\(name\)"):
+      call()
+  assert not (tmp_path / "peft").exists()

@@ -38,67 +38,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax._src.config import LoraConfig, is_principal
-from lora_jax._src.lift import LoraParams
-from lora_jax._src.tree import adapter_paths, lookup, nest
+from lora_jax._src.config import LoraConfig
+from lora_jax._src.stack import same_weights
+from lora_jax._src.tree import nest
 
 METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")
 _FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties")
 _SIGN_METHODS = ("total", "frequency")
-
-
-def _entries(name: str, adapters: Any, config: LoraConfig, where: str = "combine"
-             ) -> dict[str, tuple[Any, Any, int]]:
-  """``{path: (A as (S, in, r), B as (S, r, out), A's shape, B's shape, number of stack
-  axes, scale)}`` of one adapter tree."""
-  if is_principal(config.init):
-    raise ValueError(f"{where}: adapter {name!r} was initialized with PiSSA/OLoRA, so it applies "
-                     "to its own residual base; convert it with lj.principal_to_lora first.")
-  if config.trainable:
-    raise ValueError(f"{where}: adapter {name!r} trains base leaves in full (config.trainable "
-                     f"{list(config.trainable)}); only its A and B would be kept here, and the "
-                     "model would silently lose those leaves. Use adapters without leaves "
-                     "trained in full.")
-  tree = adapters.adapters if isinstance(adapters, LoraParams) else adapters
-  out = {}
-  for path in adapter_paths(tree):
-    entry = lookup(tree, path)
-    if "m" in entry:
-      raise ValueError(f"{where}: adapter {name!r} is DoRA at {path}: a DoRA weight is "
-                       "m ⊙ V / ‖V‖, not W + ΔW, so sums of its ΔW do not combine it. Combine "
-                       "plain LoRA adapters only.")
-    stack = config.stack_axes_for(path)
-    n = stack if isinstance(stack, int) else len(stack)
-    a, b = jnp.asarray(entry["a"], jnp.float32), jnp.asarray(entry["b"], jnp.float32)
-    s = math.prod(a.shape[:n])
-    out[path] = (a.reshape(s, -1, a.shape[-1]), b.reshape(s, b.shape[n], -1), a.shape, b.shape,
-                 n, config.scale_for(path))
-  return out
-
-
-def same_weights(adapters: Mapping[str, tuple[Any, LoraConfig]], where: str
-                 ) -> dict[str, dict[str, tuple[Any, ...]]]:
-  """``{name: _entries(...)}``, after checking that all adapt the same weights (paths,
-  stack, input and output sizes); raises a ValueError listing every misfit."""
-  names = list(adapters)
-  entries = {n: _entries(n, *adapters[n], where=where) for n in names}
-  first, errors = entries[names[0]], []
-  for n in names[1:]:
-    if set(entries[n]) != set(first):
-      extra, missing = sorted(set(entries[n]) - set(first)), sorted(set(first) - set(entries[n]))
-      errors.append(f"{n!r} adapts other paths than {names[0]!r}: extra {extra[:5]}, "
-                    f"missing {missing[:5]}")
-      continue
-    for path, (a, b, *_rest) in entries[n].items():
-      a0, b0 = first[path][:2]
-      if (a.shape[0], a.shape[1], b.shape[2]) != (a0.shape[0], a0.shape[1], b0.shape[2]):
-        errors.append(f"{path}: {n!r} has A {entries[n][path][2]} and B {entries[n][path][3]}, "
-                      f"{names[0]!r} A {first[path][2]} and B {first[path][3]}: not adapters "
-                      "of the same weight")
-  if errors:
-    raise ValueError(f"{where}: the adapters are not adapters of the same weights:\n  - "
-                     + "\n  - ".join(errors))
-  return entries
 
 
 def _svd(a: jax.Array, b: jax.Array, rank: int) -> tuple[jax.Array, jax.Array]:

@@ -15,6 +15,7 @@ from lora_jax._src.lift import LoraParams
 from lora_jax._src.lowrank import low_rank_delta
 from lora_jax._src.plan import Target, plan
 from lora_jax._src.qarray import is_quantized
+from lora_jax._src.stack import refuse_stack
 from lora_jax._src.tree import PyTree, adapter_paths, lookup, map_with_paths
 
 
@@ -43,6 +44,7 @@ def check_adapters(targets: tuple[Target, ...], adapters: Mapping[str, Any] | No
     ValueError: for adapters that are missing, unexpected, of the wrong shape, or with
       (without) a DoRA magnitude where the config says LoRA (DoRA).
   """
+  refuse_stack(adapters, what)
   errors: list[str] = []
   expected = {t.path for t in targets}
   for path in adapter_paths(adapters):

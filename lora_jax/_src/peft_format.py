@@ -39,6 +39,7 @@ from lora_jax._src import atomic
 from lora_jax._src.config import LoraConfig, is_principal
 from lora_jax._src.lift import LoraParams
 from lora_jax._src.plan import Target, layout_is_certain, leaf_axes, plan
+from lora_jax._src.stack import refuse_stack
 from lora_jax._src.tree import PyTree, adapter_paths, leaves_with_paths, lookup, nest
 
 PREFIX = "base_model.model."
@@ -106,7 +107,9 @@ def _split(tree: LoraParams | Mapping[str, Any]) -> tuple[Mapping[str, Any], PyT
   if isinstance(tree, LoraParams):
     if tree.adapters is None:
       raise ValueError("export_peft: the LoraParams has no adapters (lora_jax.disable?).")
+    refuse_stack(tree.adapters, "export_peft")
     return tree.adapters, tree.base
+  refuse_stack(tree, "export_peft")
   return tree, None
 
 

@@ -30,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lora_jax._src.combine import _entries, same_weights
-from lora_jax._src.config import LoraConfig
+from lora_jax._src.config import LoraConfig, is_principal
+from lora_jax._src.lift import LoraParams
 from lora_jax._src.lowrank_dot import accumulation_dtype
 from lora_jax._src.qarray import explicit_sharding
 from lora_jax._src.tree import adapter_paths, lookup, nest
@@ -93,7 +93,7 @@ class AdapterStack:
       raise ValueError(f"put: slot {slot!r} is not one of the stack's {len(self)} slots "
                        f"{list(self.names)}.")
     label = name if name is not None else self.names[i]
-    entries = _entries(label, adapters, config, where="AdapterStack.put")
+    entries = factors_of(label, adapters, config, where="AdapterStack.put")
     ours = {p: lookup(self.adapters, p) for p in adapter_paths(self.adapters)}
     errors = []
     if set(entries) != set(ours):
@@ -133,6 +133,71 @@ jax.tree_util.register_pytree_with_keys(
     lambda s: (((jax.tree_util.GetAttrKey("adapters"), s.adapters),), s.names),
     lambda names, children: AdapterStack(children[0], names),
     flatten_func=lambda s: ((s.adapters,), s.names))
+
+
+def refuse_stack(adapters: Any, where: str) -> None:
+  """Raises for an ``AdapterStack`` where one adapter is expected."""
+  if isinstance(adapters, AdapterStack):
+    raise ValueError(f"{where}: got a stack of {len(adapters)} adapters {list(adapters.names)}, "
+                     "but this takes one adapter; select it: stack.select(name) (mixed batches: "
+                     "lora_jax.wrap(...)(lp, x, adapter_ids=ids)).")
+
+
+def factors_of(name: str, adapters: Any, config: LoraConfig, where: str
+             ) -> dict[str, tuple[Any, Any, int]]:
+  """``{path: (A as (S, in, r), B as (S, r, out), A's shape, B's shape, number of stack
+  axes, scale)}`` of one adapter tree."""
+  if is_principal(config.init):
+    raise ValueError(f"{where}: adapter {name!r} was initialized with PiSSA/OLoRA, so it applies "
+                     "to its own residual base; convert it with lj.principal_to_lora first.")
+  if config.trainable:
+    raise ValueError(f"{where}: adapter {name!r} trains base leaves in full (config.trainable "
+                     f"{list(config.trainable)}); only its A and B would be kept here, and the "
+                     "model would silently lose those leaves. Use adapters without leaves "
+                     "trained in full.")
+  tree = adapters.adapters if isinstance(adapters, LoraParams) else adapters
+  refuse_stack(tree, where)
+  out = {}
+  for path in adapter_paths(tree):
+    entry = lookup(tree, path)
+    if "m" in entry:
+      raise ValueError(f"{where}: adapter {name!r} is DoRA at {path}: a DoRA weight is "
+                       "m ⊙ V / ‖V‖, not W + ΔW, so sums of its ΔW do not combine it. Combine "
+                       "plain LoRA adapters only.")
+    stack = config.stack_axes_for(path)
+    n = stack if isinstance(stack, int) else len(stack)
+    a, b = jnp.asarray(entry["a"], jnp.float32), jnp.asarray(entry["b"], jnp.float32)
+    s = math.prod(a.shape[:n])
+    out[path] = (a.reshape(s, -1, a.shape[-1]), b.reshape(s, b.shape[n], -1), a.shape, b.shape,
+                 n, config.scale_for(path))
+  return out
+
+
+
+def same_weights(adapters: Mapping[str, tuple[Any, LoraConfig]], where: str
+                 ) -> dict[str, dict[str, tuple[Any, ...]]]:
+  """``{name: factors_of(...)}``, after checking that all adapt the same weights (paths,
+  stack, input and output sizes); raises a ValueError listing every misfit."""
+  names = list(adapters)
+  entries = {n: factors_of(n, *adapters[n], where=where) for n in names}
+  first, errors = entries[names[0]], []
+  for n in names[1:]:
+    if set(entries[n]) != set(first):
+      extra, missing = sorted(set(entries[n]) - set(first)), sorted(set(first) - set(entries[n]))
+      errors.append(f"{n!r} adapts other paths than {names[0]!r}: extra {extra[:5]}, "
+                    f"missing {missing[:5]}")
+      continue
+    for path, (a, b, *_rest) in entries[n].items():
+      a0, b0 = first[path][:2]
+      if (a.shape[0], a.shape[1], b.shape[2]) != (a0.shape[0], a0.shape[1], b0.shape[2]):
+        errors.append(f"{path}: {n!r} has A {entries[n][path][2]} and B {entries[n][path][3]}, "
+                      f"{names[0]!r} A {first[path][2]} and B {first[path][3]}: not adapters "
+                      "of the same weight")
+  if errors:
+    raise ValueError(f"{where}: the adapters are not adapters of the same weights:\n  - "
+                     + "\n  - ".join(errors))
+  return entries
+
 
 
 def stack_adapters(adapters: Mapping[str, tuple[Any, LoraConfig]]
@@ -186,7 +251,7 @@ def stack_adapters(adapters: Mapping[str, tuple[Any, LoraConfig]]
 
 def _padded(entry: tuple[Any, ...], rank: int) -> tuple[jax.Array, jax.Array]:
   """One adapter's A and B at ``rank`` (exact zeros beyond its own) with its scale folded
-  into B, in the weight's layout (``entry`` from ``combine._entries``)."""
+  into B, in the weight's layout (``entry`` from ``factors_of``)."""
   a, b, a_shape, b_shape, n_stack, scale = entry
   pad = rank - a.shape[-1]
   a = jnp.pad(a, ((0, 0), (0, 0), (0, pad))).reshape(*a_shape[:-1], rank)

@@ -14,6 +14,7 @@ from lora_jax._src.config import LoraConfig
 from lora_jax._src.lift import LoraParams
 from lora_jax._src.plan import plan
 from lora_jax._src.qarray import is_quantized
+from lora_jax._src.stack import refuse_stack
 from lora_jax._src.tree import PyTree, leaves_with_paths
 
 
@@ -138,6 +139,7 @@ def summary(lp: LoraParams | PyTree, config: LoraConfig) -> Summary:
   full = sum(_size(leaf) for path, leaf in leaves if config.is_trainable(path))
   adapter_params = sum(r.adapter_params for r in rows)
   if isinstance(lp, LoraParams) and lp.adapters is not None:
+    refuse_stack(lp.adapters, "summary")
     adapter_bytes = sum(_size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(lp.adapters))
   else:
     adapter_bytes = adapter_params * np.dtype(config.dtype).itemsize
