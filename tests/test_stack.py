@@ -359,7 +359,7 @@ def test_a_stack_where_one_adapter_is_expected_is_refused_by_name(tmp_path):
            "combine": lambda: lj.combine({"s": (stack, config), "t": named["r2"]},
                                          {"s": 1.0, "t": 1.0}),
            "stack_adapters": lambda: lj.stack_adapters({"s": (stack, config)})}
-  for name, call in calls.items():
+  for call in calls.values():
     with pytest.raises(ValueError, match=r"got a stack of 3 adapters \['r2', 'r4rs', 'mixed'\], "
                        r"but this takes one adapter; select it: stack.select\(name\)"):
       call()
