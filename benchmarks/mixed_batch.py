@@ -10,8 +10,8 @@ each example with a random adapter. One jitted forward per approach:
             keeping each example's by a one-hot mask (N times the adapter work; what JAX
             serving stacks do), emulated by swapping the per-example rule
   ragged    the same, with the examples sorted by adapter and jax.lax.ragged_dot over the
-            groups (the SGMV form); off TPU, jax lowers ragged_dot densely (each group
-            masked against every row), so this measures what it costs on this machine
+            groups (the SGMV form); on CPU, jax lowers ragged_dot densely (each group
+            masked against every row; GPU and TPU get XLA's ragged dot)
   loop      for each of the N adapters, the whole batch with that adapter selected, keeping
             its examples' rows (N forward passes)
 
