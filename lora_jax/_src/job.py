@@ -309,10 +309,13 @@ def fit(loss_fn: Callable[..., jax.Array], params: Any, tx: optax.GradientTransf
     else:
       progress.update(i + 1)
   progress.close()
-  finite = jax.tree.reduce(
-      lambda ok, x: ok & jnp.all(jnp.isfinite(x)),
-      [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.inexact)],
-      jnp.bool_(True))
+  # One program, dispatched after the last step has finished: on a CPU mesh, device threads
+  # of several multi-device programs in flight at once (the last steps and one eager
+  # isfinite per leaf) can starve each other's collectives until XLA aborts the process.
+  params = jax.block_until_ready(params)
+  floating = [x for x in jax.tree.leaves(params) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  finite = jax.jit(lambda leaves: jnp.all(jnp.stack(
+      [jnp.all(jnp.isfinite(x)) for x in leaves] or [jnp.bool_(True)])))(floating)
   if not bool(finite):
     raise TrainingDiverged(f"{desc}: the parameters hold NaN or Inf after step {total}; "
                            "stopping before anything is saved. Lower the learning rate "

@@ -144,7 +144,7 @@ def refuse_stack(adapters: Any, where: str) -> None:
 
 
 def factors_of(name: str, adapters: Any, config: LoraConfig, where: str
-             ) -> dict[str, tuple[Any, Any, int]]:
+               ) -> dict[str, tuple[Any, ...]]:
   """``{path: (A as (S, in, r), B as (S, r, out), A's shape, B's shape, number of stack
   axes, scale)}`` of one adapter tree."""
   if is_principal(config.init):
@@ -162,8 +162,8 @@ def factors_of(name: str, adapters: Any, config: LoraConfig, where: str
     entry = lookup(tree, path)
     if "m" in entry:
       raise ValueError(f"{where}: adapter {name!r} is DoRA at {path}: a DoRA weight is "
-                       "m ⊙ V / ‖V‖, not W + ΔW, so sums of its ΔW do not combine it. Combine "
-                       "plain LoRA adapters only.")
+                       "m ⊙ V / ‖V‖, not W + ΔW, so it is neither combined nor stacked as "
+                       "factors. Use plain LoRA adapters here.")
     stack = config.stack_axes_for(path)
     n = stack if isinstance(stack, int) else len(stack)
     a, b = jnp.asarray(entry["a"], jnp.float32), jnp.asarray(entry["b"], jnp.float32)
@@ -171,7 +171,6 @@ def factors_of(name: str, adapters: Any, config: LoraConfig, where: str
     out[path] = (a.reshape(s, -1, a.shape[-1]), b.reshape(s, b.shape[n], -1), a.shape, b.shape,
                  n, config.scale_for(path))
   return out
-
 
 
 def same_weights(adapters: Mapping[str, tuple[Any, LoraConfig]], where: str
