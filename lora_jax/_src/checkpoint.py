@@ -28,7 +28,7 @@ from lora_jax._src.checksums import ChecksumError, check_record, record
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.lift import LoraParams
 from lora_jax._src.lineage import fingerprint
-from lora_jax._src.stack import AdapterStack
+from lora_jax._src.stack import AdapterStack, one_adapter_shapes
 from lora_jax._src.tree import PyTree, adapter_paths, leaves_with_paths, lookup, trained_leaves
 
 _ADAPTERS, _CONFIG, _TRAINED, _CHECKSUMS = "adapters", "config", "trained", "checksums"
@@ -219,7 +219,7 @@ def _one_of_stack(tree: Any, names: Any, where: str) -> Any:
   if wrong:
     raise CheckpointMismatch(f"{where}: a stack of {len(names)} adapters {list(names)}, but "
                              + "; ".join(wrong[:5]))
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype), tree)
+  return one_adapter_shapes(tree)
 
 
 def check_fits_config(adapters: Any, trained: Any, config: LoraConfig, where: str) -> None:

@@ -114,14 +114,14 @@ class AdapterStack:
                       "changes the arrays' shapes (and recompiles): stack_adapters again")
     if errors:
       raise ValueError("AdapterStack.put: cannot put:\n  - " + "\n  - ".join(errors))
+    names = self.names[:i] + (label,) + self.names[i + 1:]
+    if len(set(names)) != len(names):
+      raise ValueError(f"AdapterStack.put: the name {label!r} is taken by another slot.")
     flat = {}
     for path, entry in ours.items():
       a, b = _padded(entries[path], entry["a"].shape[-1])
       flat[path] = {"a": entry["a"].at[i].set(a.astype(entry["a"].dtype)),
                     "b": entry["b"].at[i].set(b.astype(entry["b"].dtype))}
-    names = self.names[:i] + (label,) + self.names[i + 1:]
-    if len(set(names)) != len(names):
-      raise ValueError(f"AdapterStack.put: the name {label!r} is taken by another slot.")
     return AdapterStack(nest(flat), names)
 
   def __len__(self) -> int:
@@ -133,6 +133,12 @@ jax.tree_util.register_pytree_with_keys(
     lambda s: (((jax.tree_util.GetAttrKey("adapters"), s.adapters),), s.names),
     lambda names, children: AdapterStack(children[0], names),
     flatten_func=lambda s: ((s.adapters,), s.names))
+
+
+def one_adapter_shapes(arrays: Any) -> Any:
+  """The shapes and dtypes of one adapter of a stack's arrays (their leading axis dropped),
+  for the checks that take one adapter's tree."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x)[1:], x.dtype), arrays)
 
 
 def refuse_stack(adapters: Any, where: str) -> None:

@@ -17,7 +17,7 @@ from lora_jax._src.lowrank import LowRank
 from lora_jax._src.merge import check_adapters, fold
 from lora_jax._src.plan import Target, plan
 from lora_jax._src.qarray import is_quantized
-from lora_jax._src.stack import AdapterStack, check_ids
+from lora_jax._src.stack import AdapterStack, check_ids, one_adapter_shapes
 from lora_jax._src.tree import PyTree, leaves_with_paths, lookup, map_with_paths
 
 _MODES = ("factored", "merge")
@@ -150,11 +150,13 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *, mode: str = "facto
       return call(fold(base, lp.adapters, config), *args, **kwargs)
     leaves = leaves_with_paths(base)
     by_path = dict(leaves)
-    adapters = lp.adapters.select(0) if stacked else lp.adapters
+    # A stack is checked as one adapter (shapes only), then run with its leading axis.
+    adapters = one_adapter_shapes(lp.adapters.adapters) if stacked else lp.adapters
     pairs = [] if adapters is None else check_adapters(plan(base, config), adapters)
-    if stacked:  # the factors with their leading adapter axis
-      pairs = [(t, lookup(lp.adapters.adapters, t.path)["a"],
-                lookup(lp.adapters.adapters, t.path)["b"], m) for t, _, _, m in pairs]
+    if stacked:
+      entries = {t.path: lookup(lp.adapters.adapters, t.path) for t, *_ in pairs}
+      pairs = [(t, entries[t.path]["a"], entries[t.path]["b"], entries[t.path].get("m"))
+               for t, *_ in pairs]
     lowranks = {t.path: LowRank.from_target(t, by_path[t.path], a, b, m) for t, a, b, m in pairs}
     paths = [p for p, _ in leaves]
     ctx = Context(warned, lora_rng, config.dropout, adapter_ids=None if not stacked else
