@@ -44,6 +44,8 @@ from lora_jax._src.tree import nest
 
 METHODS = ("cat", "svd", "linear", "ties", "dare_linear", "dare_ties")
 _FACTOR_METHODS = ("linear", "ties", "dare_linear", "dare_ties")
+_PRUNED_METHODS = ("ties", "dare_linear", "dare_ties")   # take a density
+_SIGNED_METHODS = ("ties", "dare_ties")                  # elect a sign per entry
 _SIGN_METHODS = ("total", "frequency")
 
 
@@ -78,7 +80,7 @@ def _merge_factors(t: jax.Array, weights: jax.Array, method: str, density: float
     else:
       t = jnp.where(jax.random.bernoulli(key, density, t.shape), t / density, 0.0)
   weighted = t * weights.reshape((-1,) + (1,) * (t.ndim - 1))
-  if method in ("linear", "dare_linear"):
+  if method not in _SIGNED_METHODS:
     return weighted.sum(0)
   votes = t.sum(0) if majority_sign == "total" else jnp.sign(t).sum(0)
   agree = jnp.sign(t) == jnp.where(votes >= 0, 1.0, -1.0)
@@ -150,7 +152,7 @@ def combine(adapters: Mapping[str, tuple[Any, LoraConfig]], weights: Mapping[str
   if rank is not None and (method != "svd" or isinstance(rank, bool)
                            or not isinstance(rank, int) or rank < 1):
     errors.append(f"rank={rank!r}: only method='svd' takes a rank, a positive integer")
-  pruned = method in ("ties", "dare_linear", "dare_ties")
+  pruned = method in _PRUNED_METHODS
   if pruned != (density is not None):
     errors.append(f"density={density!r}: 'ties', 'dare_linear' and 'dare_ties' take a density "
                   "(the fraction of entries kept, in (0, 1]); other methods take none")
@@ -158,7 +160,7 @@ def combine(adapters: Mapping[str, tuple[Any, LoraConfig]], weights: Mapping[str
                    or not 0 < density <= 1):
     errors.append(f"density={density!r}: must be a number in (0, 1] (the fraction kept)")
   if majority_sign not in _SIGN_METHODS or (majority_sign != "total"
-                                            and method not in ("ties", "dare_ties")):
+                                            and method not in _SIGNED_METHODS):
     errors.append(f"majority_sign={majority_sign!r}: 'ties' and 'dare_ties' take 'total' or "
                   "'frequency'; other methods leave it 'total'")
   if method.startswith("dare") != (key is not None):
