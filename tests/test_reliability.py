@@ -26,6 +26,7 @@ from child_env import child_env
 
 import lora_jax as lj
 from lora_jax._src import atomic
+from lora_jax._src.checkpoint import json_digest
 from lora_jax._src.cli import main as cli
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -370,6 +371,13 @@ def test_load_checks_the_config_against_the_arrays(tmp_path):
                            r"but the config's targets/exclude do not select it"),
                           ({"rank_pattern": {"out": 8}}, r"params/out/kernel: A \(8, 4\)")]:
     stored.write_text(json.dumps({**saved, **change}))
+    with pytest.raises(lj.ChecksumError, match=r"config: its content changed"):
+      lj.load_adapters(path)  # the config is covered by the checksum record
+    # Re-recorded as if written that way: the arrays are still checked against it.
+    sums_file = path / "checksums" / "metadata"
+    sums = json.loads(sums_file.read_text())
+    sums["__json_items__"]["config"] = json_digest({**saved, **change})
+    sums_file.write_text(json.dumps(sums))
     with pytest.raises(lj.CheckpointMismatch, match=message):
       lj.load_adapters(path)
     assert cli(["inspect", str(path)]) == 2  # inspect never prints a wrong scale

@@ -13,6 +13,9 @@ moved into place only when complete:
 * writers to one destination take an exclusive lock
   (``.<name>.lora-jax-lock`` beside it, ``flock``): concurrent writers are
   serialized, each output is complete, and the last to finish is what stays;
+* every writer goes through ``Output.staged`` (one lock, one stale-staging cleanup, one
+  "may I replace this?" rule, one commit, one discard on failure); small files
+  (metrics, plots) through ``write_file``, which is the same path for one file;
 * staging folders left by killed processes (their pid no longer runs on this
   host) are removed by the next writer to the same destination, and listed by
   ``stale_staging``. A multi-process save's staging names no host (all
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import errno
 import os
 import pathlib
@@ -207,3 +211,121 @@ def check_separate(out: str | os.PathLike[str],
       raise ValueError(f"{what}: the output {out} {relation} the input {name} {path}; "
                        "writing there could destroy the input. Choose an output path outside "
                        "every input.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """A staging output being written: ``path`` (write here) and the stale staging removed."""
+
+  path: pathlib.Path
+  removed: tuple[pathlib.Path, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+  """One destination lora_jax writes, and the one rule for replacing what is there.
+
+  Attributes:
+    final: the destination (absolute).
+    overwrite: whether something already there may be replaced at all.
+    ours: recognizes what this writer may replace (its own earlier output).
+    what: how messages name that kind of output.
+    alternative: the other way out, for the message.
+  """
+
+  final: pathlib.Path
+  overwrite: bool
+  ours: Callable[[pathlib.Path], bool]
+  what: str
+  alternative: str = "choose another path"
+
+  def check(self) -> None:
+    """``check_replaceable`` for this destination (call early, before any work)."""
+    check_replaceable(self.final, overwrite=self.overwrite, ours=self.ours, what=self.what,
+                      alternative=self.alternative)
+
+  @contextlib.contextmanager
+  def staged(self, *, lock: pathlib.Path | None = None, staging: pathlib.Path | None = None,
+             primary: bool = True, sync: Callable[[str], None] | None = None
+             ) -> Iterator[Stage]:
+    """Writes under a staging name and commits it to ``final`` when the block completes.
+
+    Under the lock (``lock``, default ``final``): stale staging of killed writers is
+    removed, the destination is checked again (another writer may have finished
+    first), the block writes ``Stage.path``, and the result replaces ``final``
+    atomically. If the block raises (or the process is killed), the staging output
+    and any pending folders beside it are removed and ``final`` is as it was.
+
+    Args:
+      lock: the path whose lock serializes writers (a folder of steps shares one).
+      staging: a staging name all processes agree on (multi-process saves).
+      primary: whether this process locks, checks and commits (process 0); the
+        others only write their shards into ``staging``.
+      sync: called with ``"written"`` before the commit and ``"committed"`` after it
+        (a barrier across processes).
+    """
+    self.check()
+    self.final.parent.mkdir(parents=True, exist_ok=True)
+    staging = staging_path(self.final) if staging is None else staging
+    with locked(lock or self.final) if primary else contextlib.nullcontext():
+      removed: list[pathlib.Path] = []
+      if primary:
+        removed = clean_stale(self.final)
+        self.check()
+      try:
+        yield Stage(staging, tuple(removed))
+        if sync is not None:
+          sync("written")
+        if primary:
+          commit(staging, self.final)
+        if sync is not None:
+          sync("committed")
+      except BaseException:
+        if primary:
+          discard(staging)
+        raise
+
+
+def write_file(final: str | os.PathLike[str], data: bytes | str, *,
+               ours: Callable[[pathlib.Path], bool] = lambda p: p.is_file(),
+               what: str = "a file") -> pathlib.Path:
+  """Writes one small file atomically (fsynced, then renamed over ``final``).
+
+  An existing file at ``final`` is replaced only if ``ours`` recognizes it (by
+  default any regular file: the writer's own output by name, such as a run's
+  ``metrics.json``); a folder or link there is never replaced.
+  """
+  final = pathlib.Path(final).absolute()
+  out = Output(final, overwrite=True, ours=ours, what=what)
+  with out.staged() as stage:
+    with open(stage.path, "wb") as f:
+      f.write(data.encode("utf-8") if isinstance(data, str) else data)
+      f.flush()
+      os.fsync(f.fileno())
+  return final
+
+
+@contextlib.contextmanager
+def owned(folder: pathlib.Path, what: str) -> Iterator[None]:
+  """Holds ``folder`` for one writer for the whole block; a second one is refused at once.
+
+  Raises:
+    RuntimeError: when another process holds it, naming the folder and the fix.
+  """
+  import fcntl  # pylint: disable=import-outside-toplevel  # POSIX only
+
+  folder.mkdir(parents=True, exist_ok=True)
+  fd = os.open(folder / ".lora-jax-owner", os.O_RDWR | os.O_CREAT, 0o644)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "another process"
+      raise RuntimeError(f"{folder} is in use by {what} running as {holder}; two runs into one "
+                         "folder would mix their outputs. Wait for it to finish or choose "
+                         "another folder.") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {_host()}".encode("ascii"), 0)
+    yield
+  finally:
+    os.close(fd)

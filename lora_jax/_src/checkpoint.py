@@ -12,7 +12,8 @@ its checksum and every adapter against the saved config.
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
+import json
 import os
 import pathlib
 import warnings
@@ -34,6 +35,14 @@ from lora_jax._src.tree import PyTree, adapter_paths, leaves_with_paths, lookup,
 _ADAPTERS, _CONFIG, _TRAINED, _CHECKSUMS = "adapters", "config", "trained", "checksums"
 _BASE = "base_fingerprint"  # JSON: the adapted base leaves' shapes, dtypes, sampled values
 _STACK = "adapter_stack"  # JSON: {"names": [...]} for an AdapterStack (stack.py)
+# In the checksum record: {JSON item: SHA-256 of its canonical JSON} (config, names, lineage).
+JSON_DIGESTS = "__json_items__"
+
+
+def json_digest(value: Any) -> str:
+  """The SHA-256 of a JSON value in canonical form (sorted keys, no spaces)."""
+  text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _composite() -> ocp.Checkpointer:
@@ -93,35 +102,21 @@ def write(final: pathlib.Path, items: dict[str, Any], config: LoraConfig, *, ove
       step checkpoints for a step, so that steps leave one lock file, not one each).
     json_items: further ``{item name: JSON value}`` items.
   """
-  final.parent.mkdir(parents=True, exist_ok=True)
   primary = jax.process_index() == 0
-
-  def refuse_existing() -> None:
-    atomic.check_replaceable(final, overwrite=overwrite, ours=is_checkpoint,
-                             what=f"a lora_jax {what} (no '{_CONFIG}/' item)",
-                             alternative="save with step=N to keep several checkpoints")
-
-  refuse_existing()  # before any work
+  output = atomic.Output(final, overwrite=overwrite, ours=is_checkpoint,
+                         what=f"a lora_jax {what} (no '{_CONFIG}/' item)",
+                         alternative="save with step=N to keep several checkpoints")
+  output.check()  # before any work
+  json_values = {_CONFIG: config.to_dict(), **dict(json_items or {})}
   args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
-  args[_CONFIG] = ocp.args.JsonSave(config.to_dict())
-  args.update({k: ocp.args.JsonSave(v) for k, v in (json_items or {}).items()})
-  args[_CHECKSUMS] = ocp.args.JsonSave({k: record(v) for k, v in items.items()})
-  staging = _staging(final)
-  with atomic.locked(lock or final) if primary else contextlib.nullcontext():
-    if primary:
-      atomic.clean_stale(final)
-      refuse_existing()  # again: another writer may have finished meanwhile
-    try:
-      with _composite() as checkpointer:
-        checkpointer.save(staging, ocp.args.Composite(**args))
-      _sync("lora_jax_checkpoint_written")
-      if primary:
-        atomic.commit(staging, final)
-      _sync("lora_jax_checkpoint_committed")
-    except BaseException:
-      if primary:  # the staging folder and orbax's own pending folders beside it
-        atomic.discard(staging)
-      raise
+  args.update({k: ocp.args.JsonSave(v) for k, v in json_values.items()})
+  sums: dict[str, Any] = {k: record(v) for k, v in items.items()}
+  sums[JSON_DIGESTS] = {k: json_digest(v) for k, v in json_values.items()}
+  args[_CHECKSUMS] = ocp.args.JsonSave(sums)
+  with output.staged(lock=lock, staging=_staging(final), primary=primary,
+                     sync=lambda stage: _sync(f"lora_jax_checkpoint_{stage}")) as stage:
+    with _composite() as checkpointer:
+      checkpointer.save(stage.path, ocp.args.Composite(**args))
   return final
 
 
@@ -329,9 +324,23 @@ def _abstract(tree: PyTree) -> PyTree:
                       tree)
 
 
+def _identity(path: pathlib.Path) -> tuple[int, int] | None:
+  try:
+    st = os.stat(path)
+  except OSError:
+    return None
+  return st.st_dev, st.st_ino
+
+
 def read(path: pathlib.Path, targets: Mapping[str, Any], what: str,
          json_names: tuple[str, ...] = ()) -> tuple[LoraConfig, dict[str, Any]]:
-  """Reads the config and the array items of a checkpoint folder and verifies their checksums.
+  """Reads one whole, verified version of a checkpoint folder: its config, JSON items and
+  array items, every one checked against the checksum record written with them.
+
+  A writer replacing the checkpoint meanwhile (``save_adapters(overwrite=True)``, a
+  trainer saving while a server reloads) swaps the folder under its name in one
+  atomic step; a read that saw the folder change under it is started again, so the
+  result is the old or the new checkpoint, whole, never a mix of the two.
 
   Args:
     path: the checkpoint folder.
@@ -343,9 +352,28 @@ def read(path: pathlib.Path, targets: Mapping[str, Any], what: str,
 
   Raises:
     CheckpointMismatch: when an item does not match its target.
-    ChecksumError: when an array's bytes differ from the recorded checksum.
+    ChecksumError: when an array's bytes or a JSON item differ from the record.
     ValueError: for anything unreadable, naming ``path``.
   """
+  for attempt in range(_READ_ATTEMPTS):
+    before = _identity(path)
+    try:
+      result = _read_once(path, targets, what, json_names)
+    except (ValueError, OSError):
+      if before is not None and _identity(path) == before or attempt + 1 == _READ_ATTEMPTS:
+        raise
+      continue  # replaced while we read: read the version now in place
+    if _identity(path) == before:
+      return result
+  raise ValueError(f"{what} {path} was replaced {_READ_ATTEMPTS} times while it was read; "
+                   "read it again when the writer is done.")
+
+
+_READ_ATTEMPTS = 8
+
+
+def _read_once(path: pathlib.Path, targets: Mapping[str, Any], what: str,
+               json_names: tuple[str, ...]) -> tuple[LoraConfig, dict[str, Any]]:
   where = f"{what} {path}"
   try:
     with _composite() as checkpointer:
@@ -353,10 +381,13 @@ def read(path: pathlib.Path, targets: Mapping[str, Any], what: str,
         return checkpointer.restore(
             path, ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[name]
 
-      config = LoraConfig.from_dict(json_item(_CONFIG))
       sums = json_item(_CHECKSUMS) if (path / _CHECKSUMS).is_dir() else None
+      raw_config = json_item(_CONFIG)
       restored = {name: json_item(name) if (path / name).is_dir() else None
                   for name in json_names}
+      _check_json(sums, {_CONFIG: raw_config, **{n: v for n, v in restored.items()
+                                                  if v is not None}}, path, where)
+      config = LoraConfig.from_dict(raw_config)
       for item, target in targets.items():
         target = target(config) if callable(target) else target
         # The handler reads the item's own metadata; a Checkpointer would look for a
@@ -374,7 +405,7 @@ def read(path: pathlib.Path, targets: Mapping[str, Any], what: str,
               saved))
         restored[item] = checkpointer.restore(
             path, ocp.args.Composite(**{item: restore}))[item]
-  except (CheckpointMismatch, FileNotFoundError):
+  except (CheckpointMismatch, ChecksumError, FileNotFoundError):
     raise
   except Exception as e:  # orbax, tensorstore and json raise many kinds for damaged files
     message = str(e).splitlines()[0][:300] if str(e) else ""
@@ -384,15 +415,42 @@ def read(path: pathlib.Path, targets: Mapping[str, Any], what: str,
     warnings.warn(f"{where} has no checksums (written by lora_jax 0.1.0 or earlier): its arrays "
                   "cannot be verified. Save it again to add them.", stacklevel=3)
   else:
-    if not isinstance(sums, Mapping):
-      raise ChecksumError(f"{where}: its checksum record is damaged.")
-    lost = sorted(set(sums) - set(restored) - {i for i in sums if (path / i).is_dir()})
+    lost = sorted(set(sums) - {JSON_DIGESTS} - set(restored)
+                  - {i for i in sums if (path / i).is_dir()})
     if lost:
       raise ChecksumError(f"{where} is damaged: the item(s) {lost} were written but are gone.")
     for item, tree in restored.items():
       if item not in json_names:
         check_record(dict(leaves_with_paths(tree)), sums.get(item), f"{where} ({item})")
   return config, restored
+
+
+def _check_json(sums: Any, values: Mapping[str, Any], path: pathlib.Path, where: str) -> None:
+  """Every JSON item read must be the one recorded: the config, stack names and base
+  fingerprint are covered by the same record as the arrays."""
+  if sums is None:
+    return
+  if not isinstance(sums, Mapping):
+    raise ChecksumError(f"{where}: its checksum record is damaged (found "
+                        f"{type(sums).__name__}, expected a mapping).")
+  digests = sums.get(JSON_DIGESTS)
+  if digests is None:
+    warnings.warn(f"{where} was written by lora_jax 0.3.0 or earlier: its config and other JSON "
+                  "items are not covered by its checksums. Save it again to cover them.",
+                  stacklevel=4)
+    return
+  if not isinstance(digests, Mapping):
+    raise ChecksumError(f"{where}: its checksum record of JSON items is damaged.")
+  errors = [f"{name}: read, but no checksum was recorded for it" for name in values
+            if name not in digests]
+  errors += [f"{name}: recorded, but not found" for name in digests
+             if name not in values and not (path / name).is_dir()]
+  errors += [f"{name}: its content changed since it was written" for name, value in
+             values.items() if name in digests and json_digest(value) != digests[name]]
+  if errors:
+    raise ChecksumError(f"{where} is damaged: its JSON items do not match the checksums "
+                        "recorded when it was written:\n  - " + "\n  - ".join(errors)
+                        + "\nRestore it from a backup or write it again.")
 
 
 def load_adapters(directory: str | os.PathLike[str], *, target: PyTree | None = None,

@@ -11,6 +11,8 @@ are recorded as ``None`` and the record says so.
 from __future__ import annotations
 
 import hashlib
+import json
+import pathlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -84,3 +86,83 @@ def check_record(found: Mapping[str, Any], recorded: Any, where: str) -> None:
                         "when it was written:\n  - " + "\n  - ".join(errors[:20])
                         + (f"\n  ... and {len(errors) - 20} more" if len(errors) > 20 else "")
                         + "\nRestore it from a backup or write it again.")
+
+
+# A folder of arrays lora_jax wrote (a merged, quantized or job-saved base) carries this
+# file: {leaf path: entry} for every array, and under JSON_FILES the SHA-256 of each
+# JSON file beside them that says what the arrays mean (a quantization record).
+FOLDER_RECORD = "lora_jax_checksums.json"
+JSON_FILES = "__json_files__"
+WRITTEN_BY = "__written_by__"  # {"kind": "merged checkpoint" | "quantized base" | "job base"}
+
+
+def file_digest(path: pathlib.Path) -> str:
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_folder_record(folder: pathlib.Path, arrays: Mapping[str, Any], kind: str,
+                        json_files: tuple[str, ...] = ()) -> None:
+  """Writes ``FOLDER_RECORD`` into ``folder``: ``arrays`` (a record, ``{path: entry}``), the
+  kind of output (which writer may replace it) and the digests of the named files already
+  written there."""
+  data = dict(arrays)
+  data[WRITTEN_BY] = {"kind": kind}
+  if json_files:
+    data[JSON_FILES] = {name: file_digest(folder / name) for name in json_files}
+  (folder / FOLDER_RECORD).write_text(json.dumps(data, sort_keys=True))
+
+
+def read_folder_record(folder: pathlib.Path) -> dict[str, Any] | None:
+  """The array record of ``folder`` (None when it has none), after checking that every JSON
+  file it lists is there unchanged.
+
+  Raises:
+    ChecksumError: for a damaged record or a changed, missing or unlisted JSON file.
+  """
+  file = folder / FOLDER_RECORD
+  if not file.is_file():
+    return None
+  where = f"{folder}"
+  try:
+    data = json.loads(file.read_text(encoding="utf-8"))
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ChecksumError(f"{where}: its {FOLDER_RECORD} is damaged ({type(e).__name__}).") from e
+  if not isinstance(data, dict) or not all(isinstance(v, Mapping) for v in data.values()):
+    raise ChecksumError(f"{where}: its {FOLDER_RECORD} is damaged (expected a mapping of leaf "
+                        "paths to checksum entries).")
+  files = data.pop(JSON_FILES, {})
+  data.pop(WRITTEN_BY, None)
+  errors = []
+  for name, want in files.items():
+    if not (folder / name).is_file():
+      errors.append(f"{name}: recorded, but missing")
+    elif file_digest(folder / name) != want:
+      errors.append(f"{name}: its content changed since it was written")
+  if errors:
+    raise ChecksumError(f"{where} is damaged:\n  - " + "\n  - ".join(errors)
+                        + "\nRestore it from a backup or write it again.")
+  return data
+
+
+def check_files_recorded(folder: pathlib.Path, names: tuple[str, ...]) -> None:
+  """Raises ``ChecksumError`` when one of ``names`` exists in ``folder`` but its record does
+  not list it (a file added or swapped in after the write)."""
+  file = folder / FOLDER_RECORD
+  if not file.is_file():
+    return
+  listed = json.loads(file.read_text(encoding="utf-8")).get(JSON_FILES, {})
+  extra = [n for n in names if (folder / n).is_file() and n not in listed]
+  if extra:
+    raise ChecksumError(f"{folder} is damaged: {extra} are not covered by its {FOLDER_RECORD}.")
+
+
+def folder_kind(folder: pathlib.Path) -> str | None:
+  """The kind of output recorded in ``folder``'s ``FOLDER_RECORD`` (None: none readable)."""
+  try:
+    data = json.loads((folder / FOLDER_RECORD).read_text(encoding="utf-8"))
+    kind = data.get(WRITTEN_BY, {}).get("kind") if isinstance(data, dict) else None
+  except (OSError, ValueError, AttributeError):
+    return None
+  if kind is None and isinstance(data, dict) and data:
+    return "merged checkpoint"  # written by lora_jax 0.3.0 or earlier: only merges wrote it
+  return kind if isinstance(kind, str) else None

@@ -39,12 +39,22 @@ def _name_map(rules: list[str]):
 def _merge_hf(args: argparse.Namespace) -> int:
   from lora_jax._src.hf_merge import merge_hf  # pylint: disable=import-outside-toplevel
 
+  given = [flag for flag, value in (("--format", args.format), ("--group-mb", args.group_mb),
+                                     ("--force", args.force or None)) if value is not None]
+  if given:
+    raise ValueError(f"{', '.join(given)} do(es) not apply to a Hugging Face base: the output is "
+                     "a Hugging Face folder of safetensors shards (--max-shard-size), read one "
+                     "tensor at a time, and a PEFT adapter records no base fingerprint to "
+                     "force past. Leave them out.")
   start = time.perf_counter()
   report = merge_hf(args.base, args.adapters, args.out, dtype=args.dtype,
                     max_shard_size=args.max_shard_size, tensor_name=_name_map(args.name_map),
-                    overwrite=args.overwrite)
+                    safe=args.safe, overwrite=args.overwrite)
   for path in report["removed_stale"]:
     print(f"removed {path}: staging left by a merge that was killed")
+  for name in report["not_copied"]:
+    print(f"not copied: {name} (weights in another format; the output holds only the merged "
+          "safetensors)")
   print(f"merged {report['merged']} of {report['tensors']} tensors, wrote "
         f"{report['bytes'] / 2**20:.1f} MiB in {report['shards']} shard(s) to {report['out']} "
         f"in {time.perf_counter() - start:.1f} s (a Hugging Face folder: from_pretrained loads it)")
@@ -65,7 +75,8 @@ def _merge(args: argparse.Namespace) -> int:
                      "model.safetensors.index.json or model.safetensors).")
   start = time.perf_counter()
   report = merge_checkpoint(args.base, args.adapters, args.out, dtype=args.dtype, safe=args.safe,
-                            output_format=args.format, group_bytes=args.group_mb << 20,
+                            output_format=args.format or "orbax",
+                            group_bytes=(128 if args.group_mb is None else args.group_mb) << 20,
                             overwrite=args.overwrite, force=args.force, adapter=args.adapter)
   for path in report["removed_stale"]:
     print(f"removed {path}: staging left by a merge that was killed")
@@ -84,6 +95,8 @@ def _merge(args: argparse.Namespace) -> int:
   else:
     print(f"adapters: {report['lineage']} adapted base leaves match the fingerprint of the base "
           "they were trained on")
+    for line in report["lineage_unchecked"]:
+      print(f"adapters: not compared: {line}")
   return 0
 
 
@@ -245,8 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
   merge.add_argument("--dtype", default=None, help="cast floating leaves, e.g. bfloat16")
   merge.add_argument("--safe", action="store_true",
                      help="refuse to write if a merged leaf has NaN or Inf")
-  merge.add_argument("--format", choices=("orbax", "safetensors"), default="orbax")
-  merge.add_argument("--group-mb", type=int, default=128,
+  merge.add_argument("--format", choices=("orbax", "safetensors"), default=None,
+                     help="output format for an orbax or safetensors base (default orbax)")
+  merge.add_argument("--group-mb", type=int, default=None,
                      help="read at most this many MiB of base leaves at once (default 128)")
   merge.add_argument("--overwrite", action="store_true", help="replace an existing output")
   merge.add_argument("--force", action="store_true",

@@ -13,6 +13,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._src.patterns import compile_safe
+
 _INITS = ("default", "gaussian")
 # Initializations that take the adapters from the weight (``principal.py``).
 _PRINCIPAL = re.compile(r"pissa|olora|pissa_niter_[1-9][0-9]*")
@@ -58,13 +60,7 @@ def _as_pattern_pairs(name: str, value: Any) -> tuple[tuple[str, Any], ...]:
 
 
 def _compile(field: str, pattern: str) -> re.Pattern[str]:
-  try:
-    return re.compile(pattern)
-  except re.error as e:
-    raise ValueError(
-        f"LoraConfig.{field}: {pattern!r} is not a valid regular expression ({e}). "
-        "Patterns are Python regular expressions matched with re.search against paths "
-        "like 'params/Dense_0/kernel'; escape special characters with re.escape.") from None
+  return compile_safe(pattern, f"LoraConfig.{field}")
 
 
 def _first_match(pairs: tuple[tuple[str, Any], ...], path: str) -> Any:

@@ -28,7 +28,6 @@ import os
 import pathlib
 import re
 import shutil
-import struct
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -37,17 +36,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src import atomic
+from lora_jax._src.checksums import file_digest
 from lora_jax._src.peft_format import (
+    CONFIG_FILE,
     LORA_SUFFIX,
     MAGNITUDE,
     PREFIX,
     WEIGHTS_FILE,
-    check_tensor_names,
     lora_pair,
+    open_folder,
     pattern_value,
-    read_config,
 )
-from lora_jax._src.streaming import ST_DTYPES, Leaf, SafetensorsWriter
+from lora_jax._src.safetensors_io import SafetensorsFile, inside
+from lora_jax._src.streaming import Leaf, SafetensorsWriter
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -72,58 +73,22 @@ def parse_size(value: int | str) -> int:
   return int(float(found.group(1)) * _UNITS[(found.group(2) or "B").upper()])
 
 
-class ShardReader:
-  """One safetensors file read tensor by tensor with plain file reads (no memory map, whose
-  touched pages would count as this process's memory until the file is closed)."""
-
-  def __init__(self, path: pathlib.Path):
-    self.path = path
-    size = path.stat().st_size
-    try:
-      with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        if length > size - 8:
-          raise ValueError(f"header length {length} exceeds the file")
-        header = json.loads(f.read(length))
-      self._start = 8 + length
-      by_name = {v: k for k, v in ST_DTYPES.items()}
-      self.leaves, self._spans = [], {}
-      for name, info in sorted(((k, v) for k, v in header.items() if k != "__metadata__"),
-                               key=lambda kv: kv[1]["data_offsets"][0]):
-        dtype = jnp.dtype(by_name[info["dtype"]])
-        shape = tuple(int(d) for d in info["shape"])
-        begin, end = (int(o) for o in info["data_offsets"])
-        if end - begin != math.prod(shape) * dtype.itemsize or self._start + end > size:
-          raise ValueError(f"tensor {name}: its data offsets do not fit its shape or the file")
-        self.leaves.append(Leaf(name, shape, dtype))
-        self._spans[name] = begin
-    except (ValueError, KeyError, TypeError, struct.error) as e:
-      raise ValueError(f"Cannot read the safetensors file {path}: it is damaged or not a "
-                       f"safetensors file ({type(e).__name__}: {e}).") from None
-
-  def read(self, leaf: Leaf) -> np.ndarray:
-    with open(self.path, "rb") as f:
-      f.seek(self._start + self._spans[leaf.path])
-      value = np.fromfile(f, dtype=leaf.dtype, count=math.prod(leaf.shape))
-    return value.reshape(leaf.shape)
-
-
 class Stored(NamedTuple):
   """A tensor of a safetensors file, read only when needed."""
 
-  leaf: Leaf
-  reader: ShardReader
+  name: str
+  file: SafetensorsFile
 
   @property
   def shape(self) -> tuple[int, ...]:
-    return self.leaf.shape
+    return self.file.shape(self.name)
 
   @property
   def ndim(self) -> int:
-    return len(self.leaf.shape)
+    return len(self.shape)
 
   def load(self) -> np.ndarray:
-    return self.reader.read(self.leaf)
+    return self.file.read(self.name)
 
 
 class Update(NamedTuple):
@@ -141,13 +106,10 @@ def read_updates(adapters: pathlib.Path, tensor_of: Callable[[str], str]
                  ) -> tuple[dict[str, Update], dict[str, Stored], dict[str, Any]]:
   """``({weight tensor: Update}, {tensor: trained value}, adapter config)`` of a PEFT folder;
   only shapes are read here, the tensors themselves when each is merged."""
-  peft_config = read_config(adapters)
-  reader = ShardReader(adapters / WEIGHTS_FILE)
-  tensors = {leaf.path: Stored(leaf, reader) for leaf in reader.leaves}
-  check_tensor_names(adapters, tensors)
+  peft_config, weights = open_folder(adapters)
+  tensors = {name: Stored(name, weights) for name in weights.names}
   rank, alpha = peft_config["r"], peft_config["lora_alpha"]
-  use_dora = peft_config.get("use_dora") is True
-  rslora = peft_config.get("use_rslora") is True
+  use_dora, rslora = peft_config["use_dora"], peft_config["use_rslora"]
   lora_keys = {k for k in tensors if LORA_SUFFIX.search(k)}
   magnitudes = {k for k in tensors if k.endswith(MAGNITUDE)}
   modules = sorted({LORA_SUFFIX.sub("", k) for k in lora_keys})
@@ -211,41 +173,76 @@ def _expected_shape(update: Update, fan_in_fan_out: bool) -> tuple[int, ...]:
   return out_in[::-1] if fan_in_fan_out else out_in
 
 
-def _base_tensors(base: pathlib.Path) -> tuple[list[str], dict[str, ShardReader]]:
-  """The base's shard files in order and a reader per shard."""
+# Files that hold weights in some format. The output holds only the merged safetensors the
+# merge wrote: any other weight file of the base would load instead of them, unmerged.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf",
+                    ".pkl", ".pickle", ".npz", ".npy", ".onnx", ".tflite", ".keras")
+
+
+def _is_weight_file(name: str) -> bool:
+  lower = name.lower()
+  return lower.endswith(_WEIGHT_SUFFIXES) or lower.endswith(".index.json") or \
+      "consolidated" in lower
+
+
+def _base_tensors(base: pathlib.Path) -> tuple[list[str], dict[str, SafetensorsFile]]:
+  """The base's shard files in order and a checked reader per shard."""
+  if (base / INDEX).is_file() and (base / SINGLE).exists():
+    raise ValueError(f"{base} holds both {INDEX} and {SINGLE}: two sets of weights, and "
+                     "transformers would load one while the index names the other. Remove the "
+                     "one that is not the model, then merge.")
   if (base / INDEX).is_file():
     try:
       weight_map = json.loads((base / INDEX).read_text(encoding="utf-8"))["weight_map"]
+      if not isinstance(weight_map, dict):
+        raise TypeError(f"weight_map is a {type(weight_map).__name__}")
     except (ValueError, KeyError, TypeError) as e:
       raise ValueError(f"{base / INDEX} is not a safetensors index (expected a JSON object "
-                       f"with a 'weight_map'): {e}") from None
+                       f"with a 'weight_map' object): {e}") from None
+    for name in dict.fromkeys(weight_map.values()):
+      inside(base, name, f"{base / INDEX}")
     shards = list(dict.fromkeys(weight_map.values()))
   else:
     weight_map, shards = None, [SINGLE]
+    inside(base, SINGLE, str(base))
   missing = [s for s in shards if not (base / s).is_file()]
   if missing:
     raise FileNotFoundError(f"{base}: the index lists shard(s) {missing[:4]} that are missing.")
-  readers = {s: ShardReader(base / s) for s in shards}
-  names = [leaf.path for r in readers.values() for leaf in r.leaves]
+  readers = {s: SafetensorsFile(base / s) for s in shards}
+  names = [n for r in readers.values() for n in r.names]
   twice = sorted({n for n in names if names.count(n) > 1})
   if twice:
     raise ValueError(f"{base}: tensor(s) {twice[:4]} appear in more than one shard; the folder "
                      "is damaged.")
   if weight_map is not None:
-    found = {leaf.path: s for s, r in readers.items() for leaf in r.leaves}
+    found = {n: s for s, r in readers.items() for n in r.names}
     wrong = sorted(k for k, s in weight_map.items() if found.get(k) != s)
+    wrong += sorted(n for n in found if n not in weight_map)
     if wrong:
       raise ValueError(f"{base / INDEX}: tensor(s) {wrong[:4]} are not in the shards the index "
-                       "names; the folder is damaged.")
+                       "names, or not in the index; the folder is damaged.")
   return shards, readers
+
+
+def _leaves(reader: SafetensorsFile) -> list[Leaf]:
+  return [Leaf(n, reader.shape(n), reader.dtype(n)) for n in reader.names]
 
 
 def merge_hf(base: str | os.PathLike[str], adapters: str | os.PathLike[str],
              out: str | os.PathLike[str], *, dtype: str | None = None,
              max_shard_size: int | str = "5GB",
              tensor_name: Callable[[str], str] = lambda module: module,
-             overwrite: bool = False) -> dict[str, Any]:
+             safe: bool = False, overwrite: bool = False) -> dict[str, Any]:
   """Merges a PEFT LoRA adapter into a Hugging Face safetensors model folder.
+
+  Every file is read through the checked safetensors reader (``safetensors_io``):
+  headers that break the format, shards named outside the base folder and bases
+  with two sets of weights are refused. The output holds the merged shards, their
+  index, the base's other files (config, tokenizer) and ``lora_jax_merge.json``
+  (the SHA-256 of the adapter files and of the base's index and config, and the
+  files the merge wrote; no local paths). Other weight files of the base
+  (``pytorch_model.bin``, ``consolidated.*``, another format's shards) are not
+  copied, since they would load instead of the merged weights; the report lists them.
 
   Args:
     base: a Hugging Face model folder (``model.safetensors.index.json`` and its
@@ -258,16 +255,20 @@ def merge_hf(base: str | os.PathLike[str], adapters: str | os.PathLike[str],
     tensor_name: maps a PEFT module name (``model.layers.0.self_attn.q_proj``)
       to the base's tensor prefix; the default is the name itself, which fits
       models saved with ``save_pretrained``.
-    overwrite: replace an existing output folder written by this function.
+    safe: refuse to write when a merged tensor holds NaN or Inf (nothing is written).
+    overwrite: replace an existing output folder written by this function, if it
+      holds nothing but what that merge wrote.
 
   Returns:
-    A report: tensors written and merged, shards, bytes, and the output folder.
+    A report: tensors written and merged, shards, bytes, the output folder, and the
+    base's weight files that were not copied.
 
   Raises:
     ValueError: for an adapter module or trained tensor the base lacks, a shape
-      that does not fit, a damaged input or an unsupported PEFT variant; nothing
-      is written.
-    FileExistsError: when ``out`` exists and ``overwrite`` is False.
+      that does not fit, a damaged input, an adapter on an integer tensor, or an
+      unsupported PEFT variant; nothing is written.
+    FileExistsError: when ``out`` exists and ``overwrite`` is False, or holds
+      anything this function did not write.
   """
   base, adapters = pathlib.Path(base).absolute(), pathlib.Path(adapters).absolute()
   out = pathlib.Path(out).absolute()
@@ -278,20 +279,32 @@ def merge_hf(base: str | os.PathLike[str], adapters: str | os.PathLike[str],
   atomic.check_separate(out, [("base", base), ("adapters", adapters)], "merge")
   if not is_hf_folder(base):
     raise FileNotFoundError(f"{base} is not a Hugging Face model folder ({INDEX} or {SINGLE}).")
+  output = atomic.Output(out, overwrite=overwrite, ours=_is_our_output,
+                         what="a Hugging Face folder written by lora-jax merge, holding only "
+                         "what that merge wrote")
+  output.check()
   shards, readers = _base_tensors(base)
   updates, trained, peft_config = read_updates(adapters, tensor_name)
-  fan = peft_config.get("fan_in_fan_out") is True
-  leaves = {leaf.path: leaf for r in readers.values() for leaf in r.leaves}
+  fan = peft_config["fan_in_fan_out"]
+  leaves = {leaf.path: leaf for r in readers.values() for leaf in _leaves(r)}
   errors = [f"{u.key}: the base has no tensor {name!r} (pass tensor_name= to map PEFT module "
             "names to the base's tensor names)" for name, u in updates.items()
             if name not in leaves]
   errors += [f"{u.key}: adapter for shape {_expected_shape(u, fan)}, but {name} has shape "
              f"{leaves[name].shape}" for name, u in updates.items()
              if name in leaves and tuple(leaves[name].shape) != _expected_shape(u, fan)]
+  errors += [f"{u.key}: {name} is {np.dtype(leaves[name].dtype).name}, not floating point "
+             "(quantized codes or integer data); adding a LoRA update to it would change the "
+             "raw values. Merge into the full-precision model." for name, u in updates.items()
+             if name in leaves and not jnp.issubdtype(leaves[name].dtype, jnp.floating)]
+  errors += [f"{u.key}: lora_magnitude_vector has shape {u.m.shape}, expected "
+             f"{_magnitude_shape(u, fan)}" for u in updates.values()
+             if u.m is not None and tuple(u.m.shape) != _magnitude_shape(u, fan)]
   errors += [f"trained tensor {name}: " + ("not in the base" if name not in leaves else
-                                           f"shape {tuple(v.shape)}, base {leaves[name].shape}")
+                                           f"shape {tuple(v.shape)}, base {leaves[name].shape} "
+                                           "(a transposed or reshaped tensor is refused)")
              for name, v in trained.items()
-             if name not in leaves or math.prod(v.shape) != math.prod(leaves[name].shape)]
+             if name not in leaves or tuple(v.shape) != tuple(leaves[name].shape)]
   if errors:
     raise ValueError(f"The PEFT adapter {adapters} does not fit the base {base}:\n  - "
                      + "\n  - ".join(errors))
@@ -300,7 +313,7 @@ def merge_hf(base: str | os.PathLike[str], adapters: str | os.PathLike[str],
     floating = jnp.issubdtype(leaf.dtype, jnp.floating)
     return out_dtype if out_dtype is not None and floating else leaf.dtype
 
-  order = [leaf for s in shards for leaf in readers[s].leaves]
+  order = [leaf for s in shards for leaf in _leaves(readers[s])]
   plan: list[list[Leaf]] = [[]]
   size = 0
   for leaf in order:
@@ -312,70 +325,112 @@ def merge_hf(base: str | os.PathLike[str], adapters: str | os.PathLike[str],
     size += leaf.nbytes
   names = ([SINGLE] if len(plan) == 1 else
            [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
+  skipped = [p.name for p in sorted(base.iterdir())
+             if p.name not in set(shards) | {INDEX} and _is_weight_file(p.name)]
 
-  out.parent.mkdir(parents=True, exist_ok=True)
-  with atomic.locked(out):
-    removed = atomic.clean_stale(out)
-    atomic.check_replaceable(out, overwrite=overwrite, ours=_is_our_output,
-                             what="a Hugging Face folder written by lora-jax merge")
-    staging = atomic.staging_path(out)
-    try:
-      staging.mkdir()
-      written = merged = 0
-      source = iter((leaf, s) for s in shards for leaf in readers[s].leaves)
-      for name, group in zip(names, plan):
-        writer = SafetensorsWriter(staging / name, group, staged=False, file_format="pt")
-        try:
-          for leaf in group:
-            original, shard = next(source)
-            value = readers[shard].read(original)
-            if original.path in updates:
-              u = updates[original.path]
-              f32 = lambda t: None if t is None else t.load().astype(np.float32)  # noqa: E731
-              value = _merge_tensor(value, f32(u.a), f32(u.b),
-                                    None if u.m is None else f32(u.m).reshape(-1),
-                                    np.float32(u.scale), kind=u.kind, fan_in_fan_out=fan,
-                                    out_dtype=jnp.dtype(leaf.dtype))
-              merged += 1
-            elif original.path in trained:
-              value = trained[original.path].load().reshape(leaf.shape)
-              merged += 1
-            writer.write({leaf.path: np.asarray(value).astype(leaf.dtype, copy=False)})
-            written += 1
-        except BaseException:
-          writer.abort()
-          raise
-        writer.finish()
-      if len(names) > 1:
-        index = {"metadata": {"total_size": sum(leaf.nbytes for g in plan for leaf in g)},
-                 "weight_map": {leaf.path: n for n, g in zip(names, plan) for leaf in g}}
-        (staging / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
-      _copy_other_files(base, staging, set(shards) | {INDEX}, out_dtype)
-      (staging / _MARKER).write_text(json.dumps({"base": str(base), "adapters": str(adapters)}))
-      atomic.commit(staging, out)
-    except BaseException:
-      atomic.remove(staging)
-      raise
+  with output.staged() as stage:
+    staging = stage.path
+    staging.mkdir()
+    written = merged = 0
+    source = iter((leaf, s) for s in shards for leaf in _leaves(readers[s]))
+    for name, group in zip(names, plan):
+      writer = SafetensorsWriter(staging / name, group, file_format="pt")
+      try:
+        for leaf in group:
+          original, shard = next(source)
+          value = readers[shard].read(original.path)
+          if original.path in updates:
+            u = updates[original.path]
+            f32 = lambda t: None if t is None else t.load().astype(np.float32)  # noqa: E731
+            value = _merge_tensor(value, f32(u.a), f32(u.b),
+                                  None if u.m is None else f32(u.m).reshape(-1),
+                                  np.float32(u.scale), kind=u.kind, fan_in_fan_out=fan,
+                                  out_dtype=jnp.dtype(leaf.dtype))
+            merged += 1
+          elif original.path in trained:
+            value = trained[original.path].load()
+            merged += 1
+          value = np.asarray(value).astype(leaf.dtype, copy=False)
+          if safe and jnp.issubdtype(value.dtype, jnp.floating):
+            bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+            if bad:
+              raise ValueError(f"--safe: merged tensor {leaf.path} (shape {leaf.shape}) has "
+                               f"{bad} NaN/Inf values; nothing was written. Check the adapter's "
+                               "scale and the base.")
+          writer.write({leaf.path: value})
+          written += 1
+      except BaseException:
+        writer.abort()
+        raise
+      writer.finish()
+    if len(names) > 1:
+      index = {"metadata": {"total_size": sum(leaf.nbytes for g in plan for leaf in g)},
+               "weight_map": {leaf.path: n for n, g in zip(names, plan) for leaf in g}}
+      (staging / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
+    skipped += _copy_other_files(base, staging, set(shards) | {INDEX} | set(skipped), out_dtype)
+    files = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+    (staging / _MARKER).write_text(json.dumps(_provenance(base, adapters, files), indent=1,
+                                              sort_keys=True))
   return {"out": str(out), "tensors": written, "merged": merged, "shards": len(names),
-          "bytes": sum(leaf.nbytes for g in plan for leaf in g),
-          "removed_stale": [str(p) for p in removed]}
+          "bytes": sum(leaf.nbytes for g in plan for leaf in g), "not_copied": skipped,
+          "removed_stale": [str(p) for p in stage.removed]}
 
 
 _MARKER = "lora_jax_merge.json"
 
 
+def _provenance(base: pathlib.Path, adapters: pathlib.Path, files: list[str]) -> dict[str, Any]:
+  """What identifies the inputs (names and SHA-256 of the small files that define them),
+  never where they sat on this machine; and the files this merge wrote."""
+  def digests(folder: pathlib.Path, names: tuple[str, ...]) -> dict[str, str]:
+    return {n: file_digest(folder / n) for n in names if (folder / n).is_file()}
+
+  return {"base": {"name": base.name, "sha256": digests(base, (INDEX, "config.json"))},
+          "adapters": {"name": adapters.name,
+                       "sha256": digests(adapters, (CONFIG_FILE, WEIGHTS_FILE))},
+          "files": files}
+
+
 def _is_our_output(path: pathlib.Path) -> bool:
-  return path.is_dir() and (path / _MARKER).is_file()
+  """An earlier merge's output holding nothing but what that merge wrote."""
+  try:
+    record = json.loads((path / _MARKER).read_text(encoding="utf-8"))
+    files = set(record["files"]) | {_MARKER}
+  except (OSError, ValueError, KeyError, TypeError):
+    return False
+  return path.is_dir() and all(str(p.relative_to(path)) in files
+                               for p in path.rglob("*") if not p.is_dir())
+
+
+def _magnitude_shape(update: Update, fan_in_fan_out: bool) -> tuple[int, ...]:
+  """PEFT's ``lora_magnitude_vector`` shape: one value per output unit; a conv's is
+  ``(1, cout, 1, ...)``."""
+  shape = _expected_shape(update, fan_in_fan_out)
+  if update.kind == "conv":
+    return (1, shape[0], *(1,) * (len(shape) - 2))
+  return (shape[1] if update.kind == "embedding" or fan_in_fan_out else shape[0],)
 
 
 def _copy_other_files(base: pathlib.Path, staging: pathlib.Path, weights: set[str],
-                      out_dtype: Any) -> None:
-  """Copies everything but the weights (config, tokenizer, generation config, README)."""
+                      out_dtype: Any) -> list[str]:
+  """Copies everything but the weights (config, tokenizer, generation config, README);
+  returns the weight files inside sub-folders that were left behind."""
+  skipped: list[str] = []
   for item in sorted(base.iterdir()):
-    if item.name in weights:
+    if item.name in weights or item.name == _MARKER:
       continue
-    if item.is_dir():
-      shutil.copytree(item, staging / item.name)
+    if item.is_symlink() and pathlib.Path(os.path.realpath(base)) not in pathlib.Path(
+        os.path.realpath(item)).parents:
+      raise ValueError(f"{item} is a link that leads out of the base folder; refusing to copy "
+                       "what it points to. Copy the folder with its links resolved (cp -rL).")
+    if item.is_dir():  # weight files inside (Llama's original/consolidated.*) stay behind
+      def ignore(folder: str, names: list[str]) -> list[str]:
+        left = [n for n in names if _is_weight_file(n)
+                and not os.path.isdir(os.path.join(folder, n))]
+        skipped.extend(str(pathlib.Path(folder, n).relative_to(base)) for n in left)
+        return left
+
+      shutil.copytree(item, staging / item.name, symlinks=False, ignore=ignore)
     elif item.name == "config.json" and out_dtype is not None:
       config = json.loads(item.read_text(encoding="utf-8"))
       for key in ("torch_dtype", "dtype"):
@@ -384,3 +439,4 @@ def _copy_other_files(base: pathlib.Path, staging: pathlib.Path, weights: set[st
       (staging / item.name).write_text(json.dumps(config, indent=2, sort_keys=True))
     else:
       shutil.copy2(item, staging / item.name)
+  return skipped

@@ -9,8 +9,8 @@ and ``loss.svg`` to the run directory and print a summary table.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-import importlib.util
 import io
 import json
 import math
@@ -24,16 +24,20 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lora_jax._src import atomic, checksums
 from lora_jax._src.checkpoint import save_adapters
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.lift import lift
 from lora_jax._src.merge import merge
 from lora_jax._src.optim import optimizer
+from lora_jax._src.patterns import compile_safe
 from lora_jax._src.plot import write_loss_svg
 from lora_jax._src.progress import Progress
 from lora_jax._src.quantize import dequantize, quantize
+from lora_jax._src.quantized_io import is_job_base, write_base
 from lora_jax._src.summary import format_table, summary
-from lora_jax._src.tasks import TASKS, Task
+from lora_jax._src.tasks import TASKS, TEXTCLS_PACKAGES, Task
+from lora_jax._src.tree import leaves_with_paths
 from lora_jax._src.wrap import wrap
 from lora_jax._src.yaml_io import load_yaml, short
 
@@ -76,7 +80,7 @@ CHOICES = {"task": tuple(TASKS), "framework": ("linen", "nnx"),
 _POSITIVE = lambda v: v > 0  # noqa: E731
 # Ranges of numeric keys (by the key's last part) and of list elements: (test, wording).
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "seed": (lambda v: v >= 0, "an integer >= 0"),
+    "seed": (lambda v: 0 <= v < 2**31, "an integer from 0 to 2**31 - 1"),
     "steps": (_POSITIVE, "an integer >= 1"),
     "batch_size": (_POSITIVE, "an integer >= 1"),
     "log_every": (_POSITIVE, "an integer >= 1"),
@@ -114,7 +118,11 @@ def _check(value: Any, default: Any, key: str) -> Any:
   if key in CHOICES and value not in CHOICES[key]:
     raise ValueError(f"config key '{key}': {short(value)} is not one of {list(CHOICES[key])}.")
   if value is None:
-    return value
+    if default is None:
+      return value
+    raise ValueError(f"config key '{key}': null is not a value here; expected "
+                     f"{type(default).__name__} (default {short(default)}). Remove the key to "
+                     "use the default.")
   if default is None:
     if not isinstance(value, str):
       raise ValueError(f"config key '{key}': expected a path (str), got {short(value)} "
@@ -239,6 +247,12 @@ def _quantize_config(given: Any) -> dict[str, Any] | None:
                        f"{' or '.join(k.__name__ for k in kinds[key])}"
                        f"{' >= 1' if key == 'block_size' else ''}.")
     out[key] = value
+  targets = out["targets"]
+  for pattern in [targets] if isinstance(targets, str) else (targets or []):
+    if not isinstance(pattern, str):
+      raise ValueError(f"config key 'quantize.targets': {short(pattern)} is not a regular "
+                       "expression string.")
+    compile_safe(pattern, "config key 'quantize.targets'")
   if out["dtype"] not in ("nf4", "int8"):
     raise ValueError(f"config key 'quantize.dtype': {short(out['dtype'])} is not one of "
                      "['nf4', 'int8'].")
@@ -253,9 +267,10 @@ def _check_model(config: dict[str, Any], task: str) -> None:
                      f"of heads {model['heads']}.")
   for key in ("pretrain_packages", "finetune_packages"):
     for name in data.get(key, ()):
-      if importlib.util.find_spec(name.split(".")[0]) is None:
-        raise ValueError(f"config key 'data.{key}': no package {short(name)} is installed; "
-                         "name standard-library packages such as 'email' or 'xml'.")
+      if name not in TEXTCLS_PACKAGES:  # importing a package runs its code: an allow-list
+        raise ValueError(f"config key 'data.{key}': {short(name)} is not one of the packages "
+                         f"the textcls task reads ({', '.join(TEXTCLS_PACKAGES)}); a job "
+                         "config never chooses which code is imported.")
 
 
 def _batches(data: tuple[np.ndarray, np.ndarray], batch_size: int, seed: int):
@@ -386,7 +401,20 @@ def _sharding(config: dict[str, Any]):
 
 
 def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[str, Any]:
-  """Runs a job from ``load_job_config`` output; returns the metrics written to metrics.json."""
+  """Runs a job from ``load_job_config`` output; returns the metrics written to metrics.json.
+
+  The run dir belongs to this job while it runs: a second job into the same run dir is
+  refused at once (its metrics and adapters would mix with this one's). Every file the
+  job writes is staged and committed whole (``atomic``).
+  """
+  run_dir = pathlib.Path(config["run_dir"])
+  owner = (atomic.owned(run_dir.absolute(), "another lora-jax train job") if _primary()
+           else contextlib.nullcontext())
+  with owner:
+    return _run(config, echo)
+
+
+def _run(config: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any]:
   start = time.perf_counter()
   task = TASKS[config["task"]](config["model"], config["data"], config["framework"],
                                config["seed"])
@@ -414,6 +442,12 @@ def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[
     try:
       with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(where, abstract)
+      recorded = checksums.read_folder_record(where)  # a base a job saved: verified whole
+      if recorded is not None:
+        checksums.check_record(dict(leaves_with_paths(params)), recorded,
+                               f"config key 'base_checkpoint': {where}")
+    except checksums.ChecksumError:
+      raise
     except Exception as e:  # orbax raises many kinds for missing, damaged or other trees
       raise ValueError(f"config key 'base_checkpoint': cannot restore the base parameters of "
                        f"this task's model from {where} ({type(e).__name__}: "
@@ -423,11 +457,9 @@ def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[
     params, curves["pretrain"] = fit(full_loss(task.apply), params,
                                      optax.adam(config["pretrain"]["lr"]), task.pretrain,
                                      config["pretrain"], "pretrain", config["seed"], put)
-    if config["save_base"]:
-      import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-
-      with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save((run_dir / "base").absolute(), params, force=True)
+    if config["save_base"]:  # a base an earlier run of this job saved is replaced, nothing else
+      write_base((run_dir / "base").absolute(), params, kind="job base", overwrite=True,
+                 ours=is_job_base, what="a base saved by lora-jax train (save_base)")
   params = shard(params)
   metrics: dict[str, Any] = {"task": config["task"], "metric": task.metric,
                              "base": evaluate(task, task.apply, params, task.test)}
@@ -485,7 +517,7 @@ def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[
   metrics.update(curves=curves, samples=samples, seconds=time.perf_counter() - start,
                  config={**config, "lora": lora_config.to_dict()})
   if _primary():
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str))
+    atomic.write_file(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
     write_loss_svg(curves, run_dir / "loss.svg", config["task"])
     _report(metrics, echo, run_dir)
   return metrics

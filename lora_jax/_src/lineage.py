@@ -87,7 +87,9 @@ def leaf_fingerprint(value: Any) -> dict[str, Any]:
   if is_quantized(value):
     return {"shape": [int(d) for d in value.shape], "dtype": jnp.dtype(value.dtype).name,
             "values": None, "quantized": _how(value),
-            "codes": _encoded(_sample_of(value.codes))}
+            "codes": _encoded(_sample_of(value.codes)),
+            # the scales too: the same codes under a doubled block scale are another base
+            "arrays": [_encoded(_sample_of(a)) for a in value.arrays]}
   sample = _sample_of(value)
   return {"shape": [int(d) for d in value.shape], "dtype": np.dtype(value.dtype).name,
           "values": None if sample is None else base64.b64encode(sample.tobytes()).decode("ascii")}
@@ -114,9 +116,23 @@ def fingerprint(leaves: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
   return {path: leaf_fingerprint(value) for path, value in leaves.items()}
 
 
+class Unchecked(str):
+  """A ``differences`` result saying what could not be compared (not a difference)."""
+
+
+def _valid_entry(saved: Any) -> bool:
+  return (isinstance(saved, Mapping) and isinstance(saved.get("shape"), list)
+          and all(isinstance(d, int) and not isinstance(d, bool) for d in saved["shape"])
+          and isinstance(saved.get("dtype"), str)
+          and (saved.get("values") is None or isinstance(saved["values"], str)))
+
+
 def differences(recorded: Mapping[str, Any], path: str, value: Any | None) -> str | None:
-  """How the base leaf ``value`` at ``path`` differs from the record (None: it does not)."""
+  """How the base leaf ``value`` at ``path`` differs from the record (None: it does not;
+  an ``Unchecked`` string: what could not be compared)."""
   saved = recorded[path]
+  if not _valid_entry(saved):
+    return f"{path}: its recorded fingerprint is damaged (found {str(saved)[:80]})"
   if value is None:
     return f"{path}: absent from this base"
   shape, dtype = [int(d) for d in value.shape], np.dtype(value.dtype).name
@@ -125,10 +141,17 @@ def differences(recorded: Mapping[str, Any], path: str, value: Any | None) -> st
             f"{tuple(saved['shape'])} {saved['dtype']}")
   if "quantized" in saved:
     return _quantized_difference(saved, path, value)
-  if saved.get("values") is None or is_quantized(value):
-    return None  # (a quantized copy's values cannot be compared with the original's)
+  if saved.get("values") is None:
+    return Unchecked(f"{path}: shape and dtype only (no values were recorded: the base was "
+                     "spread over several processes or abstract when the adapters were saved)")
+  if is_quantized(value):
+    return Unchecked(f"{path}: shape only (trained on a full-precision base; this base is "
+                     "quantized, and its values cannot be compared with the original's)")
   sample = _sample_of(value)
-  if sample is not None and not _same_values(_decode(saved), sample):
+  if sample is None:
+    return Unchecked(f"{path}: shape and dtype only (this base's values are not all on this "
+                     "process)")
+  if not _same_values(_decode(saved), sample):
     return (f"{path}: other values ({dtype} here, trained on {saved['dtype']}; "
             f"compared at {SAMPLE} sampled positions)")
   return None
@@ -147,21 +170,30 @@ def _quantized_difference(saved: Mapping[str, Any], path: str, value: Any) -> st
     mine = _how(value)
     if mine != how:
       return f"{path}: quantized as {mine} here, trained on a base quantized as {how}"
-    codes = value.codes
+    q = value
   else:
     concrete = isinstance(value, np.ndarray) or (
         isinstance(value, jax.Array) and value.is_fully_addressable)
     if not concrete or saved.get("codes") is None:
-      return None
+      return Unchecked(f"{path}: shape only (no codes recorded, or this base's values are not "
+                       "all on this process)")
     axes = how.get("scale_axes")
-    codes = quantize_array(jnp.asarray(value), how["kind"], how["block_size"],
-                           how["double_quant"], None if axes is None else tuple(axes)).codes
-  sample = _sample_of(codes)
-  if saved.get("codes") is None or sample is None:
-    return None
-  if base64.b64decode(saved["codes"]) != sample.tobytes():
-    return (f"{path}: other values (trained on a {how['kind']} base; this base's "
-            f"{how['kind']} codes differ at {SAMPLE} sampled positions)")
+    q = quantize_array(jnp.asarray(value), how["kind"], how["block_size"],
+                       how["double_quant"], None if axes is None else tuple(axes))
+  arrays = saved.get("arrays")
+  recorded_arrays = arrays if isinstance(arrays, list) else [saved.get("codes")]
+  for name, want, have in zip(("codes", "scales", "scales of scales", "offset"),
+                              recorded_arrays, q.arrays):
+    sample = _sample_of(have)
+    if want is None or sample is None:
+      return Unchecked(f"{path}: its {name} could not be compared (not recorded, or not all "
+                       "on this process)")
+    if base64.b64decode(want) != sample.tobytes():
+      return (f"{path}: other values (trained on a {how['kind']} base; this base's "
+              f"{how['kind']} {name} differ at {SAMPLE} sampled positions)")
+  if not isinstance(arrays, list):
+    return Unchecked(f"{path}: codes only (recorded by lora_jax 0.3.0, before scales were "
+                     "recorded)")
   return None
 
 
@@ -185,14 +217,28 @@ def check(recorded: Mapping[str, Any] | None, lookup: Callable[[str], Any | None
           *, force: bool) -> int | None:
   """Compares a base (``lookup(path)`` gives its leaf or None) with the record.
 
-  Returns the number of leaves checked, or None (with a warning) when the
-  checkpoint has no record (saved from ``lp.adapters`` alone, or before lora_jax 0.3).
+  Returns the number of leaves whose values were compared, or None (with a warning)
+  when the checkpoint has no record (saved from ``lp.adapters`` alone, or before
+  lora_jax 0.3). Leaves that could be compared by shape only are named in a warning.
   """
   if recorded is None:
     warnings.warn(f"{what} records no base fingerprint (saved from lp.adapters alone, or "
                   "by lora_jax before 0.3), so the base it is used with cannot be checked.",
                   stacklevel=3)
     return None
-  found = [d for d in (differences(recorded, p, lookup(p)) for p in sorted(recorded)) if d]
-  report(found, len(recorded), what, force=force)
-  return len(recorded)
+  if not isinstance(recorded, Mapping):
+    raise BaseMismatch(f"{what}: its base fingerprint is damaged.")
+  results = [differences(recorded, p, lookup(p)) for p in sorted(recorded)]
+  unchecked = [d for d in results if isinstance(d, Unchecked)]
+  report([d for d in results if d and not isinstance(d, Unchecked)], len(recorded), what,
+         force=force)
+  warn_unchecked(unchecked, what)
+  return len(recorded) - len(unchecked)
+
+
+def warn_unchecked(unchecked: list[str], what: str) -> None:
+  """Says plainly which leaves lineage could not compare (never counted as a match)."""
+  if unchecked:
+    warnings.warn(f"{what}: the base could not be fully checked against the one these adapters "
+                  f"were trained on, for {len(unchecked)} leaves:\n  - "
+                  + "\n  - ".join(unchecked[:10]), stacklevel=3)

@@ -38,7 +38,9 @@ import numpy as np
 from lora_jax._src import atomic
 from lora_jax._src.config import LoraConfig, is_principal
 from lora_jax._src.lift import LoraParams
+from lora_jax._src.patterns import MAX_PATH, compile_safe
 from lora_jax._src.plan import Target, layout_is_certain, leaf_axes, plan
+from lora_jax._src.safetensors_io import SafetensorsFile
 from lora_jax._src.stack import refuse_stack
 from lora_jax._src.tree import PyTree, adapter_paths, leaves_with_paths, lookup, nest
 
@@ -332,7 +334,11 @@ def _export_trained(base: PyTree, config: LoraConfig, targets: dict[str, Target]
 
 
 def pattern_value(pattern: Mapping[str, Any], module: str) -> Any:
-  # PEFT matches a pattern key against the end of the module name.
+  # PEFT matches a pattern key against the end of the module name. Keys passed
+  # patterns.compile_safe when the config was read; names are bounded here.
+  if pattern and len(module) > MAX_PATH:
+    raise ValueError(f"PEFT module name {module[:80]!r}... is {len(module)} characters long; "
+                     f"names matched against patterns are at most {MAX_PATH}.")
   for key, value in pattern.items():
     if re.match(rf"(.*\.)?({key})$", module):
       return value
@@ -351,6 +357,9 @@ _UNSUPPORTED_TENSORS = {"lora_magnitude_vector.": "a DoRA magnitude under a key 
                         "write (it saves '<module>.lora_magnitude_vector')",
                         "lora_B.bias": "lora_B biases (lora_bias=True)",
                         "trainable_tokens": "trainable token embeddings"}
+
+
+_BOOLEANS = ("use_rslora", "use_dora", "fan_in_fan_out")
 
 
 def _positive(where: str, field: str, value: Any, integer: bool) -> Any:
@@ -382,6 +391,13 @@ def _read_config(directory: pathlib.Path) -> dict[str, Any]:
   for field in ("r", "lora_alpha"):
     if field not in peft_config:
       raise ValueError(f"{where}: the required field {field!r} is missing.")
+  for field in _BOOLEANS:  # PEFT reads any truthy value as true; only true/false are clear
+    value = peft_config.get(field)
+    if value is not None and not isinstance(value, bool):
+      raise ValueError(f"{where}: {field} is {value!r}, not true or false. PEFT would read it "
+                       f"as {bool(value)} (any non-empty value counts as true), which is "
+                       "unlikely to be what was meant; write true or false.")
+    peft_config[field] = bool(value)
   peft_config["r"] = _positive(str(where), "r", peft_config["r"], integer=True)
   peft_config["lora_alpha"] = _positive(str(where), "lora_alpha", peft_config["lora_alpha"],
                                         integer=False)
@@ -391,11 +407,7 @@ def _read_config(directory: pathlib.Path) -> dict[str, Any]:
       raise ValueError(f"{where}: {field} must be an object of {{module pattern: value}}, "
                        f"found {type(pattern).__name__}.")
     for key, value in pattern.items():
-      try:
-        re.compile(key)
-      except re.error as e:
-        raise ValueError(f"{where}: {field} key {key!r} is not a valid regular expression "
-                         f"({e}).") from None
+      compile_safe(key, f"{where}: {field} key")
       _positive(str(where), f"{field}[{key!r}]", value, integer)
     peft_config[field] = pattern
   return peft_config
@@ -419,18 +431,21 @@ def check_tensor_names(directory: pathlib.Path, keys: Iterable[str]) -> None:
                          "lora_jax does not support.")
 
 
+def open_folder(directory: pathlib.Path) -> tuple[dict[str, Any], SafetensorsFile]:
+  """The one reader of PEFT adapter folders (``import_peft`` and the Hugging Face merge):
+  the validated config (booleans as bools, ranks and alphas checked) and the checked
+  safetensors file, its tensor names refused where they belong to PEFT variants that
+  change the math."""
+  peft_config = read_config(directory)
+  weights = SafetensorsFile(directory / WEIGHTS_FILE)
+  check_tensor_names(directory, weights.names)
+  return peft_config, weights
+
+
 def read_folder(directory: pathlib.Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """The validated config and every tensor of a PEFT adapter folder."""
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-
-  peft_config = read_config(directory)
-  try:
-    tensors = load_file(str(directory / WEIGHTS_FILE))
-  except Exception as e:
-    raise ValueError(f"Cannot read the PEFT adapter in {directory}: {type(e).__name__}: {e}") \
-        from e
-  check_tensor_names(directory, tensors)
-  return peft_config, tensors
+  peft_config, weights = open_folder(directory)
+  return peft_config, dict(weights.items())
 
 
 def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
@@ -484,7 +499,7 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
 
   flat: dict[str, np.ndarray] = {}
   rank_pattern, alpha_pattern = {}, {}
-  use_dora = peft_config.get("use_dora") is True
+  use_dora = peft_config["use_dora"]
   lora_keys = {k for k in tensors if LORA_SUFFIX.search(k)}
   magnitudes = {k for k in tensors if k.endswith(MAGNITUDE)}
   modules = {LORA_SUFFIX.sub("", k) for k in lora_keys}
@@ -509,7 +524,7 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
     path = leaf_path(key, name, "weight")
     flat[path + "/a"], flat[path + "/b"] = a, b
     if use_dora:
-      flat[path + "/m"] = tensors[key + MAGNITUDE].reshape(-1)
+      flat[path + "/m"] = tensors[key + MAGNITUDE]  # exact shape checked in _fit_to_target
     module_rank = pattern_value(peft_config["rank_pattern"], name)
     module_rank = rank if module_rank is None else module_rank
     module_alpha = pattern_value(peft_config["alpha_pattern"], name)
@@ -533,7 +548,7 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
     config = LoraConfig(rank=rank, alpha=alpha,
                         targets=tuple(f"^{re.escape(p)}$" for p in paths),
                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-                        use_rslora=peft_config.get("use_rslora", False) is True,
+                        use_rslora=peft_config["use_rslora"],
                         use_dora=use_dora,
                         dropout=peft_config.get("lora_dropout") or 0.0,
                         in_axes=in_axes or (),
@@ -599,9 +614,12 @@ def _fit_to_target(directory: pathlib.Path, target: Target, flat: dict[str, np.n
     flat[f"{target.path}/{name}"] = value.reshape(want)
   if target.dora:
     m = flat[f"{target.path}/m"]
-    if m.size != n_out:
-      errors.append(f"{target.path}: PEFT's lora_magnitude_vector has {m.size} values, expected "
-                    f"one per output unit ({n_out}, output axes {target.out_shape}).")
+    conv = flat[f"{target.path}/a"].ndim > 2 and not _is_embedding(target.path)
+    want_m = (1, n_out, *(1,) * (len(target.a_shape) - 2)) if conv else (n_out,)
+    if tuple(m.shape) != want_m:
+      errors.append(f"{target.path}: PEFT's lora_magnitude_vector has shape {tuple(m.shape)}, "
+                    f"expected {want_m} (one value per output unit: {n_out}, output axes "
+                    f"{target.out_shape}).")
       return
     flat[f"{target.path}/m"] = m.reshape(target.m_shape)
 
@@ -611,22 +629,30 @@ def _torch_to_leaf(directory: pathlib.Path, path: str, value: np.ndarray, config
   """A PyTorch parameter back in the leaf's layout (the inverse of ``_kernel_to_torch``)."""
   leaf = by_path[path]
   shape = tuple(leaf.shape)
-  if _TORCH_PARAM[path.rpartition("/")[2]] == "weight" and len(shape) >= 2 \
-      and not _is_embedding(path):
-    _, ins, layout = leaf_axes(path, shape, config, by_path)
-    if not layout_is_certain(layout, shape, ins):
-      errors.append(_layout_error(path, shape, ins, "no in_axes pattern names it",
-                                  "import_peft(..., in_axes="))
-      return value
-    outs = tuple(p for p in range(len(shape)) if p not in ins)
-    if _is_conv(path, len(shape), None) and value.ndim == len(shape):  # OIHW -> HWIO
-      value = np.transpose(value, (*range(2, value.ndim), 1, 0))
-    else:
-      grouped = value.reshape(*(shape[p] for p in outs), *(shape[p] for p in ins))
-      order = outs + ins
-      value = np.transpose(grouped, tuple(order.index(p) for p in range(len(shape))))
-  if math.prod(value.shape) != math.prod(shape) or (value.ndim == len(shape)
-                                                    and value.shape != shape):
-    errors.append(f"{path}: PEFT holds shape {value.shape} for it, the leaf has shape {shape}.")
+  expected = (math.prod(shape),)  # biases, scales: PyTorch holds them flat
+  if _TORCH_PARAM[path.rpartition("/")[2]] == "weight" and len(shape) >= 2:
+    expected = shape
+    if not _is_embedding(path):
+      _, ins, layout = leaf_axes(path, shape, config, by_path)
+      if not layout_is_certain(layout, shape, ins):
+        errors.append(_layout_error(path, shape, ins, "no in_axes pattern names it",
+                                    "import_peft(..., in_axes="))
+        return value
+      outs = tuple(p for p in range(len(shape)) if p not in ins)
+      conv = _is_conv(path, len(shape), None) and value.ndim == len(shape) > 2
+      expected = ((shape[-1], shape[-2], *shape[:-2]) if conv else
+                  (math.prod(shape[p] for p in outs), math.prod(shape[p] for p in ins)))
+      if tuple(value.shape) == expected:
+        if conv:  # OIHW -> HWIO
+          value = np.transpose(value, (*range(2, value.ndim), 1, 0))
+        else:
+          grouped = value.reshape(*(shape[p] for p in outs), *(shape[p] for p in ins))
+          order = outs + ins
+          value = np.transpose(grouped, tuple(order.index(p) for p in range(len(shape))))
+        expected = shape
+  if tuple(value.shape) != expected:
+    errors.append(f"{path}: PEFT holds shape {tuple(value.shape)} for it; a leaf of shape "
+                  f"{shape} is {expected} in PyTorch's layout (a transposed or reshaped "
+                  "tensor is refused, not fitted).")
     return value
   return value.reshape(shape).astype(np.dtype(leaf.dtype))

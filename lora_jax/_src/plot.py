@@ -11,6 +11,8 @@ import math
 import pathlib
 from xml.sax.saxutils import escape
 
+from lora_jax._src import atomic
+
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
 _W, _H = 700, 400
 _LEFT, _RIGHT, _TOP, _BOTTOM = 70, 20, 40, 50
@@ -72,4 +74,4 @@ def loss_svg(curves: dict[str, list[float]], title: str) -> str:
 
 def write_loss_svg(curves: dict[str, list[float]], path: pathlib.Path, title: str) -> None:
   """Writes ``loss_svg(curves, title)`` to ``path``."""
-  path.write_text(loss_svg(curves, title), encoding="utf-8")
+  atomic.write_file(path, loss_svg(curves, title))

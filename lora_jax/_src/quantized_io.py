@@ -15,7 +15,8 @@ import functools
 import json
 import os
 import pathlib
-from collections.abc import Mapping
+import warnings
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lora_jax._src import atomic
+from lora_jax._src import atomic, checksums
 from lora_jax._src.qarray import QuantizedArray, is_quantized, quantize_array
 from lora_jax._src.tree import PyTree, leaves_with_paths, nest
 
@@ -46,6 +47,23 @@ def expected(entry: Mapping[str, Any]) -> QuantizedArray:
                            double_quant=entry["double_quant"],
                            scale_axes=None if axes is None else tuple(int(a) for a in axes))
   return jax.eval_shape(make, jax.ShapeDtypeStruct(shape, jnp.dtype(entry["dtype"])))
+
+
+def raw_arrays(tree: PyTree) -> dict[str, Any]:
+  """``{path: array}`` as orbax stores them: a quantized leaf's arrays at ``<path>/codes``,
+  ``<path>/absmax`` (and ``absmax2``, ``offset``)."""
+  out: dict[str, Any] = {}
+  for path, value in leaves_with_paths(tree):
+    if is_quantized(value):
+      out.update({f"{path}/{n}": a for n, a in zip(_NAMES, value.arrays)})
+    else:
+      out[path] = value
+  return out
+
+
+def is_job_base(path: pathlib.Path) -> bool:
+  """A base ``lora-jax train`` saved (``save_base: true``)."""
+  return checksums.folder_kind(path) == "job base"
 
 
 def is_quantized_checkpoint(path: pathlib.Path) -> bool:
@@ -94,26 +112,29 @@ def save_quantized(directory: str | os.PathLike[str], base: PyTree, *,
   if views:
     raise ValueError(f"save_quantized: {views[:5]} are transposed views (made inside a traced "
                      "function); save the quantized base itself.")
-  def refuse_existing() -> None:
-    atomic.check_replaceable(final, overwrite=overwrite, ours=is_quantized_checkpoint,
-                             what="a quantized base saved by lora_jax.save_quantized")
+  return write_base(final, base, kind="quantized base", overwrite=overwrite,
+                    ours=is_quantized_checkpoint,
+                    what="a quantized base saved by lora_jax.save_quantized",
+                    records={QUANTIZATION_FILE: records})
 
-  refuse_existing()
-  final.parent.mkdir(parents=True, exist_ok=True)
-  with atomic.locked(final):
-    atomic.clean_stale(final)
-    refuse_existing()  # again under the lock: another writer may have come first
-    staging = atomic.staging_path(final)
-    try:
-      with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(staging, base)
-        checkpointer.wait_until_finished()
-      if jax.process_index() == 0:
-        (staging / QUANTIZATION_FILE).write_text(json.dumps(records, indent=1, sort_keys=True))
-        atomic.commit(staging, final)
-    except BaseException:
-      atomic.discard(staging)
-      raise
+
+def write_base(final: pathlib.Path, tree: PyTree, *, kind: str, overwrite: bool,
+               ours: Callable[[pathlib.Path], bool], what: str,
+               records: Mapping[str, Any] | None = None) -> pathlib.Path:
+  """Writes a tree of arrays as an orbax checkpoint with lora_jax's checksum record (every
+  array, quantized codes and scales included, and the JSON ``records`` beside them), staged
+  and committed whole (``atomic.Output``)."""
+  output = atomic.Output(final, overwrite=overwrite, ours=ours, what=what)
+  primary = jax.process_index() == 0
+  with output.staged(primary=primary) as stage:
+    with ocp.StandardCheckpointer() as checkpointer:
+      checkpointer.save(stage.path, tree)
+      checkpointer.wait_until_finished()
+    if primary:
+      for name, value in (records or {}).items():
+        (stage.path / name).write_text(json.dumps(value, indent=1, sort_keys=True))
+      checksums.write_folder_record(stage.path, checksums.record(raw_arrays(tree)), kind,
+                                    tuple(records or ()))
   return final
 
 
@@ -122,6 +143,8 @@ def read_record(path: pathlib.Path) -> dict[str, dict[str, Any]] | None:
   file = path / QUANTIZATION_FILE
   if not file.is_file():
     return None
+  checksums.read_folder_record(path)  # the record's digest, where lora_jax wrote one
+  checksums.check_files_recorded(path, (QUANTIZATION_FILE,))
   try:
     record = json.loads(file.read_text())
     for entry in record.values():
@@ -204,4 +227,13 @@ def load_quantized(directory: str | os.PathLike[str], *, target: PyTree | None =
         diff = sorted(p for p in set(mine) | set(theirs) if mine.get(p) != theirs.get(p))
         raise ValueError(f"{path}: target differs from the saved base at {diff[:5]}.")
       abstract = target
-    return checkpointer.restore(path, abstract)
+    restored = checkpointer.restore(path, abstract)
+  recorded = checksums.read_folder_record(path)
+  if recorded is None:
+    warnings.warn(f"{path} has no {checksums.FOLDER_RECORD} (saved by lora_jax 0.3.0 or "
+                  "earlier): its codes and scales cannot be verified. Save it again to add "
+                  "them.", stacklevel=2)
+  else:
+    checksums.check_record(raw_arrays(restored), recorded,
+                           f"Quantized base {path}")
+  return restored

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lora_jax._src import atomic, lineage, quantized_io
+from lora_jax._src import atomic, checksums, lineage, quantized_io
 from lora_jax._src.checkpoint import load_with_lineage
 from lora_jax._src.checksums import ChecksumError, check_record, entry
 from lora_jax._src.lift import LoraParams
@@ -38,20 +38,17 @@ from lora_jax._src.merge import check_adapters, low_rank_product, merged_weight
 from lora_jax._src.plan import Target, plan
 from lora_jax._src.qarray import is_quantized
 from lora_jax._src.quantize import dequantize
+from lora_jax._src.safetensors_io import ST_DTYPES, SafetensorsFile
 from lora_jax._src.stack import AdapterStack
 from lora_jax._src.tree import leaves_with_paths, nest
 
-CHECKSUMS_FILE = "lora_jax_checksums.json"
+CHECKSUMS_FILE = checksums.FOLDER_RECORD
 _ST_FORMAT = "lora_jax merged checkpoint"
 _ST_CHECKSUMS = "lora_jax_checksums"
 # Output dtypes each format stores (--dtype): floating only, as merged weights are.
 OUTPUT_DTYPES = {"orbax": ("float16", "bfloat16", "float32", "float64"),
                  "safetensors": ("float16", "bfloat16", "float32", "float64")}
 
-# safetensors dtype names (format facts from the safetensors specification).
-ST_DTYPES = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-              "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
-              "bool": "BOOL"}
 
 
 class Leaf(NamedTuple):
@@ -97,13 +94,12 @@ class OrbaxReader:
     self.quantized = {p: q for p, q in layout.items() if is_quantized(q)}
     self.leaves = [Leaf(p, q.shape, np.dtype(q.dtype)) if is_quantized(q) else Leaf(p, *q)
                    for p, q in layout.items()]
-    self.recorded = None
-    if (path / CHECKSUMS_FILE).is_file():
-      try:
-        self.recorded = json.loads((path / CHECKSUMS_FILE).read_text())
-      except (ValueError, UnicodeDecodeError) as e:
-        raise ChecksumError(f"Base checkpoint {path}: its {CHECKSUMS_FILE} is damaged "
-                            f"({type(e).__name__}).") from e
+    # Written by lora_jax (a merge, a quantized or a job's base): every array, codes and
+    # scales included, is verified as it is read, and the record must list exactly them.
+    self.recorded = checksums.read_folder_record(path)
+    if self.recorded is not None and set(self.recorded) != set(self._arrays):
+      raise ChecksumError(f"Base checkpoint {path} is damaged: its checksum record does not "
+                          "list exactly its arrays.")
 
   def read(self, paths: list[str]) -> dict[str, Any]:
     """The arrays at ``paths``; a quantized leaf as a ``QuantizedArray`` of NumPy arrays."""
@@ -120,45 +116,36 @@ class OrbaxReader:
       raise ValueError(f"Cannot read {paths} from the base checkpoint {self.path}: "
                        f"{type(e).__name__}: {e}") from e
     flat = dict(leaves_with_paths(got))
+    if self.recorded is not None:
+      check_record(flat, {p: self.recorded[p] for p in flat}, f"Base checkpoint {self.path}")
     return {p: self.quantized[p].with_arrays(tuple(
         flat[a] for a in wanted if a.rsplit("/", 1)[0] == p)) if p in self.quantized
         else flat[p] for p in paths}
 
 
 class SafetensorsReader:
-  """A safetensors file whose tensor names are ``/``-joined parameter paths."""
+  """A safetensors file whose tensor names are ``/``-joined parameter paths, read through
+  the checked reader; a record in its metadata (a lora_jax merge wrote it) is verified."""
 
   def __init__(self, path: pathlib.Path):
-    from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-
     self.path = path
-    try:
-      self._file = safe_open(str(path), framework="flax")
-      keys = list(self._file.keys())
-      slices = {k: self._file.get_slice(k) for k in keys}
-      self.leaves = [Leaf(k, tuple(s.get_shape()), _dtype_of(k, s.get_dtype())) for k, s in
-                     slices.items()]
-      metadata = self._file.metadata() or {}
-    except Exception as e:
-      raise ValueError(f"Cannot read the safetensors file {path}: it is damaged or truncated "
-                       f"({type(e).__name__}: {e}).") from e
+    self._file = SafetensorsFile(path)
+    self.leaves = [Leaf(n, self._file.shape(n), self._file.dtype(n)) for n in self._file.names]
     self.recorded = None
-    if _ST_CHECKSUMS in metadata:
+    if _ST_CHECKSUMS in self._file.metadata:
       try:
-        self.recorded = json.loads(metadata[_ST_CHECKSUMS])
+        self.recorded = json.loads(self._file.metadata[_ST_CHECKSUMS])
       except ValueError as e:
         raise ChecksumError(f"Base checkpoint {path}: its checksum record is damaged.") from e
+      if not isinstance(self.recorded, dict) or set(self.recorded) != set(self._file.names):
+        raise ChecksumError(f"Base checkpoint {path} is damaged: its checksum record does not "
+                            "list exactly its tensors.")
 
   def read(self, paths: list[str]) -> dict[str, np.ndarray]:
-    return {p: np.asarray(self._file.get_tensor(p)) for p in paths}
-
-
-def _dtype_of(key: str, name: str) -> np.dtype:
-  reverse = {v: k for k, v in ST_DTYPES.items()}
-  if name not in reverse:
-    raise ValueError(f"tensor {key}: dtype {name} is not supported by the streaming merge "
-                     f"(supported: {sorted(reverse)}).")
-  return jnp.dtype(reverse[name])
+    arrays = {p: self._file.read(p) for p in paths}
+    if self.recorded is not None:
+      check_record(arrays, {p: self.recorded[p] for p in arrays}, f"Base checkpoint {self.path}")
+    return arrays
 
 
 def open_base(path: str | os.PathLike[str]) -> BaseReader:
@@ -205,55 +192,52 @@ def merged_leaf(w: np.ndarray, a: Any, b: Any, m: Any, target: Target, out_dtype
 
 
 class _OrbaxWriter:
-  """An orbax PyTree checkpoint written with orbax's partial saves, plus our checksums."""
+  """An orbax PyTree checkpoint written with orbax's partial saves into ``out`` (a staging
+  path), plus our checksum record."""
 
   def __init__(self, out: pathlib.Path):
     import orbax.checkpoint.experimental.v1 as ocp_v1  # pylint: disable=import-outside-toplevel
 
     self._v1 = ocp_v1
     self.out = out
-    self.staging = atomic.staging_path(out)
+    # Beside ``out`` and named after it: removed with it if the merge fails.
+    self._partial = out.with_name(out.name + "-orbax")
     self.record: dict[str, Any] = {}
 
   def write(self, arrays: dict[str, np.ndarray]) -> None:
     self.record.update({p: entry(v) for p, v in arrays.items()})
-    self._v1.partial.save(self.staging, nest(arrays))
+    self._v1.partial.save(self._partial, nest(arrays))
 
   def finish(self) -> None:
-    self._v1.partial.finalize(self.staging)
+    self._v1.partial.finalize(self._partial)
     # The finalized checkpoint keeps the tree in its "state" item: a plain PyTree
-    # checkpoint, moved into place so StandardCheckpointer().restore(out) reads it.
-    tree = self.staging / "state"
-    (tree / CHECKSUMS_FILE).write_text(json.dumps(self.record))
-    atomic.commit(tree, self.out)
-    atomic.remove(self.staging)
+    # checkpoint, which becomes the output so StandardCheckpointer().restore(out) reads it.
+    tree = self._partial / "state"
+    checksums.write_folder_record(tree, self.record, "merged checkpoint")
+    os.rename(tree, self.out)
+    atomic.remove(self._partial)
 
   def abort(self) -> None:
-    # The staging folder and orbax's own pending folders beside it all carry its name.
-    atomic.discard(self.staging)
+    atomic.discard(self._partial)
 
 
 class SafetensorsWriter:
   """Writes the header first (all shapes are known), then each tensor as it arrives; the
   header's checksum record is filled in at the end (placeholders of the same length).
 
-  ``staged`` writes under a staging name and moves it to ``out`` in ``finish``;
-  otherwise ``out`` itself is written (inside a folder that is staged as a whole).
+  ``out`` is a staging path (``atomic.Output.staged``), committed by the caller.
   ``file_format`` is the ``__metadata__`` format (Hugging Face loaders want ``"pt"``).
   """
 
-  def __init__(self, out: pathlib.Path, leaves: list[Leaf], *, staged: bool = True,
-               file_format: str = _ST_FORMAT):
+  def __init__(self, out: pathlib.Path, leaves: list[Leaf], *, file_format: str = _ST_FORMAT):
     self.out = out
-    self.staging = atomic.staging_path(out) if staged else out
-    self._staged = staged
     self._format = file_format
     self._leaves = leaves
     self._record = {leaf.path: {"shape": list(leaf.shape), "dtype": np.dtype(leaf.dtype).name,
                                 "sha256": "0" * 64} for leaf in leaves}
     header = self._header()
     self._order = [leaf.path for leaf in leaves]
-    self._file = open(self.staging, "wb")  # noqa: SIM115 - closed in finish/abort
+    self._file = open(self.out, "wb")  # noqa: SIM115 - closed in finish/abort
     self._file.write(header)
 
   def _header(self) -> bytes:
@@ -285,12 +269,10 @@ class SafetensorsWriter:
     self._file.flush()
     os.fsync(self._file.fileno())
     self._file.close()
-    if self._staged:
-      atomic.commit(self.staging, self.out)
 
   def abort(self) -> None:
     self._file.close()
-    self.staging.unlink(missing_ok=True)
+    self.out.unlink(missing_ok=True)
 
 
 def _groups(leaves: list[Leaf], limit: int) -> Iterator[list[Leaf]]:
@@ -309,14 +291,11 @@ def _groups(leaves: list[Leaf], limit: int) -> Iterator[list[Leaf]]:
 def is_merge_output(path: pathlib.Path) -> bool:
   """Whether ``path`` is an output of ``merge_checkpoint`` (so ``overwrite`` may replace it)."""
   if path.is_dir():
-    return (path / CHECKSUMS_FILE).is_file()
+    return checksums.folder_kind(path) == "merged checkpoint"
   if path.is_file() and path.suffix == ".safetensors":
     try:
-      from safetensors import safe_open  # pylint: disable=import-outside-toplevel
-
-      with safe_open(str(path), framework="numpy") as f:
-        return (f.metadata() or {}).get("format") == _ST_FORMAT
-    except Exception:  # not a readable safetensors file: not ours to replace
+      return SafetensorsFile(path).metadata.get("format") == _ST_FORMAT
+    except ValueError:  # not a readable safetensors file: not ours to replace
       return False
   return False
 
@@ -427,11 +406,9 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
   out = pathlib.Path(out).absolute()
   atomic.check_separate(out, [("base", base), ("adapters", adapters)], "merge")
 
-  def refuse_existing() -> None:
-    atomic.check_replaceable(out, overwrite=overwrite, ours=is_merge_output,
-                             what="the output of a lora_jax merge")
-
-  refuse_existing()
+  output = atomic.Output(out, overwrite=overwrite, ours=is_merge_output,
+                         what="the output of a lora_jax merge")
+  output.check()
   reader = open_base(base)
   adapter_tree, config, record = load_with_lineage(adapters)
   trained: dict[str, np.ndarray] = {}
@@ -445,6 +422,9 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
         f"merge: adapter={adapter!r} names one adapter of a stack, but {adapters} holds a "
         "single adapter; leave it out.")
   if adapter is not None:
+    if adapter not in adapter_tree.names:
+      raise ValueError(f"merge: adapter={adapter!r} is not in the stack saved in {adapters}; "
+                       f"its adapters are {list(adapter_tree.names)}.")
     adapter_tree = jax.tree.map(np.asarray, adapter_tree.select(adapter))
   base_leaves = {leaf.path: leaf for leaf in reader.leaves}
   misfits = [f"{p}: shape {tuple(v.shape)} dtype {np.dtype(v.dtype).name} in the adapter "
@@ -472,25 +452,16 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
   if output_format == "safetensors" and unsupported:
     raise ValueError(f"The safetensors output cannot hold dtype(s) {unsupported} of the base; "
                      "pass dtype= a floating dtype, or write the orbax format.")
-  recorded = reader.recorded
-  if recorded is not None and (not isinstance(recorded, dict)
-                               or set(recorded) != set(base_leaves)):
-    raise ChecksumError(f"Base checkpoint {base} is damaged: its checksum record does not list "
-                        "exactly its leaves.")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  with atomic.locked(out):
-    removed = atomic.clean_stale(out)
-    refuse_existing()
-    writer = (_OrbaxWriter(out) if output_format == "orbax"
-              else SafetensorsWriter(out, out_leaves))
+  with output.staged() as stage:
+    writer = (_OrbaxWriter(stage.path) if output_format == "orbax"
+              else SafetensorsWriter(stage.path, out_leaves))
     written = merged_count = 0
     mismatched: list[str] = []
+    unchecked: list[str] = []
     what = f"lora-jax merge of {adapters} into {base}"
     try:
       for group in _groups(reader.leaves, group_bytes):
-        arrays = reader.read([leaf.path for leaf in group])
-        if recorded is not None:
-          check_record(arrays, {p: recorded[p] for p in arrays}, f"Base checkpoint {base}")
+        arrays = reader.read([leaf.path for leaf in group])  # verified where recorded
         result = {}
         for leaf in group:
           w = arrays.pop(leaf.path)
@@ -504,7 +475,9 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
             target, a, b, m = pairs[leaf.path]
             found = None if record is None or leaf.path not in record else (
                 lineage.differences(record, leaf.path, w if quantized is None else quantized))
-            if found:
+            if isinstance(found, lineage.Unchecked):
+              unchecked.append(found)
+            elif found:
               mismatched.append(found)
               if not force:  # before anything is committed
                 lineage.report(mismatched, len(record), what + " (stopped at the first group "
@@ -524,6 +497,7 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
         writer.write(result)
         del arrays, result
       lineage.report(mismatched, len(record or ()), what, force=True)
+      lineage.warn_unchecked(unchecked, what)
       writer.finish()
     except BaseException:
       writer.abort()
@@ -531,5 +505,6 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
   return {"leaves": len(reader.leaves), "merged": merged_count, "trained": len(trained),
           "bytes": written, "out": str(out),
           "verified": None if reader.recorded is None else len(reader.leaves),
-          "lineage": None if record is None else len(record) - len(mismatched),
-          "removed_stale": [str(p) for p in removed]}
+          "lineage": None if record is None else len(record) - len(mismatched) - len(unchecked),
+          "lineage_unchecked": list(unchecked),
+          "removed_stale": [str(p) for p in stage.removed]}

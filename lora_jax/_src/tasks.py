@@ -243,8 +243,19 @@ def charlm(model: dict[str, Any], data: dict[str, Any], framework: str, seed: in
 # --- textcls -----------------------------------------------------------------------------
 
 
+# The standard-library packages whose docstrings the textcls task may read. Importing a
+# package runs its code (``antigravity`` opens a browser), so a job config chooses from
+# this list, never any installed name.
+TEXTCLS_PACKAGES = ("asyncio", "collections", "concurrent", "email", "encodings", "html",
+                    "http", "importlib", "json", "logging", "multiprocessing", "sqlite3",
+                    "unittest", "urllib", "wsgiref", "xml", "xmlrpc", "zoneinfo")
+
+
 @functools.cache
 def _docstrings(package: str) -> list[str]:
+  if package not in TEXTCLS_PACKAGES:
+    raise ValueError(f"textcls reads docstrings of {list(TEXTCLS_PACKAGES)} only, not "
+                     f"{package!r}.")
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     root = importlib.import_module(package)

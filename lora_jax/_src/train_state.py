@@ -53,16 +53,36 @@ def save_train_state(directory: str | os.PathLike[str], step: int, state: PyTree
                                   or max_to_keep < 1):
     raise ValueError(f"max_to_keep must be a positive integer or None, got {max_to_keep!r}.")
   directory = pathlib.Path(directory).absolute()
-  final = write(directory / str(check_step(step)), {_STATE: state}, config, overwrite=True,
+  step = check_step(step)
+  newer = [s for s in steps(directory) if s > step]
+  if newer:
+    raise FileExistsError(
+        f"save_train_state: {directory} already holds step(s) {_span(newer)}, newer than step "
+        f"{step}: another run's checkpoints, or this run restarted from scratch. Saving here "
+        "would let retention delete this run's steps, and a resume would continue the other "
+        "run. Resume from them (restore_train_state), or save to a new directory.")
+  final = write(directory / str(step), {_STATE: state}, config, overwrite=True,
                 what="training-state checkpoint", lock=directory)
   if max_to_keep is not None:
-    for old in steps(directory)[:-max_to_keep]:
+    # Only steps older than the one just written (never it: a newer step was refused).
+    for old in [s for s in steps(directory) if s <= step][:-max_to_keep]:
       if is_checkpoint(directory / str(old)):
         atomic.remove(directory / str(old))
   return final
 
 
-def restore_train_state(directory: str | os.PathLike[str], target: PyTree
+def _span(found: list[int]) -> str:
+  return str(found) if len(found) <= 4 else f"{found[0]}..{found[-1]} ({len(found)} steps)"
+
+
+def _config_differences(saved: LoraConfig, given: LoraConfig) -> list[str]:
+  mine, theirs = saved.to_dict(), given.to_dict()
+  return [f"{k}: {theirs.get(k)!r} given, {mine.get(k)!r} saved"
+          for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
+
+
+def restore_train_state(directory: str | os.PathLike[str], target: PyTree, *,
+                        config: LoraConfig | None = None, allow_config_change: bool = False
                         ) -> tuple[int, PyTree] | None:
   """Restores the newest intact training state saved by ``save_train_state``.
 
@@ -74,19 +94,25 @@ def restore_train_state(directory: str | os.PathLike[str], target: PyTree
     directory: the folder of step checkpoints.
     target: a tree like the saved ``state`` (arrays or ``jax.ShapeDtypeStruct``),
       giving structure, dtypes and shardings.
+    config: the ``LoraConfig`` of the run that resumes: compared with the one saved
+      beside the state (rank, alpha, rsLoRA, targets, ...). A resume under another
+      config would continue training other math silently, so it is refused.
+    allow_config_change: resume even when ``config`` differs (a warning names the
+      fields).
 
   Returns:
     ``(step, state)``, or None when there is no checkpoint yet.
 
   Raises:
     CheckpointMismatch: when a checkpoint does not hold a tree like ``target``
-      (another model or optimizer: not skipped, as every step would differ).
+      (another model or optimizer: not skipped, as every step would differ), or was
+      saved with another config than ``config`` (naming the fields).
     ValueError: when step folders exist but none reads back intact.
 
   Example (the resume recipe)::
 
     start, state = 0, {"adapters": lp.adapters, "opt_state": tx.init(lp)}
-    if (found := lj.restore_train_state(ckpt_dir, state)) is not None:
+    if (found := lj.restore_train_state(ckpt_dir, state, config=config)) is not None:
       start, state = found
     for step in range(start, num_steps):
       ...  # train; then every k steps:
@@ -96,12 +122,22 @@ def restore_train_state(directory: str | os.PathLike[str], target: PyTree
   skipped: list[str] = []
   for step in reversed(steps(directory)):
     try:
-      _, restored = read(directory / str(step), {_STATE: target}, "Training-state checkpoint")
+      saved, restored = read(directory / str(step), {_STATE: target},
+                             "Training-state checkpoint")
     except CheckpointMismatch:
       raise
-    except ValueError as e:
+    except (ValueError, OSError) as e:  # damaged, or a file of it missing
       skipped.append(f"step {step}: {str(e).splitlines()[0]}")
       continue
+    differ = [] if config is None else _config_differences(saved, config)
+    if differ:
+      message = (f"restore_train_state: step {step} in {directory} was saved with another "
+                 "LoraConfig than this run's:\n  - " + "\n  - ".join(differ))
+      if not allow_config_change:
+        raise CheckpointMismatch(message + "\nResuming would continue training other math. "
+                                 "Resume with the saved config, or pass "
+                                 "allow_config_change=True if the change is meant.")
+      warnings.warn(message, stacklevel=2)
     if skipped:
       warnings.warn(f"restore_train_state: resuming from step {step}; skipped newer damaged "
                     "step(s):\n  - " + "\n  - ".join(skipped), stacklevel=2)

@@ -14,6 +14,7 @@ import yaml
 
 MAX_BYTES = 1 << 20
 MAX_NODES = 100_000
+MAX_DEPTH = 50
 
 
 def _expanded_size(root: yaml.Node) -> int:
@@ -42,6 +43,26 @@ def _expanded_size(root: yaml.Node) -> int:
   return sizes[id(root)]
 
 
+def _nesting(text: str) -> int:
+  """The deepest nesting of flow collections and block indentation, from the tokens alone
+  (the composer recurses per level: a deep file would overflow Python's stack)."""
+  depth = deepest = 0
+  try:
+    for token in yaml.scan(text, Loader=yaml.SafeLoader):
+      if isinstance(token, (yaml.FlowSequenceStartToken, yaml.FlowMappingStartToken,
+                            yaml.BlockMappingStartToken, yaml.BlockSequenceStartToken)):
+        depth += 1
+        deepest = max(deepest, depth)
+        if deepest > MAX_DEPTH:
+          return deepest
+      elif isinstance(token, (yaml.FlowSequenceEndToken, yaml.FlowMappingEndToken,
+                              yaml.BlockEndToken)):
+        depth -= 1
+  except yaml.YAMLError:
+    return deepest  # the parse below reports it
+  return deepest
+
+
 def load_yaml(text: str, where: str) -> Any:
   """Parses YAML text with the safe loader, refusing alias bombs and oversized input.
 
@@ -56,6 +77,10 @@ def load_yaml(text: str, where: str) -> Any:
   if len(text) > MAX_BYTES:
     raise ValueError(f"{where}: {len(text):,} bytes; a job or LoRA config is at most "
                      f"{MAX_BYTES:,} bytes.")
+  depth = _nesting(text)
+  if depth > MAX_DEPTH:
+    raise ValueError(f"{where}: nested {depth} levels deep; a job or LoRA config has at most "
+                     f"{MAX_DEPTH} levels.")
   try:
     node = yaml.compose(text, Loader=yaml.SafeLoader)
     if node is not None and _expanded_size(node) > MAX_NODES:
