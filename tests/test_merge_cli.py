@@ -102,7 +102,7 @@ def test_mismatched_adapters_and_missing_inputs(setup, capsys):
   (tmp / "trunc.safetensors").write_bytes(b"\x10\x00\x00")
   assert cli(["merge", "--base", str(tmp / "trunc.safetensors"), "--adapters",
               str(tmp / "adapters"), "--out", str(tmp / "x")]) == 2
-  assert "Cannot read the safetensors file" in capsys.readouterr().err
+  assert "is not a valid safetensors file" in capsys.readouterr().err
   assert not (tmp / "x").exists()
 
 

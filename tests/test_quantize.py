@@ -334,6 +334,10 @@ def test_save_load_quantized_and_refusals(tmp_path):
   record = json.loads((tmp_path / "qbase" / "lora_jax_quantization.json").read_text())
   record["params/kernel"]["block_size"] = 32
   (tmp_path / "qbase" / "lora_jax_quantization.json").write_text(json.dumps(record))
+  with pytest.raises(lj.ChecksumError, match="lora_jax_quantization.json: its content changed"):
+    lj.merge_checkpoint(tmp_path / "qbase", tmp_path / "adapters", tmp_path / "out")
+  # Without the checksum record (as lora_jax 0.3.0 wrote it), the fit check still refuses it.
+  (tmp_path / "qbase" / "lora_jax_checksums.json").unlink()
   with pytest.raises(ValueError, match="params/kernel is recorded as nf4"):
     lj.load_quantized(tmp_path / "qbase")
 
