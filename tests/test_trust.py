@@ -5,6 +5,7 @@ file says, no traceback). Each test failed on main before the change."""
 import json
 import os
 import pathlib
+import re
 import struct
 import sys
 import threading
@@ -449,3 +450,20 @@ def test_merge_of_a_name_the_stack_lacks(tmp_path, capsys):
                 str(tmp_path / "out"), f"--adapter={name}"]) == 2
     assert f"adapter={name!r} is not in the stack" in capsys.readouterr().err
   assert pathlib.Path(tmp_path / "out").exists() is False
+
+
+def test_every_writer_goes_through_one_staged_commit():
+  """Structural: locking, committing and replacing live in atomic.py alone; a writer that
+  locked or committed by itself (or saved with orbax's force=True) would bypass the rule."""
+  src = pathlib.Path(lj.__file__).parent / "_src"
+  offenders = []
+  for module in sorted(src.glob("*.py")):
+    if module.name == "atomic.py":
+      continue
+    text = module.read_text()
+    for needle in (r"atomic\.commit\(", r"atomic\.locked\(", r"atomic\.clean_stale\(",
+                   r"\.save\([^)]*force=True", r"check_replaceable\(", r"os\.replace\(",
+                   r"shutil\.rmtree\("):
+      if re.search(needle, text):
+        offenders.append(f"{module.name}: {needle}")
+  assert not offenders, offenders

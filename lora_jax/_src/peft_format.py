@@ -164,7 +164,7 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
         "adapters, config = lj.principal_to_lora(lp.adapters, initial_adapters, config), then "
         "export_peft(lj.LoraParams(original_params, adapters), config, ...).")
   directory = pathlib.Path(directory).absolute()
-  _refuse_existing(directory, overwrite)
+  _output(directory, overwrite).check()
   adapter_tree, base = _split(adapters)
   targets = {t.path: t for t in plan(base, config)} if base is not None else {}
   tensors: dict[str, np.ndarray] = {}
@@ -241,19 +241,10 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
       "alpha_pattern": {re.escape(n): al for n, (_, al) in modules.items()
                         if al != config.alpha},
   }
-  directory.parent.mkdir(parents=True, exist_ok=True)
-  with atomic.locked(directory):
-    atomic.clean_stale(directory)
-    _refuse_existing(directory, overwrite)
-    staging = atomic.staging_path(directory)
-    try:
-      staging.mkdir()
-      save_file(tensors, str(staging / WEIGHTS_FILE))
-      (staging / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
-      atomic.commit(staging, directory)
-    except BaseException:
-      atomic.remove(staging)
-      raise
+  with _output(directory, overwrite).staged() as stage:
+    stage.path.mkdir()
+    save_file(tensors, str(stage.path / WEIGHTS_FILE))
+    (stage.path / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
   return directory
 
 
@@ -262,10 +253,10 @@ def _is_peft_folder(directory: pathlib.Path) -> bool:
       CONFIG_FILE, WEIGHTS_FILE, "README.md"}
 
 
-def _refuse_existing(directory: pathlib.Path, overwrite: bool) -> None:
-  atomic.check_replaceable(directory, overwrite=overwrite, ours=_is_peft_folder,
-                           what=f"a PEFT adapter folder (only {CONFIG_FILE}, {WEIGHTS_FILE} "
-                           "and README.md)")
+def _output(directory: pathlib.Path, overwrite: bool) -> atomic.Output:
+  return atomic.Output(directory, overwrite=overwrite, ours=_is_peft_folder,
+                       what=f"a PEFT adapter folder (only {CONFIG_FILE}, {WEIGHTS_FILE} and "
+                       "README.md)")
 
 
 def _export_trained(base: PyTree, config: LoraConfig, targets: dict[str, Target],
