@@ -467,3 +467,34 @@ def test_every_writer_goes_through_one_staged_commit():
       if re.search(needle, text):
         offenders.append(f"{module.name}: {needle}")
   assert not offenders, offenders
+
+
+# --- 6. what we export is what PEFT computes ------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_tied_embedding_tables_are_not_exported_as_lookup_adapters(tmp_path, tied):
+  """GPT-2/Gemma tie the token table to the output head; PEFT's embedding adapter changes the
+  lookup only, so exporting it would give other logits: refused, where infer_axes saw the tie."""
+  params = {"wte": {"embedding": jnp.ones((16, 8))}, "mid": {"kernel": jnp.ones((8, 8))},
+            "head": {"kernel": jnp.ones((8, 16))}}
+
+  def model(p, ids):
+    h = p["wte"]["embedding"][ids] @ p["mid"]["kernel"]
+    return h @ (p["wte"]["embedding"].T if tied else p["head"]["kernel"])
+
+  ids = jax.ShapeDtypeStruct((2, 5), jnp.int32)
+  config = lj.infer_axes(model, params, ids,
+                         config=lj.LoraConfig(rank=2, targets=r"(embedding|mid/kernel)$"))
+  assert config.head_tied_for("wte/embedding") is tied
+  lp = lj.lift(params, config, key=jax.random.key(0))
+  if tied:
+    with pytest.raises(ValueError, match=r"wte/embedding: this embedding table is also the "
+                       r"model's output head"):
+      lj.export_peft(lp, config, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
+  else:
+    lj.export_peft(lp, config, tmp_path / "peft")  # known untied: exact, no warning
+  plain = lj.LoraConfig(rank=2, targets=r"(embedding|mid/kernel)$", in_axes={"mid": 1})
+  with pytest.warns(UserWarning, match="change the lookup only"):
+    lj.export_peft(lj.lift(params, plain, key=jax.random.key(0)), plain, tmp_path / "p2")

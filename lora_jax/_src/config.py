@@ -28,7 +28,8 @@ Axes = int | tuple[int, ...]
 """A number of axes, or explicit axis positions in a kernel."""
 
 # Fields holding {regex: value} overrides, stored as tuples of pairs to stay hashable.
-_PATTERN_FIELDS = ("rank_pattern", "alpha_pattern", "dora_pattern", "in_axes", "stack_axes")
+_PATTERN_FIELDS = ("rank_pattern", "alpha_pattern", "dora_pattern", "in_axes", "stack_axes",
+                   "head_tied")
 # Fields holding one regex or several.
 _REGEX_FIELDS = ("targets", "exclude", "trainable")
 
@@ -146,6 +147,11 @@ class LoraConfig:
     stack_axes: ``{regex: n}``, leading stacked-layer axes (1 for ``nn.scan``),
       or ``{regex: (i, ...)}``, their positions.
     dtype: dtype of the adapter arrays.
+    head_tied: ``{regex: bool}`` for embedding tables: whether the model also
+      uses the table as its output head (``logits = x @ E.T``: tied embeddings,
+      as in GPT-2 and Gemma). ``infer_axes`` fills it in from how the model uses
+      each table. The adapter then changes the lookup and the head, which PEFT's
+      embedding adapter cannot express, so ``export_peft`` refuses such a table.
 
   Example:
     >>> import lora_jax as lj
@@ -170,6 +176,7 @@ class LoraConfig:
   in_axes: tuple[tuple[str, Axes], ...] | Mapping[str, Axes] = ()
   stack_axes: tuple[tuple[str, Axes], ...] | Mapping[str, Axes] = ()
   dtype: str = "float32"
+  head_tied: tuple[tuple[str, bool], ...] | Mapping[str, bool] = ()
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -196,9 +203,10 @@ class LoraConfig:
     for name in ("use_rslora", "use_dora"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"LoraConfig.{name} must be True or False, got {getattr(self, name)!r}.")
-    for p, v in self.dora_pattern:
-      if not isinstance(v, bool):
-        raise TypeError(f"LoraConfig.dora_pattern[{p!r}] must be True or False, got {v!r}.")
+    for name in ("dora_pattern", "head_tied"):
+      for p, v in getattr(self, name):
+        if not isinstance(v, bool):
+          raise TypeError(f"LoraConfig.{name}[{p!r}] must be True or False, got {v!r}.")
     if not isinstance(self.init, str) or not (self.init in _INITS or is_principal(self.init)):
       raise ValueError(f"LoraConfig.init must be one of {_INITS}, 'pissa', 'pissa_niter_N' "
                        f"(N >= 1 subspace iterations) or 'olora', got {self.init!r}.")
@@ -249,6 +257,10 @@ class LoraConfig:
     """The alpha at ``path`` (``alpha_pattern`` first, then ``alpha``)."""
     found = _first_match(self.alpha_pattern, path)
     return self.alpha if found is None else found
+
+  def head_tied_for(self, path: str) -> bool | None:
+    """Whether the table at ``path`` is also the model's output head (None: not known)."""
+    return _first_match(self.head_tied, path)
 
   def dora_for(self, path: str) -> bool:
     """Whether the adapter at ``path`` is DoRA (``dora_pattern`` first, then ``use_dora``)."""

@@ -365,5 +365,11 @@ def infer_axes(apply_fn: Callable[..., Any], params: PyTree, *example_args: Any,
                      "  - " + "\n  - ".join(errors))
   in_axes = _patterns({p: ins for p, (_, ins) in decided.items()})
   stack_axes = _patterns({p: (stack if stack else 0) for p, (stack, _) in decided.items()})
+  # Tables looked up by row: is the same table also contracted as the output head?
+  tables = {p: [u for u in walker.uses.get(p, []) if u.ins is not None] for p in decided}
+  head_tied = _patterns({p: any(not u.op.startswith("gather") for u in uses)
+                         for p, uses in tables.items()
+                         if any(u.op.startswith("gather") for u in uses)})
   return dataclasses.replace(config, in_axes=(*in_axes.items(), *config.in_axes),
-                             stack_axes=(*stack_axes.items(), *config.stack_axes))
+                             stack_axes=(*stack_axes.items(), *config.stack_axes),
+                             head_tied=(*head_tied.items(), *config.head_tied))

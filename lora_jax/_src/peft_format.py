@@ -28,6 +28,7 @@ import math
 import os
 import pathlib
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -181,6 +182,7 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
     tensors[key] = np.ascontiguousarray(value)
 
   paths = adapter_paths(adapter_tree)
+  unknown_tables: list[str] = []
   dora = {p for p in paths if "m" in lookup(adapter_tree, p)}
   if dora and dora != set(paths):
     errors.append(f"DoRA adapters at {sorted(dora)[:4]} beside plain LoRA at "
@@ -204,6 +206,18 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
           "" if base is not None else " and no base was given (pass the LoraParams)")
       errors.append(_layout_error(path, shape, guessed, why))
       continue
+    if _is_embedding(path):
+      tied = config.head_tied_for(path)
+      if tied:
+        errors.append(
+            f"{path}: this embedding table is also the model's output head (logits = x @ E.T, "
+            "tied embeddings; config.head_tied says so, as infer_axes found). The adapter "
+            "changes both uses, but PEFT's embedding adapter changes the lookup only, so the "
+            "export would give other logits in PEFT. Exclude the table from the targets "
+            "(exclude=[...]) to export the rest, or merge instead (lora-jax merge).")
+        continue
+      if tied is None:
+        unknown_tables.append(path)
     name = module_name(path)
     rank = a.shape[-1]
     modules[name] = (rank, config.alpha_for(path))
@@ -230,6 +244,14 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
   if errors:
     raise ValueError("export_peft: cannot write this adapter in PEFT's format:\n  - "
                      + "\n  - ".join(errors))
+  if unknown_tables:
+    warnings.warn(
+        f"export_peft: {unknown_tables[:4]} are exported as PEFT embedding adapters, which "
+        "change the lookup only. If the model also uses a table as its output head (tied "
+        "embeddings, as GPT-2 and Gemma do), PEFT's logits will differ from this model's. "
+        "lj.infer_axes(...) records which tables are tied (config.head_tied), and then this "
+        "export refuses a tied one and exports an untied one without this warning; or set "
+        "LoraConfig(head_tied={pattern: False}) yourself.", stacklevel=2)
   peft_config = {
       "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
       "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
