@@ -454,7 +454,7 @@ _KEY = "base_model.model.dense"
     ({"target_parameters": ["experts"]}, None, r"target_parameters is \['experts'\]"),
     ({"alpha_pattern": {"dense": 0}}, None, r"alpha_pattern\['dense'\] must be a positive number"),
     ({"rank_pattern": {"dense": 0}}, None, r"rank_pattern\['dense'\] must be a positive integer"),
-    ({"rank_pattern": {"(dense": 4}}, None, r"rank_pattern key '\(dense' is not a valid regular"),
+    ({"rank_pattern": {"(dense": 4}}, None, r"rank_pattern key: '\(dense' is not a valid regular"),
     ({"r": _DELETE}, None, r"the required field 'r' is missing"),
     ({"lora_alpha": _DELETE}, None, r"the required field 'lora_alpha' is missing"),
     ({"r": "4"}, None, r"r must be a positive integer, found '4'"),
@@ -556,7 +556,7 @@ def test_old_checkpoints_without_checksums_load_with_a_warning(tmp_path):
     ("data.test_fraction=1.5", r"config key 'data.test_fraction': must be a number strictly "
      r"between 0 and 1, got 1.5"),
     ("finetune.log_every=0", r"config key 'finetune.log_every': must be an integer >= 1"),
-    ("seed=-1", r"config key 'seed': must be an integer >= 0"),
+    ("seed=-1", r"config key 'seed': must be an integer from 0 to 2\*\*31 - 1"),
     ("run_dir=3", r"config key 'run_dir': expected a path \(str\), got 3"),
     ("lora=[1]", r"config key 'lora': expected a mapping"),
     ("lora.rank=0", r"config key 'lora': LoraConfig.rank must be a positive integer"),
@@ -574,7 +574,8 @@ def test_bad_job_values_are_clear_errors(override, message):
 
 @pytest.mark.parametrize("task, override, message", [
     ("textcls", "model.heads=5", r"d_model 64 must be a multiple of heads 5"),
-    ("textcls", "data.pretrain_packages=[no_such_package_x]", r"no package 'no_such_package_x'"),
+    ("textcls", "data.pretrain_packages=[no_such_package_x]",
+     r"'no_such_package_x' is not one of the packages the textcls task reads"),
     ("textcls", "data.pretrain_packages=[]", r"must be a list of importable package names"),
     ("charlm", "model.max_len=0", r"config key 'model.max_len': must be an integer >= 1"),
 ])

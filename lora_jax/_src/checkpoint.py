@@ -24,7 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lora_jax._src import atomic, lineage
+from lora_jax._src import atomic, lineage, multihost
 from lora_jax._src.checksums import ChecksumError, check_record, record
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.lift import LoraParams
@@ -69,24 +69,6 @@ def is_checkpoint(path: pathlib.Path) -> bool:
   return path.is_dir() and (path / _CONFIG).is_dir()
 
 
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-    multihost_utils.sync_global_devices(name)
-
-
-def _staging(final: pathlib.Path) -> pathlib.Path:
-  """A staging name all processes agree on (process 0's pid and token)."""
-  if jax.process_count() == 1:
-    return atomic.staging_path(final)
-  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-
-  mine = np.array([os.getpid(), int.from_bytes(os.urandom(3), "little")], np.int32)
-  pid, token = (int(v) for v in multihost_utils.broadcast_one_to_all(mine))
-  return atomic.staging_path(final, host="multiprocess", pid=pid, token=f"{token:06x}")
-
-
 def write(final: pathlib.Path, items: dict[str, Any], config: LoraConfig, *, overwrite: bool,
           what: str = "checkpoint", lock: pathlib.Path | None = None,
           json_items: Mapping[str, Any] | None = None) -> pathlib.Path:
@@ -113,8 +95,8 @@ def write(final: pathlib.Path, items: dict[str, Any], config: LoraConfig, *, ove
   sums: dict[str, Any] = {k: record(v) for k, v in items.items()}
   sums[JSON_DIGESTS] = {k: json_digest(v) for k, v in json_values.items()}
   args[_CHECKSUMS] = ocp.args.JsonSave(sums)
-  with output.staged(lock=lock, staging=_staging(final), primary=primary,
-                     sync=lambda stage: _sync(f"lora_jax_checkpoint_{stage}")) as stage:
+  with output.staged(lock=lock, staging=multihost.agreed_staging(final), primary=primary,
+                     sync=lambda stage: multihost.sync(f"lora_jax_checkpoint_{stage}")) as stage:
     with _composite() as checkpointer:
       checkpointer.save(stage.path, ocp.args.Composite(**args))
   return final
@@ -360,8 +342,8 @@ def read(path: pathlib.Path, targets: Mapping[str, Any], what: str,
     try:
       result = _read_once(path, targets, what, json_names)
     except (ValueError, OSError):
-      if before is not None and _identity(path) == before or attempt + 1 == _READ_ATTEMPTS:
-        raise
+      if before is None or _identity(path) == before or attempt + 1 == _READ_ATTEMPTS:
+        raise  # not replaced meanwhile: the error is the checkpoint's own
       continue  # replaced while we read: read the version now in place
     if _identity(path) == before:
       return result

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lora_jax._src import atomic, checksums
+from lora_jax._src import atomic, checksums, multihost
 from lora_jax._src.qarray import QuantizedArray, is_quantized, quantize_array
 from lora_jax._src.tree import PyTree, leaves_with_paths, nest
 
@@ -125,8 +125,9 @@ def write_base(final: pathlib.Path, tree: PyTree, *, kind: str, overwrite: bool,
   array, quantized codes and scales included, and the JSON ``records`` beside them), staged
   and committed whole (``atomic.Output``)."""
   output = atomic.Output(final, overwrite=overwrite, ours=ours, what=what)
-  primary = jax.process_index() == 0
-  with output.staged(primary=primary) as stage:
+  primary = multihost.is_primary()
+  with output.staged(staging=multihost.agreed_staging(final), primary=primary,
+                     sync=lambda stage: multihost.sync(f"lora_jax_base_{stage}")) as stage:
     with ocp.StandardCheckpointer() as checkpointer:
       checkpointer.save(stage.path, tree)
       checkpointer.wait_until_finished()
