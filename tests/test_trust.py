@@ -498,3 +498,45 @@ def test_tied_embedding_tables_are_not_exported_as_lookup_adapters(tmp_path, tie
   plain = lj.LoraConfig(rank=2, targets=r"(embedding|mid/kernel)$", in_axes={"mid": 1})
   with pytest.warns(UserWarning, match="change the lookup only"):
     lj.export_peft(lj.lift(params, plain, key=jax.random.key(0)), plain, tmp_path / "p2")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("init_lora_weights", "pissa_niter_4", "applies to the residual base"),
+    ("init_lora_weights", "olora", "applies to the residual base"),
+    ("use_bdlora", True, "block-diagonal LoRA"),
+    ("ensure_weight_tying", True, "adapters tied across tied modules"),
+])
+def test_peft_variants_that_change_the_math_are_refused(tmp_path, field, value, message):
+  base = _hf_folder(tmp_path / "base")
+  adapter = _peft_folder(tmp_path / "adapter", **{field: value})
+  with pytest.raises(ValueError, match=message):
+    merge_hf(base, adapter, tmp_path / "out")
+  with pytest.raises(ValueError, match=message):
+    lj.import_peft(adapter, params={"layer": {"kernel": jnp.zeros((4, 3))}})
+
+
+def test_two_modules_onto_one_tensor_are_refused(tmp_path):
+  base = _hf_folder(tmp_path / "base")
+  tensors = {f"base_model.model.{m}.lora_{x}.weight": np.ones(s, np.float32)
+             for m in ("layer", "other") for x, s in (("A", (2, 4)), ("B", (3, 2)))}
+  adapter = _peft_folder(tmp_path / "adapter", tensors=tensors)
+  with pytest.raises(ValueError, match=r"both change the base tensor 'layer.weight'"):
+    merge_hf(base, adapter, tmp_path / "out", tensor_name=lambda m: "layer")
+  one = _peft_folder(tmp_path / "one")  # one module, two leaves named alike
+  with pytest.raises(ValueError, match=r"module_name maps several leaves to it"):
+    lj.import_peft(one, params={"layer": {"kernel": jnp.zeros((4, 3))},
+                                "other": {"kernel": jnp.zeros((4, 3))}},
+                   module_name=lambda path: "layer")
+
+
+def test_an_adapter_and_a_full_weight_on_one_tensor_are_refused(tmp_path):
+  base = _hf_folder(tmp_path / "base")
+  tensors = {"base_model.model.layer.lora_A.weight": np.ones((2, 4), np.float32),
+             "base_model.model.layer.lora_B.weight": np.ones((3, 2), np.float32),
+             "base_model.model.layer.modules_to_save.weight": np.ones((3, 4), np.float32)}
+  adapter = _peft_folder(tmp_path / "adapter", tensors=tensors)
+  with pytest.raises(ValueError, match=r"both change the base tensor 'layer.weight'"):
+    merge_hf(base, adapter, tmp_path / "out")
+  with pytest.raises(ValueError, match=r"both map to the leaf layer/kernel"):
+    lj.import_peft(adapter, params={"layer": {"kernel": jnp.zeros((4, 3))}},
+                   in_axes={"layer": 1})

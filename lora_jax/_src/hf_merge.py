@@ -117,6 +117,16 @@ def read_updates(adapters: pathlib.Path, tensor_of: Callable[[str], str]
     raise ValueError(f"{adapters}: {sorted(magnitudes)[0]} is a DoRA magnitude, but "
                      "adapter_config.json does not set use_dora.")
   updates: dict[str, Update] = {}
+  claimed: dict[str, str] = {}
+
+  def claim(tensor: str, key: str) -> None:
+    """One base tensor gets at most one change (two would silently keep only the last)."""
+    if tensor in claimed:
+      raise ValueError(f"{adapters}: {claimed[tensor]} and {key} both change the base tensor "
+                       f"{tensor!r}; one of them would be lost. Fix the name map (tensor_name=, "
+                       "--name-map) or the adapter.")
+    claimed[tensor] = key
+
   for key in modules:
     a, b = lora_pair(adapters, tensors, key)
     name = key.removeprefix(PREFIX)
@@ -130,6 +140,7 @@ def read_updates(adapters: pathlib.Path, tensor_of: Callable[[str], str]
                        "use_dora, so every module needs its magnitude.")
     kind = ("embedding" if key + ".lora_embedding_A" in tensors
             else "conv" if a.ndim > 2 else "linear")
+    claim(tensor_of(name) + ".weight", key)
     updates[tensor_of(name) + ".weight"] = Update(
         kind, a, b, tensors[key + MAGNITUDE] if use_dora else None,
         al / (math.sqrt(r) if rslora else r), key)
@@ -137,6 +148,7 @@ def read_updates(adapters: pathlib.Path, tensor_of: Callable[[str], str]
   for key in sorted(set(tensors) - lora_keys - magnitudes):
     module, _, param = key.removeprefix(PREFIX).rpartition(".")
     module = module.removesuffix(".base_layer").removesuffix(".modules_to_save")
+    claim(f"{tensor_of(module)}.{param}", key)
     trained[f"{tensor_of(module)}.{param}"] = tensors[key]
   return updates, trained, peft_config
 

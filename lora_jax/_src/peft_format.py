@@ -365,7 +365,18 @@ _UNSUPPORTED = {"lora_bias": "a trainable bias in lora_B",
                 "megatron_config": "Megatron parallel layers",
                 "target_parameters": "LoRA on bare nn.Parameter tensors",
                 "alora_invocation_tokens": "activated LoRA (aLoRA)",
-                "trainable_token_indices": "trainable token embeddings"}
+                "trainable_token_indices": "trainable token embeddings",
+                "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
+                "arrow_config": "Arrow routing among adapters",
+                "kasa_config": "KaSA (singular-value adaptation)",
+                "monteclora_config": "MonteCLoRA",
+                "velora_config": "VeLoRA",
+                "loftq_config": "LoftQ (the adapter applies to a quantized residual base)",
+                "ensure_weight_tying": "adapters tied across tied modules (an embedding's "
+                                       "adapter applied to the output head too)"}
+# init_lora_weights that replace the base by a residual W - s·A0·B0: an adapter saved that way
+# (without path_initial_model_for_weight_conversion) applies to that residual, not to the model.
+_RESIDUAL_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
 _UNSUPPORTED_TENSORS = {"lora_magnitude_vector.": "a DoRA magnitude under a key PEFT does not "
                         "write (it saves '<module>.lora_magnitude_vector')",
                         "lora_B.bias": "lora_B biases (lora_bias=True)",
@@ -401,6 +412,13 @@ def _read_config(directory: pathlib.Path) -> dict[str, Any]:
       raise ValueError(f"{where}: {field} is {peft_config[field]!r}: {what} is not plain LoRA "
                        "and import_peft does not support it; importing it as plain LoRA "
                        "would give other outputs.")
+  init = peft_config.get("init_lora_weights")
+  if isinstance(init, str) and init.lower().startswith(_RESIDUAL_INITS):
+    raise ValueError(f"{where}: init_lora_weights is {init!r}: this adapter applies to the "
+                     "residual base its initialization made (W - s·A0·B0), not to the original "
+                     "model, so merged into or loaded onto the original it gives other outputs. "
+                     "Convert it to plain LoRA with PEFT (save_pretrained(..., "
+                     "path_initial_model_for_weight_conversion=...)), then import that.")
   for field in ("r", "lora_alpha"):
     if field not in peft_config:
       raise ValueError(f"{where}: the required field {field!r} is missing.")
@@ -497,12 +515,21 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
   # Module name -> {torch param name: leaf path} for the given tree.
   resolved: dict[str, dict[str, str]] = {}
   by_path = dict(leaves_with_paths(params))
+  ambiguous: dict[tuple[str, str], list[str]] = {}
   for path in by_path:
     torch_param = _TORCH_PARAM.get(path.rpartition("/")[2])
     if torch_param is not None:
-      resolved.setdefault(module_name(path), {})[torch_param] = path
+      module = module_name(path)
+      if torch_param in resolved.get(module, {}):
+        ambiguous.setdefault((module, torch_param), [resolved[module][torch_param]]).append(path)
+      resolved.setdefault(module, {})[torch_param] = path
 
   def leaf_path(key: str, module: str, torch_param: str) -> str:
+    if (module, torch_param) in ambiguous:
+      raise ValueError(f"{directory}: {key} belongs to PyTorch module {module!r}, but "
+                       f"module_name maps several leaves to it "
+                       f"({ambiguous[module, torch_param][:4]}); pass a module_name that keeps "
+                       "them apart.")
     path = resolved.get(module, {}).get(torch_param)
     if path is None:
       raise ValueError(f"{directory}: {key} belongs to PyTorch module {module!r}, which matches "
@@ -511,6 +538,15 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
     return path
 
   flat: dict[str, np.ndarray] = {}
+  claimed: dict[str, str] = {}
+
+  def claim(path: str, key: str) -> None:
+    """One leaf gets at most one PEFT tensor (two would silently keep only the last)."""
+    if path in claimed:
+      raise ValueError(f"{directory}: {claimed[path]} and {key} both map to the leaf {path}; "
+                       "pass a module_name that keeps them apart.")
+    claimed[path] = key
+
   rank_pattern, alpha_pattern = {}, {}
   use_dora = peft_config["use_dora"]
   lora_keys = {k for k in tensors if LORA_SUFFIX.search(k)}
@@ -535,6 +571,7 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
     else:
       a, b = a_t.T, b_t.T
     path = leaf_path(key, name, "weight")
+    claim(path, key)
     flat[path + "/a"], flat[path + "/b"] = a, b
     if use_dora:
       flat[path + "/m"] = tensors[key + MAGNITUDE]  # exact shape checked in _fit_to_target
@@ -553,7 +590,9 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
     name = key[len(PREFIX):] if key.startswith(PREFIX) else key
     module, _, torch_param = name.rpartition(".")
     module = module.removesuffix(".base_layer").removesuffix(".modules_to_save")
-    trained[leaf_path(key, module, torch_param)] = tensors[key]
+    path = leaf_path(key, module, torch_param)
+    claim(path, key)
+    trained[path] = tensors[key]
   paths = sorted({p.rsplit("/", 1)[0] for p in flat})
   if not paths:
     raise ValueError(f"{directory / WEIGHTS_FILE}: no lora_A / lora_B tensors found.")
