@@ -304,11 +304,13 @@ def test_merged_folder_holds_only_the_merged_model(tmp_path):
   base = _hf_folder(tmp_path / "base")
   adapter = _peft_folder(tmp_path / "adapter")
   (base / "pytorch_model.bin").write_bytes(b"unmerged")
+  (base / "adapter_config.json").write_text("{}")  # transformers would load it on top
   (base / "original").mkdir()
   (base / "original" / "consolidated.00.pth").write_bytes(b"unmerged")
   (base / "original" / "params.json").write_text("{}")
   report = merge_hf(base, adapter, tmp_path / "out")
-  assert sorted(report["not_copied"]) == ["original/consolidated.00.pth", "pytorch_model.bin"]
+  assert sorted(report["not_copied"]) == ["adapter_config.json", "original/consolidated.00.pth",
+                                          "pytorch_model.bin"]
   out = tmp_path / "out"
   assert not (out / "pytorch_model.bin").exists()
   assert not (out / "original" / "consolidated.00.pth").exists()

@@ -192,9 +192,11 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msg
 
 
 def _is_weight_file(name: str) -> bool:
+  """Weights in any format, or a PEFT adapter config (transformers would load the adapter
+  named there on top of the merged weights, applying it twice)."""
   lower = name.lower()
-  return lower.endswith(_WEIGHT_SUFFIXES) or lower.endswith(".index.json") or \
-      "consolidated" in lower
+  return (lower.endswith(_WEIGHT_SUFFIXES) or lower.endswith(".index.json")
+          or "consolidated" in lower or lower == "adapter_config.json")
 
 
 def _base_tensors(base: pathlib.Path) -> tuple[list[str], dict[str, SafetensorsFile]]:
