@@ -238,6 +238,16 @@ def _base_tensors(base: pathlib.Path) -> tuple[list[str], dict[str, SafetensorsF
   return shards, readers
 
 
+def _floating_dtype(dtype: Any) -> np.dtype:
+  try:
+    found = jnp.dtype(dtype)
+  except TypeError:
+    found = None
+  if found is None or not jnp.issubdtype(found, jnp.floating):
+    raise ValueError(f"dtype must be a floating dtype such as 'bfloat16', got {dtype!r}.")
+  return found
+
+
 def _leaves(reader: SafetensorsFile) -> list[Leaf]:
   return [Leaf(n, reader.shape(n), reader.dtype(n)) for n in reader.names]
 
@@ -287,9 +297,7 @@ def merge_hf(base: str | os.PathLike[str], adapters: str | os.PathLike[str],
   base, adapters = pathlib.Path(base).absolute(), pathlib.Path(adapters).absolute()
   out = pathlib.Path(out).absolute()
   limit = parse_size(max_shard_size)
-  out_dtype = None if dtype is None else jnp.dtype(dtype)
-  if out_dtype is not None and not jnp.issubdtype(out_dtype, jnp.floating):
-    raise ValueError(f"dtype must be a floating dtype such as 'bfloat16', got {dtype!r}.")
+  out_dtype = None if dtype is None else _floating_dtype(dtype)
   atomic.check_separate(out, [("base", base), ("adapters", adapters)], "merge")
   if not is_hf_folder(base):
     raise FileNotFoundError(f"{base} is not a Hugging Face model folder ({INDEX} or {SINGLE}).")
