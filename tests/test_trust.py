@@ -162,6 +162,11 @@ def test_quantized_base_codes_scales_and_record_are_verified(tmp_path):
     (other / name).write_bytes((path / name).read_bytes())
   with pytest.raises(lj.ChecksumError, match="d/kernel/absmax: its bytes changed"):
     lj.load_quantized(other)
+  from lora_jax._src.streaming import open_base  # what lora-jax merge reads it with
+
+  with pytest.raises(lj.ChecksumError, match="d/kernel/absmax: its bytes changed"):
+    open_base(other).read(["d/kernel"])
+  assert open_base(path).read(["d/kernel"])["d/kernel"].shape == (4, 128)
 
 
 def test_reader_during_concurrent_overwrites_gets_one_whole_version(tmp_path):
