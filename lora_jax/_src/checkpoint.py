@@ -306,12 +306,14 @@ def _abstract(tree: PyTree) -> PyTree:
                       tree)
 
 
-def _identity(path: pathlib.Path) -> tuple[int, int] | None:
+def _identity(path: pathlib.Path) -> tuple[int, int, int] | None:
+  """Which folder is under ``path`` now: its inode and change time (a freed inode number can
+  be reused at once by the next save's folder; its change time differs)."""
   try:
     st = os.stat(path)
   except OSError:
     return None
-  return st.st_dev, st.st_ino
+  return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
 def read(path: pathlib.Path, targets: Mapping[str, Any], what: str,
