@@ -102,6 +102,7 @@ def test_export_loads_in_peft_with_equal_outputs(tmp_path, conv, dora):
   config = lj.LoraConfig(rank=4, alpha=8.0, targets=r"kernel$" if conv else (r"kernel$", "emb"),
                          rank_pattern={last: 2}, alpha_pattern={last: 3.0}, use_rslora=True,
                          in_axes={"Conv_1": 3} if conv else {},  # Conv_1 has no bias to tell
+                         head_tied={"Embed_0": False},  # its own head (Dense_1), as in PyTorch
                          use_dora=dora)
   lp = _perturbed(lj.lift(params, config, key=jax.random.key(2)))
   expected = np.asarray(lj.wrap(model.apply, config)(lp, x))
@@ -138,8 +139,11 @@ def test_import_peft_made_adapter_gives_peft_outputs(tmp_path, conv, dora):
   with torch.no_grad():
     expected = _to_flax_layout(peft_model(x_torch), conv)
   peft_model.save_pretrained(str(tmp_path / "made_by_peft"))
+  # Which tables are also the output head: read from the model (here: none, Dense_1 is).
+  tied = None if conv else lj.infer_axes(model.apply, params, x, config=lj.LoraConfig(
+      targets=(r"kernel$", "emb"))).head_tied
   adapters, config = lj.import_peft(tmp_path / "made_by_peft", params=params,
-                                    in_axes={"Conv_1": 3} if conv else None)
+                                    in_axes={"Conv_1": 3} if conv else None, head_tied=tied)
   assert config.rank == 4 and config.alpha == 8.0 and config.use_dora is dora
   for mode in ("factored", "merge"):
     out = lj.wrap(model.apply, config, mode=mode)(lj.LoraParams(params, adapters), x)
@@ -381,9 +385,11 @@ def test_combine_agrees_with_peft_add_weighted_adapter(tmp_path, monkeypatch, me
   svd, equal ranks (one rsLoRA) for PEFT's factor merges; dare_* with the same random masks."""
   model, params, x, torch_model, x_torch = _text()
   factor = method not in ("cat", "svd")
-  configs = {"x": lj.LoraConfig(rank=4, alpha=8.0, targets=(r"kernel$", "emb")),
+  untied = {"Embed_0": False}  # the model has its own head (Dense_1)
+  configs = {"x": lj.LoraConfig(rank=4, alpha=8.0, targets=(r"kernel$", "emb"),
+                                head_tied=untied),
              "y": lj.LoraConfig(rank=4 if factor else 2, alpha=3.0, use_rslora=factor,
-                                targets=(r"kernel$", "emb"))}
+                                targets=(r"kernel$", "emb"), head_tied=untied)}
   adapters = {n: _perturbed(lj.lift(params, c, key=jax.random.key(i))).adapters
               for i, (n, c) in enumerate(configs.items())}
   for n in configs:

@@ -502,6 +502,13 @@ def test_tied_embedding_tables_are_not_exported_as_lookup_adapters(tmp_path, tie
     assert not (tmp_path / "peft").exists()
   else:
     lj.export_peft(lp, config, tmp_path / "peft")  # known untied: exact, no warning
+    lj.import_peft(tmp_path / "peft", params=params, head_tied=config.head_tied,
+                   in_axes=config.in_axes)  # and back, no warning
+    with pytest.raises(ValueError, match="applies an embedding adapter to the lookup only"):
+      lj.import_peft(tmp_path / "peft", params=params, head_tied={"wte": True},
+                     in_axes=config.in_axes)
+    with pytest.warns(UserWarning, match="which PEFT applies to the lookup only"):
+      lj.import_peft(tmp_path / "peft", params=params, in_axes=config.in_axes)
   plain = lj.LoraConfig(rank=2, targets=r"(embedding|mid/kernel)$", in_axes={"mid": 1})
   with pytest.warns(UserWarning, match="change the lookup only"):
     lj.export_peft(lj.lift(params, plain, key=jax.random.key(0)), plain, tmp_path / "p2")

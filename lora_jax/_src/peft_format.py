@@ -481,7 +481,8 @@ def read_folder(directory: pathlib.Path) -> tuple[dict[str, Any], dict[str, np.n
 
 def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
                 in_axes: Mapping[str, Any] | None = None,
-                module_name: Callable[[str], str] = default_module_name
+                module_name: Callable[[str], str] = default_module_name,
+                head_tied: Mapping[str, bool] | None = None
                 ) -> tuple[dict[str, Any] | LoraParams, LoraConfig]:
   """Reads a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
 
@@ -498,6 +499,11 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
       without a bias, kernels stored ``(out, in)``); kept in the returned config.
     module_name: maps a leaf path of ``params`` to the PyTorch module name (as
       in ``export_peft``).
+    head_tied: ``{regex: bool}`` as in ``LoraConfig.head_tied`` (what
+      ``infer_axes`` finds): whether an embedding table is also the model's output
+      head. PEFT applies an embedding adapter to the lookup only, while lora_jax
+      applies it to every use of the table, so a tied table is refused, and one
+      whose use is not stated is imported with a warning; kept in the returned config.
 
   Returns:
     ``(adapters, config)``, ready for ``LoraParams(params, adapters)``; or, when
@@ -603,11 +609,17 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
                         use_rslora=peft_config["use_rslora"],
                         use_dora=use_dora,
                         dropout=peft_config.get("lora_dropout") or 0.0,
-                        in_axes=in_axes or (),
+                        in_axes=in_axes or (), head_tied=head_tied or (),
                         trainable=tuple(f"^{re.escape(p)}$" for p in sorted(trained)))
   except (TypeError, ValueError) as e:
     raise ValueError(f"{directory / CONFIG_FILE}: {e}") from None
   errors: list[str] = []
+  tables = [p for p in paths if _is_embedding(p)]
+  errors += [f"{p}: PEFT applies an embedding adapter to the lookup only, but this table is also "
+             "the model's output head (head_tied), where lora_jax would apply it too: the "
+             "model would compute something PEFT does not. Import it into an untied model."
+             for p in tables if config.head_tied_for(p)]
+  unknown_tables = [p for p in tables if config.head_tied_for(p) is None]
   for target in plan(params, config):
     if not _layout_known(target.path, target.layout, target.shape, target.in_axes):
       errors.append(_layout_error(target.path, target.shape, target.in_axes,
@@ -619,6 +631,13 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
   if errors:
     raise ValueError(f"import_peft: the adapter in {directory} does not fit params:\n  - "
                      + "\n  - ".join(errors))
+  if unknown_tables:
+    warnings.warn(
+        f"import_peft: {unknown_tables[:4]} get PEFT embedding adapters, which PEFT applies to "
+        "the lookup only; lora_jax applies them to every use of the table, so a model that "
+        "also uses a table as its output head (tied embeddings) would compute other logits "
+        "than PEFT. Pass head_tied= (lj.infer_axes(...).head_tied finds it) to say which.",
+        stacklevel=2)
   adapters = jax.tree.map(jnp.asarray, nest(flat))
   if trained:
     return LoraParams(jax.tree.map(jnp.asarray, nest(trained)), adapters), config
