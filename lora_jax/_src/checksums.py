@@ -112,9 +112,10 @@ def write_folder_record(folder: pathlib.Path, arrays: Mapping[str, Any], kind: s
   (folder / FOLDER_RECORD).write_text(json.dumps(data, sort_keys=True))
 
 
-def read_folder_record(folder: pathlib.Path) -> dict[str, Any] | None:
+def read_folder_record(folder: pathlib.Path, json_files: tuple[str, ...] = ()
+                       ) -> dict[str, Any] | None:
   """The array record of ``folder`` (None when it has none), after checking that every JSON
-  file it lists is there unchanged.
+  file it lists is there unchanged, and that each of ``json_files`` present is listed.
 
   Raises:
     ChecksumError: for a damaged record or a changed, missing or unlisted JSON file.
@@ -138,22 +139,12 @@ def read_folder_record(folder: pathlib.Path) -> dict[str, Any] | None:
       errors.append(f"{name}: recorded, but missing")
     elif file_digest(folder / name) != want:
       errors.append(f"{name}: its content changed since it was written")
+  errors += [f"{name}: not covered by its {FOLDER_RECORD} (added or swapped in after the "
+             "write)" for name in json_files if (folder / name).is_file() and name not in files]
   if errors:
     raise ChecksumError(f"{where} is damaged:\n  - " + "\n  - ".join(errors)
                         + "\nRestore it from a backup or write it again.")
   return data
-
-
-def check_files_recorded(folder: pathlib.Path, names: tuple[str, ...]) -> None:
-  """Raises ``ChecksumError`` when one of ``names`` exists in ``folder`` but its record does
-  not list it (a file added or swapped in after the write)."""
-  file = folder / FOLDER_RECORD
-  if not file.is_file():
-    return
-  listed = json.loads(file.read_text(encoding="utf-8")).get(JSON_FILES, {})
-  extra = [n for n in names if (folder / n).is_file() and n not in listed]
-  if extra:
-    raise ChecksumError(f"{folder} is damaged: {extra} are not covered by its {FOLDER_RECORD}.")
 
 
 def folder_kind(folder: pathlib.Path) -> str | None:

@@ -139,13 +139,14 @@ def write_base(final: pathlib.Path, tree: PyTree, *, kind: str, overwrite: bool,
   return final
 
 
-def read_record(path: pathlib.Path) -> dict[str, dict[str, Any]] | None:
-  """The quantization record of an orbax folder, None when it has none."""
+def read_records(path: pathlib.Path
+                 ) -> tuple[dict[str, dict[str, Any]] | None, dict[str, Any] | None]:
+  """``(quantization record, checksum record)`` of an orbax folder, each None when absent;
+  read once, the quantization record verified against its digest in the checksum record."""
+  recorded = checksums.read_folder_record(path, (QUANTIZATION_FILE,))
   file = path / QUANTIZATION_FILE
   if not file.is_file():
-    return None
-  checksums.read_folder_record(path)  # the record's digest, where lora_jax wrote one
-  checksums.check_files_recorded(path, (QUANTIZATION_FILE,))
+    return None, recorded
   try:
     record = json.loads(file.read_text())
     for entry in record.values():
@@ -153,7 +154,7 @@ def read_record(path: pathlib.Path) -> dict[str, dict[str, Any]] | None:
   except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
     raise ValueError(f"{file} is damaged or was not written by lora_jax.save_quantized "
                      f"({type(e).__name__}: {str(e)[:200]}).") from e
-  return record
+  return record, recorded
 
 
 def group(found: Mapping[str, tuple[tuple[int, ...], Any]],
@@ -207,7 +208,7 @@ def load_quantized(directory: str | os.PathLike[str], *, target: PyTree | None =
       from the record or from ``target``.
   """
   path = pathlib.Path(directory).absolute()
-  record = read_record(path)
+  record, recorded = read_records(path)
   if record is None:
     raise ValueError(f"{path}: no {QUANTIZATION_FILE}; this is not a quantized base saved by "
                      "lora_jax.save_quantized (a plain orbax checkpoint restores with "
@@ -229,7 +230,6 @@ def load_quantized(directory: str | os.PathLike[str], *, target: PyTree | None =
         raise ValueError(f"{path}: target differs from the saved base at {diff[:5]}.")
       abstract = target
     restored = checkpointer.restore(path, abstract)
-  recorded = checksums.read_folder_record(path)
   if recorded is None:
     warnings.warn(f"{path} has no {checksums.FOLDER_RECORD} (saved by lora_jax 0.3.0 or "
                   "earlier): its codes and scales cannot be verified. Save it again to add "

@@ -89,14 +89,14 @@ class OrbaxReader:
                        "NNX parameters); this checkpoint holds other containers.")
     # A quantized base (lora_jax.save_quantized): each quantized leaf is one logical leaf.
     self._arrays = {leaf.path: leaf for leaf in self.leaves}
+    quantization, self.recorded = quantized_io.read_records(path)
     layout = quantized_io.group({leaf.path: (leaf.shape, leaf.dtype) for leaf in self.leaves},
-                                quantized_io.read_record(path), str(path))
+                                quantization, str(path))
     self.quantized = {p: q for p, q in layout.items() if is_quantized(q)}
     self.leaves = [Leaf(p, q.shape, np.dtype(q.dtype)) if is_quantized(q) else Leaf(p, *q)
                    for p, q in layout.items()]
     # Written by lora_jax (a merge, a quantized or a job's base): every array, codes and
     # scales included, is verified as it is read, and the record must list exactly them.
-    self.recorded = checksums.read_folder_record(path)
     if self.recorded is not None and set(self.recorded) != set(self._arrays):
       raise ChecksumError(f"Base checkpoint {path} is damaged: its checksum record does not "
                           "list exactly its arrays.")
