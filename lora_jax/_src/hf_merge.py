@@ -48,7 +48,7 @@ from lora_jax._src.peft_format import (
     pattern_value,
 )
 from lora_jax._src.safetensors_io import SafetensorsFile, inside
-from lora_jax._src.streaming import Leaf, SafetensorsWriter
+from lora_jax._src.streaming import Leaf, SafetensorsWriter, refuse_non_finite
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -373,12 +373,9 @@ def merge_hf(base: str | os.PathLike[str], adapters: str | os.PathLike[str],
             value = trained[original.path].load()
             merged += 1
           value = np.asarray(value).astype(leaf.dtype, copy=False)
-          if safe and jnp.issubdtype(value.dtype, jnp.floating):
-            bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
-            if bad:
-              raise ValueError(f"--safe: merged tensor {leaf.path} (shape {leaf.shape}) has "
-                               f"{bad} NaN/Inf values; nothing was written. Check the adapter's "
-                               "scale and the base.")
+          if safe:
+            refuse_non_finite(value, f"merged tensor {leaf.path}",
+                              "the adapter's scale and the base")
           writer.write({leaf.path: value})
           written += 1
       except BaseException:

@@ -275,6 +275,16 @@ class SafetensorsWriter:
     self.out.unlink(missing_ok=True)
 
 
+def refuse_non_finite(value: np.ndarray, what: str, check: str) -> None:
+  """``--safe``: raises naming ``what`` when a floating ``value`` holds NaN or Inf."""
+  if not jnp.issubdtype(value.dtype, jnp.floating):
+    return
+  bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+  if bad:
+    raise ValueError(f"--safe: {what} (shape {value.shape}) has {bad} NaN/Inf values; nothing "
+                     f"was written. Check {check}.")
+
+
 def _groups(leaves: list[Leaf], limit: int) -> Iterator[list[Leaf]]:
   group: list[Leaf] = []
   size = 0
@@ -486,12 +496,9 @@ def merge_checkpoint(base: str | os.PathLike[str], adapters: str | os.PathLike[s
             merged_count += 1
           else:
             value = np.asarray(w).astype(final_dtype(leaf), copy=False)
-          if safe and jnp.issubdtype(value.dtype, jnp.floating):
-            bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
-            if bad:
-              raise ValueError(f"--safe: merged leaf {leaf.path} (shape {leaf.shape}) has {bad} "
-                               "NaN/Inf values; nothing was written. Check the adapters' scale "
-                               "and the base checkpoint.")
+          if safe:
+            refuse_non_finite(value, f"merged leaf {leaf.path}", "the adapters' scale and the "
+                              "base checkpoint")
           result[leaf.path] = value
           written += value.nbytes
         writer.write(result)
