@@ -82,6 +82,10 @@ def test_a_run_dir_is_owned_by_one_job(tmp_path):
         pass
   with atomic.owned(tmp_path / "run", "a lora-jax train job"):  # free again
     pass
+  with atomic.owned((tmp_path / "run").absolute(), "a lora-jax train job"):
+    # lora-jax train into a run dir another job holds: a one-line error, no traceback
+    assert cli(["train", "--config", "configs/quickstart.yaml", "--set",
+                f"run_dir={tmp_path / 'run'}"]) == 2
 
 
 def test_write_file_is_atomic_and_never_replaces_a_folder(tmp_path):

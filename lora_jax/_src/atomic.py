@@ -305,12 +305,17 @@ def write_file(final: str | os.PathLike[str], data: bytes | str, *,
   return final
 
 
+class InUse(RuntimeError):
+  """A folder another process holds for its whole run (``owned``)."""
+
+
 @contextlib.contextmanager
 def owned(folder: pathlib.Path, what: str) -> Iterator[None]:
   """Holds ``folder`` for one writer for the whole block; a second one is refused at once.
 
   Raises:
-    RuntimeError: when another process holds it, naming the folder and the fix.
+    InUse: (a ``RuntimeError``) when another process holds it, naming the folder and
+      the fix.
   """
   import fcntl  # pylint: disable=import-outside-toplevel  # POSIX only
 
@@ -321,7 +326,7 @@ def owned(folder: pathlib.Path, what: str) -> Iterator[None]:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "another process"
-      raise RuntimeError(f"{folder} is in use by {what} running as {holder}; two runs into one "
+      raise InUse(f"{folder} is in use by {what} running as {holder}; two runs into one "
                          "folder would mix their outputs. Wait for it to finish or choose "
                          "another folder.") from None
     os.ftruncate(fd, 0)

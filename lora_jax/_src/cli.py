@@ -289,9 +289,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
+  from lora_jax._src.atomic import InUse  # pylint: disable=import-outside-toplevel
+
   try:
     return args.run(args)
-  except (ValueError, OSError) as e:
+  except (ValueError, OSError, InUse) as e:
     print(f"lora-jax {args.command}: error: {e}", file=sys.stderr)
     return 2
 
