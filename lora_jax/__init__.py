@@ -11,6 +11,8 @@ from lora_jax._src.job import load_job_config, run_job
 from lora_jax._src.lift import LoraParams, disable, lift, overlay
 from lora_jax._src.lineage import BaseMismatch
 from lora_jax._src.merge import merge, unmerge
+from lora_jax._src.names import NameMap, name_map
+from lora_jax._src.names import Rule as NameRule
 from lora_jax._src.optim import labels, optimizer
 from lora_jax._src.peft_format import export_peft, import_peft
 from lora_jax._src.plan import Target, plan
@@ -24,6 +26,7 @@ from lora_jax._src.summary import Summary, SummaryRow, summary
 from lora_jax._src.train_state import restore_train_state, save_train_state
 from lora_jax._src.tree import PyTree, paths
 from lora_jax._src.wrap import wrap
+from lora_jax._src.zoo import ZooModel, load_hf
 
 __version__ = "0.3.0"
 
@@ -39,6 +42,11 @@ __all__ = [
     "ChecksumError",
     "FallbackWarning",
     "LoraConfig",
+    "NameMap",
+    "NameRule",
+    "ZooModel",
+    "load_hf",
+    "name_map",
     "LoraParams",
     "AdapterStack",
     "PyTree",

@@ -23,6 +23,8 @@ pickle, no code execution.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
 import math
 import os
@@ -39,6 +41,7 @@ import numpy as np
 from lora_jax._src import atomic
 from lora_jax._src.config import LoraConfig, is_principal
 from lora_jax._src.lift import LoraParams
+from lora_jax._src.names import TORCH_PARAM, NameMap, Naming, Part, default_module_name, parts
 from lora_jax._src.patterns import MAX_PATH, compile_safe
 from lora_jax._src.plan import Target, layout_is_certain, leaf_axes, plan
 from lora_jax._src.safetensors_io import SafetensorsFile
@@ -47,25 +50,8 @@ from lora_jax._src.tree import PyTree, adapter_paths, leaves_with_paths, lookup,
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
-# Flax leaf names and the PyTorch parameter each one becomes.
-_TORCH_PARAM = {"kernel": "weight", "embedding": "weight", "weight": "weight",
-                "scale": "weight", "bias": "bias"}
 MAGNITUDE = ".lora_magnitude_vector"
 LORA_SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
-
-
-def default_module_name(path: str) -> str:
-  """``params/Dense_0/kernel`` -> ``Dense_0``: drop ``params/`` and the leaf name; join by ``.``.
-
-  A leaf named ``kernel``, ``embedding``, ``weight``, ``scale`` or ``bias`` is
-  the module's parameter, so ``params/Dense_0/bias`` is in module ``Dense_0`` too.
-  """
-  parts = path.split("/")
-  if parts and parts[0] == "params":
-    parts = parts[1:]
-  if len(parts) > 1 and parts[-1] in _TORCH_PARAM:
-    parts = parts[:-1]
-  return ".".join(parts)
 
 
 def _is_embedding(path: str) -> bool:
@@ -118,7 +104,8 @@ def _split(tree: LoraParams | Mapping[str, Any]) -> tuple[Mapping[str, Any], PyT
 
 def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
                 directory: str | os.PathLike[str], *,
-                module_name: Callable[[str], str] = default_module_name,
+                module_name: Naming = default_module_name,
+                target: str | os.PathLike[str] | Iterable[str] | None = None,
                 conv_paths: tuple[str, ...] | None = None,
                 fan_in_fan_out: bool = False, overwrite: bool = False) -> pathlib.Path:
   """Writes adapters (and leaves trained in full) so ``peft.PeftModel.from_pretrained`` loads them.
@@ -133,7 +120,15 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
     config: the ``LoraConfig`` they were made with.
     directory: output folder (created); holds ``adapter_config.json`` and
       ``adapter_model.safetensors``.
-    module_name: maps a leaf path to the PyTorch module name.
+    module_name: which PyTorch module each leaf is: a ``NameMap`` (``lj.name_map(...)``,
+      ``ZooModel.name_map``; it splits fused kernels such as Gemma's ``qkv_einsum`` into one
+      PEFT module each, sharing ``A``) or a callable ``leaf path -> module name`` (the
+      parameter is named by the leaf: ``bias`` → ``bias``, anything else → ``weight``). The
+      same argument reads the adapter back in ``import_peft``.
+    target: the model PEFT will load the adapter into: its Hugging Face folder (or its
+      parameter names). Every module written must exist there, else ``ValueError``: PEFT
+      itself only warns and runs the base model. Strongly advised; the ``lora-jax train``
+      job always passes it.
     conv_paths: regexes of paths that are convolution kernels (default: kernels
       with more than two axes whose path contains ``Conv``).
     fan_in_fan_out: the PyTorch modules store their weight ``(in, out)``
@@ -166,6 +161,7 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
         "export_peft(lj.LoraParams(original_params, adapters), config, ...).")
   directory = pathlib.Path(directory).absolute()
   _output(directory, overwrite).check()
+  model_names = target_names(target) if target is not None else None
   adapter_tree, base = _split(adapters)
   targets = {t.path: t for t in plan(base, config)} if base is not None else {}
   tensors: dict[str, np.ndarray] = {}
@@ -218,24 +214,31 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
         continue
       if tied is None:
         unknown_tables.append(path)
-    name = module_name(path)
+    found = parts(module_name, path)
+    if found is None:
+      errors.append(f"{path}: {_naming_label(module_name)} gives no PyTorch module for this "
+                    "adapted leaf.")
+      continue
+    m = np.asarray(entry["m"], np.float32) if "m" in entry else None
     rank = a.shape[-1]
-    modules[name] = (rank, config.alpha_for(path))
-    key = PREFIX + name
-    if _is_embedding(path):
-      put(key + ".lora_embedding_A", a.reshape(-1, rank).T, path)
-      put(key + ".lora_embedding_B", b.reshape(rank, -1).T, path)
-    elif _is_conv(path, a.ndim, conv_paths):  # A (*window, cin, r) -> (r, cin, *window)
-      window = a.ndim - 2
-      put(key + ".lora_A.weight", np.transpose(a, (a.ndim - 1, a.ndim - 2, *range(window))), path)
-      put(key + ".lora_B.weight", b.T.reshape(b.shape[1], rank, *(1,) * window), path)
-    else:
-      put(key + ".lora_A.weight", a.reshape(-1, rank).T, path)
-      put(key + ".lora_B.weight", b.reshape(rank, -1).T, path)
-    if "m" in entry:  # PEFT keeps a conv's magnitude as (1, cout, 1, ...)
-      m = np.asarray(entry["m"], np.float32).reshape(-1)
-      conv = not _is_embedding(path) and _is_conv(path, a.ndim, conv_paths)
-      put(key + MAGNITUDE, m.reshape(1, -1, *(1,) * (a.ndim - 2)) if conv else m, path)
+    for part in found:
+      b_part, m_part = b, m
+      if part.count > 1:
+        if target is None:
+          errors.append(f"{path}: a fused kernel ({part.count} PyTorch modules); pass the "
+                        "LoraParams (not lp.adapters) so its output axes are known.")
+          break
+        outs = target.out_axes
+        if part.axis not in outs or target.shape[part.axis] != part.count:
+          errors.append(f"{path}: the name map splits this kernel along axis {part.axis} into "
+                        f"{part.count} modules, but that is not an output axis of size "
+                        f"{part.count} (output axes {outs}, shape {target.shape}).")
+          break
+        b_part = np.take(b, part.index, axis=1 + outs.index(part.axis))
+        m_part = None if m is None else np.take(m, part.index, axis=outs.index(part.axis))
+      modules[part.module] = (rank, config.alpha_for(path))
+      _put_pair(PREFIX + part.module, path, a, b_part, m_part, rank,
+                conv=not _is_embedding(path) and _is_conv(path, a.ndim, conv_paths), put=put)
 
   bias_mode, to_save = "none", []
   if base is not None:
@@ -244,6 +247,8 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
   if errors:
     raise ValueError("export_peft: cannot write this adapter in PEFT's format:\n  - "
                      + "\n  - ".join(errors))
+  if model_names is not None:
+    check_names(tensors, model_names, "export_peft")
   if unknown_tables:
     warnings.warn(
         f"export_peft: {unknown_tables[:4]} are exported as PEFT embedding adapters, which "
@@ -268,6 +273,76 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
     save_file(tensors, str(stage.path / WEIGHTS_FILE))
     (stage.path / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
   return directory
+
+
+def _naming_label(naming: Naming) -> str:
+  return (f"the {naming.architecture} name map" if isinstance(naming, NameMap)
+          else "module_name")
+
+
+def _put_pair(key: str, path: str, a: np.ndarray, b: np.ndarray, m: np.ndarray | None,
+              rank: int, *, conv: bool, put: Callable[[str, np.ndarray, str], None]) -> None:
+  """One PEFT module's tensors from our ``A`` ``(*in, r)``, ``B`` ``(r, *out)`` and ``m``."""
+  if _is_embedding(path):
+    put(key + ".lora_embedding_A", a.reshape(-1, rank).T, path)
+    put(key + ".lora_embedding_B", b.reshape(rank, -1).T, path)
+  elif conv:  # A (*window, cin, r) -> (r, cin, *window)
+    window = a.ndim - 2
+    put(key + ".lora_A.weight", np.transpose(a, (a.ndim - 1, a.ndim - 2, *range(window))), path)
+    put(key + ".lora_B.weight", b.T.reshape(b.shape[1], rank, *(1,) * window), path)
+  else:
+    put(key + ".lora_A.weight", a.reshape(-1, rank).T, path)
+    put(key + ".lora_B.weight", b.reshape(rank, -1).T, path)
+  if m is not None:  # PEFT keeps a conv's magnitude as (1, cout, 1, ...)
+    m = m.reshape(-1)
+    put(key + MAGNITUDE, m.reshape(1, -1, *(1,) * (a.ndim - 2)) if conv else m, path)
+
+
+def target_names(target: str | os.PathLike[str] | Iterable[str]) -> frozenset[str]:
+  """The parameter names of the model PEFT will load into: a Hugging Face folder's tensor names
+  (``model.safetensors`` or the shards' index), or the names given."""
+  if isinstance(target, (str, os.PathLike)):
+    folder = pathlib.Path(target)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+      weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+      if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: no weight_map object.")
+      return frozenset(weight_map)
+    if (folder / "model.safetensors").is_file():
+      return frozenset(SafetensorsFile(folder / "model.safetensors").names)
+    raise FileNotFoundError(f"{folder}: neither model.safetensors nor its index; target= must "
+                            "be the Hugging Face model folder the adapter is for.")
+  return frozenset(target)
+
+
+def check_names(keys: Iterable[str], names: frozenset[str], where: str) -> None:
+  """Refuses PEFT tensors whose module is not in the target model (``names``: its parameters).
+
+  PEFT itself only warns about such keys and loads the base model unchanged.
+  """
+  missing: dict[str, str] = {}
+  for key in keys:
+    name = key.removeprefix(PREFIX)
+    if LORA_SUFFIX.search(name) or name.endswith(MAGNITUDE):
+      module = LORA_SUFFIX.sub("", name).removesuffix(MAGNITUDE)
+      param = module + ".weight"
+    else:
+      param = name.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
+      module = param.rpartition(".")[0]
+    if param not in names:
+      missing.setdefault(module, param)
+  if missing:
+    lines = []
+    for module, param in sorted(missing.items())[:8]:
+      near = difflib.get_close_matches(param, names, n=2, cutoff=0.5)
+      lines.append(f"{module} (no {param} in the model" + (f"; near: {near}" if near else "")
+                   + ")")
+    raise ValueError(f"{where}: {len(missing)} PEFT module(s) match nothing in the target model, "
+                     "so PEFT would skip them with a warning and run the base model:\n  - "
+                     + "\n  - ".join(lines) + "\nPass the model's name map "
+                     "(module_name=lj.name_map('tunix/llama3'), or the ZooModel's name_map) or "
+                     "a module_name that gives its module names.")
 
 
 def _is_peft_folder(directory: pathlib.Path) -> bool:
@@ -320,12 +395,8 @@ def _export_trained(base: PyTree, config: LoraConfig, targets: dict[str, Target]
                     f"modules (modules_to_save); make every leaf of {module!r} trainable, or "
                     "none of its non-bias leaves.")
       continue
-    if leaf_name not in _TORCH_PARAM:
-      errors.append(f"{path}: no PyTorch parameter name for a leaf named {leaf_name!r} "
-                    f"(known: {sorted(_TORCH_PARAM)}).")
-      continue
     value = np.asarray(by_path[path], np.float32)
-    if leaf_name in ("kernel", "weight", "embedding") and value.ndim >= 2:
+    if leaf_name not in ("bias", "scale") and value.ndim >= 2:
       stack, ins, layout = leaf_axes(path, value.shape, config, by_path)
       if stack:
         errors.append(f"{path}: stacked (scanned) leaves have no PEFT equivalent.")
@@ -337,13 +408,20 @@ def _export_trained(base: PyTree, config: LoraConfig, targets: dict[str, Target]
       value = _kernel_to_torch(path, value, ins, _is_conv(path, value.ndim, conv_paths))
     else:
       value = value.reshape(-1)
-    name = module_name(path)
-    torch_param = _TORCH_PARAM[leaf_name]
+    found = parts(module_name, path)
+    if found is None or len(found) > 1:
+      errors.append(f"{path}: trained in full, but {_naming_label(module_name)} gives "
+                    + ("no PyTorch module for it." if found is None else
+                       f"{len(found)} fused modules for it; PEFT's modules_to_save cannot "
+                       "hold part of a leaf."))
+      continue
+    name, torch_param = found[0].module, found[0].param
     if module in adapted_modules:  # PEFT wraps an adapted module's own layer as base_layer
       put(f"{PREFIX}{name}.base_layer.{torch_param}", value, path)
     else:
       put(f"{PREFIX}{name}.{torch_param}", value, path)
-  return bias_mode, sorted({module_name(p) for p in trained if module_of[p] in whole})
+  return bias_mode, sorted({found[0].module for p in trained if module_of[p] in whole
+                            and (found := parts(module_name, p))})
 
 
 def pattern_value(pattern: Mapping[str, Any], module: str) -> Any:
@@ -481,7 +559,7 @@ def read_folder(directory: pathlib.Path) -> tuple[dict[str, Any], dict[str, np.n
 
 def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
                 in_axes: Mapping[str, Any] | None = None,
-                module_name: Callable[[str], str] = default_module_name,
+                module_name: Naming = default_module_name,
                 head_tied: Mapping[str, bool] | None = None
                 ) -> tuple[dict[str, Any] | LoraParams, LoraConfig]:
   """Reads a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
@@ -497,8 +575,11 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
     in_axes: ``{regex: axes}`` as in ``LoraConfig.in_axes``, for kernels whose
       input axes the shapes alone do not settle (square kernels, kernels
       without a bias, kernels stored ``(out, in)``); kept in the returned config.
-    module_name: maps a leaf path of ``params`` to the PyTorch module name (as
-      in ``export_peft``).
+    module_name: which PyTorch module each leaf of ``params`` is, as in ``export_peft``
+      (a ``NameMap``, or a callable called on every leaf of ``params``; return ``None`` for a
+      leaf with no PyTorch counterpart). PEFT modules on the parts of a fused leaf (Gemma's
+      ``q_proj``/``k_proj``/``v_proj`` on ``qkv_einsum``) are joined into one adapter: with
+      their shared ``A`` as ``export_peft`` writes them, else block-diagonal (rank: the sum).
     head_tied: ``{regex: bool}`` as in ``LoraConfig.head_tied`` (what
       ``infer_axes`` finds): whether an embedding table is also the model's output
       head. PEFT applies an embedding adapter to the lookup only, while lora_jax
@@ -518,30 +599,32 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
   directory = pathlib.Path(directory)
   peft_config, tensors = read_folder(directory)
   rank, alpha = int(peft_config["r"]), float(peft_config["lora_alpha"])
-  # Module name -> {torch param name: leaf path} for the given tree.
-  resolved: dict[str, dict[str, str]] = {}
+  # Module name -> {torch param name: (leaf path, its part)} for the given tree.
+  resolved: dict[str, dict[str, tuple[str, Part]]] = {}
   by_path = dict(leaves_with_paths(params))
   ambiguous: dict[tuple[str, str], list[str]] = {}
   for path in by_path:
-    torch_param = _TORCH_PARAM.get(path.rpartition("/")[2])
-    if torch_param is not None:
-      module = module_name(path)
-      if torch_param in resolved.get(module, {}):
-        ambiguous.setdefault((module, torch_param), [resolved[module][torch_param]]).append(path)
-      resolved.setdefault(module, {})[torch_param] = path
+    for part in parts(module_name, path) or ():
+      if part.param in resolved.get(part.module, {}):
+        ambiguous.setdefault((part.module, part.param),
+                             [resolved[part.module][part.param][0]]).append(path)
+      resolved.setdefault(part.module, {})[part.param] = (path, part)
 
-  def leaf_path(key: str, module: str, torch_param: str) -> str:
+  def leaf_path(key: str, module: str, torch_param: str) -> tuple[str, Part]:
     if (module, torch_param) in ambiguous:
       raise ValueError(f"{directory}: {key} belongs to PyTorch module {module!r}, but "
-                       f"module_name maps several leaves to it "
+                       f"{_naming_label(module_name)} maps several leaves to it "
                        f"({ambiguous[module, torch_param][:4]}); pass a module_name that keeps "
                        "them apart.")
-    path = resolved.get(module, {}).get(torch_param)
-    if path is None:
-      raise ValueError(f"{directory}: {key} belongs to PyTorch module {module!r}, which matches "
-                       f"no leaf of params (modules there: {sorted(resolved)[:8]}). Pass "
-                       "module_name= to map your tree's paths to PyTorch module names.")
-    return path
+    found = resolved.get(module, {}).get(torch_param)
+    if found is None:
+      near = difflib.get_close_matches(module, resolved, n=3, cutoff=0.4)
+      raise ValueError(f"{directory}: {key} belongs to PyTorch module {module!r} "
+                       f"(parameter {torch_param!r}), which {_naming_label(module_name)} gives "
+                       f"to no leaf of params (near: {near or sorted(resolved)[:4]}). Pass the "
+                       "model's name map (module_name=lj.name_map(...), ZooModel.name_map) or a "
+                       "module_name that gives these names.")
+    return found
 
   flat: dict[str, np.ndarray] = {}
   claimed: dict[str, str] = {}
@@ -554,6 +637,7 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
     claimed[path] = key
 
   rank_pattern, alpha_pattern = {}, {}
+  fused: dict[str, dict[int, _Piece]] = {}
   use_dora = peft_config["use_dora"]
   lora_keys = {k for k in tensors if LORA_SUFFIX.search(k)}
   magnitudes = {k for k in tensors if k.endswith(MAGNITUDE)}
@@ -576,27 +660,43 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
       b = b_t.reshape(b_t.shape[0], b_t.shape[1]).T
     else:
       a, b = a_t.T, b_t.T
-    path = leaf_path(key, name, "weight")
-    claim(path, key)
-    flat[path + "/a"], flat[path + "/b"] = a, b
-    if use_dora:
-      flat[path + "/m"] = tensors[key + MAGNITUDE]  # exact shape checked in _fit_to_target
     module_rank = pattern_value(peft_config["rank_pattern"], name)
     module_rank = rank if module_rank is None else module_rank
     module_alpha = pattern_value(peft_config["alpha_pattern"], name)
     module_alpha = alpha if module_alpha is None else module_alpha
     if a.shape[-1] != module_rank:
       raise ValueError(f"{key}: lora_A has rank {a.shape[-1]} but the config gives {module_rank}.")
+    path, part = leaf_path(key, name, "weight")
+    claim(path if part.count == 1 else f"{path} (part {part.index})", key)
+    m = tensors[key + MAGNITUDE] if use_dora else None
+    if part.count > 1:
+      fused.setdefault(path, {})[part.index] = _Piece(part, key, a, b, m, int(module_rank),
+                                                      float(module_alpha))
+      continue
+    flat[path + "/a"], flat[path + "/b"] = a, b
+    if use_dora:
+      flat[path + "/m"] = m  # exact shape checked in _fit_to_target
     if module_rank != rank:
       rank_pattern[f"^{re.escape(path)}$"] = int(module_rank)
     if module_alpha != alpha:
       alpha_pattern[f"^{re.escape(path)}$"] = float(module_alpha)
+  joined: dict[str, _Joined] = {}
+  for path, pieces in fused.items():
+    joined[path] = _join(directory, path, pieces, peft_config["use_rslora"])
+    flat[path + "/a"] = joined[path].a
+    if joined[path].rank != rank:
+      rank_pattern[f"^{re.escape(path)}$"] = joined[path].rank
+    if joined[path].alpha != alpha:
+      alpha_pattern[f"^{re.escape(path)}$"] = joined[path].alpha
   trained: dict[str, np.ndarray] = {}
   for key in sorted(set(tensors) - lora_keys - magnitudes):
     name = key[len(PREFIX):] if key.startswith(PREFIX) else key
     module, _, torch_param = name.rpartition(".")
     module = module.removesuffix(".base_layer").removesuffix(".modules_to_save")
-    path = leaf_path(key, module, torch_param)
+    path, part = leaf_path(key, module, torch_param)
+    if part.count > 1:
+      raise ValueError(f"{directory}: {key} is a full weight of one module of the fused leaf "
+                       f"{path}; lora_jax cannot train part of a leaf in full.")
     claim(path, key)
     trained[path] = tensors[key]
   paths = sorted({p.rsplit("/", 1)[0] for p in flat})
@@ -625,6 +725,10 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
       errors.append(_layout_error(target.path, target.shape, target.in_axes,
                                   "no in_axes pattern names it", "import_peft(..., in_axes="))
       continue
+    if target.path in joined:
+      _place_pieces(target, joined[target.path], flat, errors)
+      if errors:
+        continue
     _fit_to_target(directory, target, flat, errors)
   for path in list(trained):
     trained[path] = _torch_to_leaf(directory, path, trained[path], config, by_path, errors)
@@ -642,6 +746,95 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
   if trained:
     return LoraParams(jax.tree.map(jnp.asarray, nest(trained)), adapters), config
   return adapters, config
+
+
+@dataclasses.dataclass(frozen=True)
+class _Piece:
+  """One PEFT module's adapter on a part of a fused leaf (``a`` ``(in, r)``, ``b`` ``(r, out)``)."""
+  part: Part
+  key: str
+  a: np.ndarray
+  b: np.ndarray
+  m: np.ndarray | None
+  rank: int
+  alpha: float
+
+
+@dataclasses.dataclass(frozen=True)
+class _Joined:
+  """The fused leaf's ``a`` ``(in, rank)``, and each piece's rows of ``B`` and scale factor."""
+  a: np.ndarray
+  rank: int
+  alpha: float
+  pieces: tuple[tuple[_Piece, int, float], ...]  # (piece, first row of B, factor on B)
+
+
+def _join(directory: pathlib.Path, path: str, pieces: Mapping[int, _Piece],
+          rslora: bool) -> _Joined:
+  """PEFT's adapters on the parts of one fused leaf as one adapter, exactly.
+
+  Parts that share ``A`` (as ``export_peft`` writes them) keep it: ``B`` is their ``B`` side by
+  side. Otherwise ``A`` is the parts' ``A`` side by side (rank: their sum) and ``B`` is block
+  diagonal. A part PEFT does not adapt gets zero columns of ``B``.
+  """
+  ordered = [pieces[i] for i in sorted(pieces)]
+  count = ordered[0].part.count
+  if any(p.m is not None for p in ordered) and len(ordered) != count:
+    raise ValueError(f"{directory}: DoRA adapters on {len(ordered)} of the {count} modules "
+                     f"fused in {path}; DoRA needs all of them (each part's magnitude).")
+
+  def scale(alpha: float, rank: int) -> float:
+    return alpha / (math.sqrt(rank) if rslora else rank)
+
+  first = ordered[0]
+  if all(p.rank == first.rank and np.array_equal(p.a, first.a) for p in ordered):
+    s = scale(first.alpha, first.rank)
+    return _Joined(first.a, first.rank, first.alpha,
+                   tuple((p, 0, scale(p.alpha, p.rank) / s) for p in ordered))
+  total = sum(p.rank for p in ordered)
+  rows, start = [], 0
+  for p in ordered:  # scale 1 for the joined adapter; each part's scale goes into its B
+    rows.append((p, start, scale(p.alpha, p.rank)))
+    start += p.rank
+  return _Joined(np.concatenate([p.a for p in ordered], axis=1), total,
+                 math.sqrt(total) if rslora else float(total), tuple(rows))
+
+
+def _place_pieces(target: Target, joined: _Joined, flat: dict[str, np.ndarray],
+                  errors: list[str]) -> None:
+  """The fused leaf's ``B`` (and DoRA ``m``) from its pieces, in the leaf's output layout."""
+  part = joined.pieces[0][0].part
+  if part.axis not in target.out_axes or target.shape[part.axis] != part.count:
+    errors.append(f"{target.path}: the name map fuses {part.count} modules along axis "
+                  f"{part.axis}, but that is not an output axis of size {part.count} "
+                  f"(output axes {target.out_axes}, shape {target.shape}).")
+    return
+  j = target.out_axes.index(part.axis)
+  out = target.out_shape
+  sub = out[:j] + out[j + 1:]
+  b = np.zeros((joined.rank, *out), np.float32)
+  m = np.zeros(out, np.float32)
+  for piece, row, factor in joined.pieces:
+    want = (piece.rank, math.prod(sub))
+    if piece.b.shape != want:
+      errors.append(f"{target.path}: PEFT's lora_B of {piece.key} has shape {piece.b.T.shape}, "
+                    f"expected {want[::-1]} (one of {part.count} fused parts of a kernel of "
+                    f"shape {target.shape}).")
+      return
+    block = piece.b.reshape(piece.rank, *sub)
+    if factor != 1.0:
+      block = block * np.float32(factor)
+    index = (slice(row, row + piece.rank),) + (slice(None),) * j + (piece.part.index,)
+    b[index] = block
+    if piece.m is not None:
+      if piece.m.shape != (math.prod(sub),):
+        errors.append(f"{target.path}: {piece.key}'s lora_magnitude_vector has shape "
+                      f"{piece.m.shape}, expected ({math.prod(sub)},).")
+        return
+      m[(slice(None),) * j + (piece.part.index,)] = piece.m.reshape(sub)
+  flat[f"{target.path}/b"] = b.reshape(joined.rank, -1)
+  if any(p.m is not None for p, _, _ in joined.pieces):
+    flat[f"{target.path}/m"] = m.reshape(-1)
 
 
 def lora_pair(directory: pathlib.Path, tensors: Mapping[str, np.ndarray], key: str
@@ -701,7 +894,7 @@ def _torch_to_leaf(directory: pathlib.Path, path: str, value: np.ndarray, config
   leaf = by_path[path]
   shape = tuple(leaf.shape)
   expected = (math.prod(shape),)  # biases, scales: PyTorch holds them flat
-  if _TORCH_PARAM[path.rpartition("/")[2]] == "weight" and len(shape) >= 2:
+  if TORCH_PARAM[path.rpartition("/")[2]] == "weight" and len(shape) >= 2:
     expected = shape
     if not _is_embedding(path):
       _, ins, layout = leaf_axes(path, shape, config, by_path)
