@@ -166,3 +166,44 @@ def test_readme_recipe_runs(family, tmp_path):
   with jax.numpy_dtype_promotion("standard"):  # optax's Adam mixes float and int32
     exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
   assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_sampler_greedy_equals_merged_and_mixed_ids_equal_alone(name, tmp_path):
+  hf_tiny.save(name, tmp_path)
+  model = lj.load_hf(tmp_path)
+  config = lj.infer_axes(lambda p, t: model.apply(p, t)[0], model.params,
+                         jax.ShapeDtypeStruct(TOKENS.shape, jnp.int32),
+                         config=lj.LoraConfig(rank=4, alpha=8.0, targets=TARGETS))
+  adapters = [_randomized(lj.lift(model.params, config, key=jax.random.key(i)),
+                          jax.random.key(10 + i)) for i in range(2)]
+  prompts = [[5, 9, 3, 7, 2, 11], [4, 8], [1, 2, 3]]
+  lp = adapters[0]
+  ours = lj.generate(model, lp, prompts, config=config, max_new_tokens=6)
+  with jax.numpy_dtype_promotion("standard"):
+    merged = lj.merge(lp, config)
+  np.testing.assert_array_equal(ours, lj.generate(model, merged, prompts, max_new_tokens=6))
+  # Left padding is invisible: a prompt alone generates what it generates in the batch.
+  np.testing.assert_array_equal(ours[1:2], lj.generate(model, lp, prompts[1:2], config=config,
+                                                       max_new_tokens=6))
+  # ... and the first token is the full forward pass's argmax.
+  logits = np.asarray(_ours_on(model, config, lp, np.asarray([prompts[0]])))
+  assert ours[0, 0] == logits[0, -1].argmax()
+  # Mixed batch: each sequence with its own adapter (or the base) equals that adapter alone.
+  stack, stack_config = lj.stack_adapters({"a": (adapters[0].adapters, config),
+                                           "b": (adapters[1].adapters, config)})
+  mixed = lj.generate(model, lj.LoraParams(model.params, stack), prompts, config=stack_config,
+                      adapter_ids=[1, 0, -1], max_new_tokens=6)
+  np.testing.assert_array_equal(mixed[0], lj.generate(model, adapters[1], prompts[:1],
+                                                      config=config, max_new_tokens=6)[0])
+  np.testing.assert_array_equal(mixed[1], ours[1])
+  np.testing.assert_array_equal(mixed[2], lj.generate(model, model.params, prompts[2:],
+                                                      max_new_tokens=6)[0])
+  sampled = lj.generate(model, lp, prompts, config=config, max_new_tokens=4, temperature=0.8,
+                        top_k=5, top_p=0.9, key=jax.random.key(3))
+  assert sampled.shape == (3, 4) and sampled.min() >= 0
+
+
+def _ours_on(model, config, lp, tokens):
+  apply = lj.wrap(lambda p, t: model.apply(p, t)[0], config)
+  return jax.jit(apply)(lp, jnp.asarray(tokens))
