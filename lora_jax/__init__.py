@@ -19,8 +19,8 @@ from lora_jax._src.plan import Target, plan
 from lora_jax._src.principal import to_standard as principal_to_lora
 from lora_jax._src.qarray import QuantizedArray
 from lora_jax._src.quantize import dequantize, quantize
-from lora_jax._src.sampling import generate
 from lora_jax._src.quantized_io import load_quantized, save_quantized
+from lora_jax._src.sampling import generate
 from lora_jax._src.stack import AdapterStack, stack_adapters
 from lora_jax._src.streaming import merge_checkpoint
 from lora_jax._src.summary import Summary, SummaryRow, summary
