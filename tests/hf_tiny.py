@@ -63,3 +63,27 @@ def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
   import torch
   with torch.no_grad():
     return model(torch.as_tensor(np.asarray(tokens), dtype=torch.long)).logits.numpy()
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def save_tokenizer(folder: pathlib.Path, vocab_size: int = SMALL["vocab_size"]) -> None:
+  """A character-level tokenizer.json (the tokenizers library) with a chat template."""
+  import json
+
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+
+  specials = ["<pad>", "<s>", "</s>", "<unk>"]
+  chars = [chr(c) for c in range(32, 127)][:vocab_size - len(specials)]
+  vocab = {t: i for i, t in enumerate(specials + chars)}
+  tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+  tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+  tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                           special_tokens=[("<s>", 1)])
+  tokenizer.decoder = decoders.Fuse()
+  tokenizer.add_special_tokens(specials)  # "</s>" in a chat template is the EOS token
+  tokenizer.save(str(folder / "tokenizer.json"))
+  (folder / "tokenizer_config.json").write_text(json.dumps(
+      {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE}))

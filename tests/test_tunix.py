@@ -207,3 +207,102 @@ def test_sampler_greedy_equals_merged_and_mixed_ids_equal_alone(name, tmp_path):
 def _ours_on(model, config, lp, tokens):
   apply = lj.wrap(lambda p, t: model.apply(p, t)[0], config)
   return jax.jit(apply)(lp, jnp.asarray(tokens))
+
+
+# --- lora-jax train on a Hugging Face folder and a JSONL file -------------------------------
+
+def _records() -> list[dict]:
+  rng = np.random.default_rng(0)
+  records = []
+  for i in range(60):
+    a, b = rng.integers(0, 10, 2)
+    if i % 3 == 0:
+      records.append({"text": f"{a} plus {b} is {a + b}."})
+    elif i % 3 == 1:
+      records.append({"prompt": f"{a} plus {b} is", "completion": f" {a + b}."})
+    else:
+      records.append({"messages": [{"role": "user", "content": f"{a} plus {b}?"},
+                                   {"role": "assistant", "content": f"{a + b}."}]})
+  return records
+
+
+def test_textdata_targets_are_completions_and_assistant_turns(tmp_path):
+  from lora_jax._src import textdata
+  hf_tiny.save_tokenizer(tmp_path)
+  (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2}))
+  tokenizer = textdata.Tokenizer(tmp_path)
+
+  def targets(record):
+    ids, target = textdata.tokenize({"where": "t", **record}, tokenizer)
+    return "".join(tokenizer.tokenizer.id_to_token(i) if t else "_" for i, t in zip(ids, target))
+
+  assert targets({"prompt": "Q: hi ", "completion": "A: yo"}).endswith("A: yo</s>")
+  assert targets({"prompt": "Q: hi ", "completion": "A: yo"}).startswith("_______A")
+  chat = targets({"messages": [{"role": "user", "content": "2+2?"},
+                               {"role": "assistant", "content": "4"},
+                               {"role": "user", "content": "3+3?"},
+                               {"role": "assistant", "content": "6"}]})
+  assert chat.replace("_", "") == "4</s>6</s>", chat
+  assert targets({"text": "ab"}) == "_ab</s>"  # BOS is context; every text token a target
+  x, y = textdata.pack([textdata.tokenize({"where": "t", "text": "abcdef"}, tokenizer)], 4)
+  assert x.shape == y.shape == (2, 4) and (y[x == 0] == -1).all()
+  np.testing.assert_array_equal(y[0], x.reshape(-1)[1:5])
+
+
+@pytest.mark.parametrize("line, match", [
+    ('{"text": "a", "prompt": "b"}', "exactly one of"),
+    ('{"prompt": "a"}', "exactly one of"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
+    ('{"text": 3}', "must be strings"),
+    ("[1, 2]", "exactly one of"),
+    ("{oops", "not a JSON object"),
+])
+def test_bad_records_are_refused_with_their_line(tmp_path, line, match):
+  from lora_jax._src import textdata
+  path = tmp_path / "data.jsonl"
+  path.write_text('{"text": "fine"}\n' + line + "\n")
+  with pytest.raises(ValueError, match=match) as info:
+    textdata.read_jsonl(path)
+  assert "data.jsonl:2" in str(info.value)
+
+
+def test_train_job_on_a_hugging_face_folder(tmp_path):
+  import yaml
+  folder = tmp_path / "model"
+  hf_tiny.save("qwen3", folder)
+  hf_tiny.save_tokenizer(folder)
+  data = tmp_path / "data.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+  job = {"model": {"hf": str(folder)}, "data": {"jsonl": str(data), "seq_len": 32,
+                                                 "max_new_tokens": 8},
+         "finetune": {"steps": 30, "batch_size": 4, "lr": 1e-2, "log_every": 5},
+         "lora": {"rank": 4, "alpha": 8.0}, "export": {"merged": True},
+         "run_dir": str(tmp_path / "run")}
+  (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+  lines: list[str] = []
+  config = lj.load_job_config(tmp_path / "job.yaml")
+  assert config["task"] == "hf" and not config["full_finetune"]
+  from lora_jax._src.job import run
+  metrics = run(config, echo=lines.append)
+  assert metrics["lora"] < 0.7 * metrics["base"], metrics  # held-out perplexity
+  run_dir = tmp_path / "run"
+  peft_dir = pathlib_path(metrics["outputs"]["peft"])
+  assert (peft_dir / "adapter_model.safetensors").is_file()
+  assert sorted((run_dir / "tensorboard").iterdir())[0].name.startswith("events.out.tfevents")
+  assert set(metrics["samples"]) == {"base", "lora"}
+  # The exported adapter, loaded by PEFT, equals the trained one; so does the merged folder.
+  adapters = lj.load_adapters(run_dir / "adapters")
+  model = lj.load_hf(folder)
+  tokens = np.asarray(TOKENS)
+  ours = np.asarray(jax.jit(lj.wrap(lambda p, t: model.apply(p, t)[0], adapters[1]))(
+      lj.LoraParams(model.params, adapters[0]), jnp.asarray(tokens)))
+  peft_model = peft.PeftModel.from_pretrained(_fresh_torch("qwen3", folder), peft_dir).eval()
+  np.testing.assert_allclose(hf_tiny.torch_logits(peft_model, tokens), ours, atol=2e-5, rtol=0)
+  merged = lj.load_hf(metrics["outputs"]["merged"])
+  np.testing.assert_allclose(np.asarray(merged.apply(merged.params, jnp.asarray(tokens))[0]),
+                             ours, atol=1e-5, rtol=0)
+
+
+def pathlib_path(text):
+  import pathlib
+  return pathlib.Path(text)

@@ -27,6 +27,7 @@ import optax
 from lora_jax._src import atomic, checksums
 from lora_jax._src.checkpoint import save_adapters
 from lora_jax._src.config import LoraConfig
+from lora_jax._src.hf_task import TARGETS as HF_TARGETS
 from lora_jax._src.lift import lift
 from lora_jax._src.merge import merge
 from lora_jax._src.optim import optimizer
@@ -43,7 +44,7 @@ from lora_jax._src.yaml_io import load_yaml, short
 
 _TRAIN = {"steps": 300, "lr": 1e-3, "batch_size": 64}
 DEFAULTS: dict[str, Any] = {
-    "task": "digits",            # digits | textcls | charlm
+    "task": "digits",            # digits | textcls | charlm | hf (implied by model.hf)
     "framework": "linen",        # linen | nnx (nnx: digits only)
     "seed": 0,
     "run_dir": None,             # default: runs/<config file name>
@@ -59,6 +60,8 @@ DEFAULTS: dict[str, Any] = {
     "full_finetune": True,       # also fine-tune every parameter, for comparison
     "mesh": None,                # {data: N, model: M}: shard the base and the batch
     "quantize": None,            # nf4 | int8 | {dtype, targets, block_size, double_quant}
+    "export": {"peft": True,     # hf task: RUN_DIR/peft, names checked against the folder
+               "merged": False},  # hf task: RUN_DIR/merged, a merged Hugging Face folder
 }
 # ``quantize:`` as a mapping; targets default to the LoRA targets.
 QUANTIZE_DEFAULTS: dict[str, Any] = {"dtype": "nf4", "targets": None, "block_size": None,
@@ -74,9 +77,13 @@ TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "charlm": {"model": {"d_model": 128, "heads": 4, "layers": 2, "mlp": 512, "max_len": 64,
                          "scan": False},
                "data": {"test_fraction": 0.15}},
+    "hf": {"model": {"hf": None, "dtype": "float32"},  # hf: a Hugging Face model folder
+           "data": {"jsonl": None, "seq_len": 128, "test_fraction": 0.1, "samples": 2,
+                    "max_new_tokens": 32}},
 }
-CHOICES = {"task": tuple(TASKS), "framework": ("linen", "nnx"),
-           "data.shift": ("rotate", "noise", "invert")}
+CHOICES = {"task": (*TASKS, "hf"), "framework": ("linen", "nnx"),
+           "data.shift": ("rotate", "noise", "invert"),
+           "model.dtype": ("float32", "bfloat16")}
 _POSITIVE = lambda v: v > 0  # noqa: E731
 # Ranges of numeric keys (by the key's last part) and of list elements: (test, wording).
 RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
@@ -92,12 +99,15 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "d_model": (_POSITIVE, "an integer >= 1"), "heads": (_POSITIVE, "an integer >= 1"),
     "layers": (_POSITIVE, "an integer >= 1"), "mlp": (_POSITIVE, "an integer >= 1"),
     "max_len": (_POSITIVE, "an integer >= 1"),
+    "seq_len": (_POSITIVE, "an integer >= 1"), "max_new_tokens": (_POSITIVE, "an integer >= 1"),
+    "samples": (lambda v: v >= 0, "an integer >= 0"),
     "data": (_POSITIVE, "an integer >= 1"), "model": (_POSITIVE, "an integer >= 1"),
     "pretrain_packages": (lambda v: isinstance(v, str) and bool(v),
                           "a list of importable package names"),
     "finetune_packages": (lambda v: isinstance(v, str) and bool(v),
                           "a list of importable package names"),
     "run_dir": (bool, "a non-empty path"), "base_checkpoint": (bool, "a non-empty path"),
+    "hf": (bool, "a non-empty path"), "jsonl": (bool, "a non-empty path"),
 }
 
 
@@ -195,11 +205,21 @@ def load_job_config(path: str | pathlib.Path | None = None,
       if not isinstance(node, dict):
         raise ValueError(f"--set {key}: '{'.'.join(parents[:i + 1])}' is not a section.")
     node[last] = load_yaml(raw, f"--set {key}")
+  if "task" not in given and isinstance(given.get("model"), Mapping) and "hf" in given["model"]:
+    given["task"] = "hf"  # model: {hf: DIR} names the task
   task = given.get("task", DEFAULTS["task"])
   _check(task, DEFAULTS["task"], "task")
+  if task == "hf":
+    given.setdefault("full_finetune", False)  # a full copy of an LLM is not the default
+    if isinstance(given.get("lora"), dict):
+      given["lora"].setdefault("targets", list(HF_TARGETS))
+    elif given.get("lora") is None:
+      given["lora"] = {"targets": list(HF_TARGETS)}
   config = _merge_config(DEFAULTS, {k: v for k, v in given.items()
                                     if k not in ("model", "data", "lora", "mesh",
                                                  "quantize")}, "")
+  if task != "hf" and given.get("export"):
+    raise ValueError("config key 'export': applies to the hf task (model: {hf: DIR}) only.")
   for section in ("model", "data"):
     config[section] = _merge_config(TASK_DEFAULTS[task][section], given.get(section) or {},
                                     f"{section}.")
@@ -216,6 +236,15 @@ def load_job_config(path: str | pathlib.Path | None = None,
   if mesh is not None:
     config["mesh"] = _merge_config({"data": 1, "model": 1}, mesh, "mesh.")
   config["quantize"] = _quantize_config(given.get("quantize"))
+  if task == "hf":
+    for key in ("model.hf", "data.jsonl"):
+      section, _, name = key.partition(".")
+      if not config[section][name]:
+        raise ValueError(f"config key '{key}': the hf task needs it (model: {{hf: a Hugging "
+                         "Face model folder}, data: {jsonl: your records}).")
+    if config["base_checkpoint"] or config["save_base"]:
+      raise ValueError("config keys 'base_checkpoint' / 'save_base': the hf task's base is "
+                       "the model folder (model.hf).")
   if config["framework"] == "nnx" and task != "digits":
     raise ValueError("config key 'framework': 'nnx' is available for task 'digits'.")
   if config["run_dir"] is None:
@@ -346,16 +375,18 @@ def evaluate(task: Task, apply: Callable[..., jax.Array], params: Any,
   @jax.jit
   def batch_stats(params, x, y):  # one program per batch: no stray eager collectives
     out = apply(params, x)
-    return task.loss(out, y) * y.size, jnp.sum(jnp.argmax(out, -1) == y)
+    counted = jnp.sum(y >= 0)  # labels < 0 are not targets (the hf task's prompts, padding)
+    return (task.loss(out, y) * counted.astype(jnp.float32), jnp.sum(jnp.argmax(out, -1) == y),
+            counted)
 
   x, y = data
   correct, nll, count = 0.0, 0.0, 0
   for start in range(0, len(x), batch_size):
-    loss_sum, hits = jax.device_get(batch_stats(params, x[start:start + batch_size],
-                                                y[start:start + batch_size]))
+    loss_sum, hits, counted = jax.device_get(batch_stats(params, x[start:start + batch_size],
+                                                         y[start:start + batch_size]))
     nll += float(loss_sum)
     correct += float(hits)
-    count += y[start:start + batch_size].size
+    count += int(counted)
   return 100.0 * correct / count if task.metric == "accuracy" else math.exp(nll / count)
 
 
@@ -416,13 +447,20 @@ def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[
 
 def _run(config: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any]:
   start = time.perf_counter()
-  task = TASKS[config["task"]](config["model"], config["data"], config["framework"],
-                               config["seed"])
+  lora_config: LoraConfig = config["lora"]
+  hf_model = None
+  if config["task"] == "hf":
+    from lora_jax._src import hf_task  # pylint: disable=import-outside-toplevel
+
+    task, lora_config, hf_model, _ = hf_task.build(config["model"], config["data"],
+                                                    config["seed"], lora_config)
+  else:
+    task = TASKS[config["task"]](config["model"], config["data"], config["framework"],
+                                 config["seed"])
   for name, (x, _) in (("fine-tuning", task.train), ("test", task.test)):
     if len(x) < 1:
       raise ValueError(f"config key 'data.test_fraction': {config['data']['test_fraction']} "
                        f"leaves no {name} examples.")
-  lora_config: LoraConfig = config["lora"]
   run_dir = pathlib.Path(config["run_dir"])
   run_dir.mkdir(parents=True, exist_ok=True)
   put, shard = _sharding(config)
@@ -452,6 +490,8 @@ def _run(config: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any]:
       raise ValueError(f"config key 'base_checkpoint': cannot restore the base parameters of "
                        f"this task's model from {where} ({type(e).__name__}: "
                        f"{str(e).splitlines()[0][:300] if str(e) else ''}).") from e
+  elif task.pretrain is None:  # the hf task: the folder's weights are the base
+    params = task.init(key)
   else:
     params = shard(task.init(key))
     params, curves["pretrain"] = fit(full_loss(task.apply), params,
@@ -505,6 +545,8 @@ def _run(config: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any]:
                 lora_config, overwrite=True)
   if task.sample:
     samples["lora"] = task.sample(lp, apply)
+  if hf_model is not None:
+    metrics["outputs"] = _hf_outputs(config, lp, lora_config, hf_model, run_dir)
 
   s = summary(lp, lora_config)
   metrics.update(trainable_params=s.trainable_params, base_params=s.base_params,
@@ -517,10 +559,58 @@ def _run(config: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any]:
   metrics.update(curves=curves, samples=samples, seconds=time.perf_counter() - start,
                  config={**config, "lora": lora_config.to_dict()})
   if _primary():
+    metrics["tensorboard"] = write_events(curves, config, run_dir / "tensorboard")
     atomic.write_file(run_dir / "metrics.json", json.dumps(metrics, indent=2, default=str))
     write_loss_svg(curves, run_dir / "loss.svg", config["task"])
     _report(metrics, echo, run_dir)
   return metrics
+
+
+def _hf_outputs(config: dict[str, Any], lp: Any, lora_config: LoraConfig, model: Any,
+                run_dir: pathlib.Path) -> dict[str, str]:
+  """The hf task's PEFT folder (names checked against the model folder) and merged folder."""
+  from lora_jax._src.hf_merge import merge_hf  # pylint: disable=import-outside-toplevel
+  from lora_jax._src.peft_format import export_peft  # pylint: disable=import-outside-toplevel
+
+  outputs: dict[str, str] = {}
+  if not (config["export"]["peft"] or config["export"]["merged"]) or not _primary():
+    return outputs
+  peft_dir = (run_dir / "peft").absolute()
+  export_peft(jax.device_get(lp), lora_config, peft_dir, module_name=model.name_map,
+              target=model.folder, overwrite=True)
+  outputs["peft"] = str(peft_dir)
+  if config["export"]["merged"]:
+    merge_hf(model.folder, peft_dir, (run_dir / "merged").absolute(), overwrite=True)
+    outputs["merged"] = str((run_dir / "merged").absolute())
+  return outputs
+
+
+def logged_steps(total: int, every: int) -> list[int]:
+  """The 1-based steps at which ``fit`` records the loss."""
+  return [i + 1 for i in range(total) if i % max(1, every) == 0 or i == total - 1]
+
+
+def write_events(curves: dict[str, list[float]], config: dict[str, Any],
+                 folder: pathlib.Path) -> str:
+  """TensorBoard event files of the loss curves (tensorboardX); what was done, in words."""
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return 'not written: pip install tensorboardX (or "lora_jax[models]")'
+  output = atomic.Output(folder.absolute(), overwrite=True,
+                         ours=lambda p: all(f.name.startswith("events.out.tfevents.")
+                                            for f in p.iterdir()),
+                         what="TensorBoard event files written by lora-jax train")
+  with output.staged() as stage:
+    stage.path.mkdir()
+    writer = SummaryWriter(str(stage.path))
+    for phase, curve in curves.items():
+      settings = config["pretrain"] if phase == "pretrain" else config["finetune"]
+      every = settings.get("log_every", 25)
+      for step, loss in zip(logged_steps(settings["steps"], every), curve):
+        writer.add_scalar(f"loss/{phase}", loss, step)
+    writer.close()
+  return str(folder)
 
 
 def _quantized_base(params: Any, settings: dict[str, Any], lora_config: LoraConfig) -> Any:
@@ -559,6 +649,9 @@ def _report(metrics: dict[str, Any], echo: Callable[[str], None], run_dir: pathl
                     right_from=1))
   for name, text in metrics["samples"].items():
     echo(f"\nsample ({name}): {text!r}")
+  for name, where in metrics.get("outputs", {}).items():
+    echo(f"{name}: {where}")
+  echo(f"tensorboard: {metrics.get('tensorboard')}")
   echo(f"\nmerged vs adapted outputs: max |diff| = {metrics['merged_vs_adapted_max_abs_diff']:.2e}"
        f"; {metrics['seconds']:.0f} s; wrote {run_dir}/metrics.json, {run_dir}/loss.svg, "
        f"{run_dir}/adapters")
