@@ -306,3 +306,53 @@ def test_train_job_on_a_hugging_face_folder(tmp_path):
 def pathlib_path(text):
   import pathlib
   return pathlib.Path(text)
+
+
+def test_train_job_resumes_bitwise_after_sigkill(tmp_path):
+  """Killed mid-run and rerun, the job ends with the arrays of an uninterrupted run: the
+  adapters, the optimizer state and the data position (grain's iterator state) resume."""
+  import re
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  import yaml
+  from child_env import child_env
+
+  folder = tmp_path / "model"
+  hf_tiny.save("llama", folder)
+  hf_tiny.save_tokenizer(folder)
+  data = tmp_path / "data.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+
+  def job(name: str) -> list[str]:
+    config = {"model": {"hf": str(folder)}, "data": {"jsonl": str(data), "seq_len": 16,
+                                                      "samples": 0},
+              "finetune": {"steps": 40, "batch_size": 4, "lr": 1e-2, "log_every": 5,
+                           "save_every": 5},
+              "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.1}, "export": {"peft": False},
+              "run_dir": str(tmp_path / name)}
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    return [sys.executable, "-c", "import sys; from lora_jax._src.cli import main; "
+            "sys.exit(main(sys.argv[1:]))", "train", "--config", str(tmp_path / f"{name}.yaml")]
+
+  subprocess.run(job("whole"), env=child_env(), check=True, capture_output=True)
+  child = subprocess.Popen(job("killed"), env=child_env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+  deadline = time.monotonic() + 300
+  while not (tmp_path / "killed" / "state" / "15").is_dir():
+    assert child.poll() is None and time.monotonic() < deadline, "the job ended before step 15"
+    time.sleep(0.02)
+  child.send_signal(signal.SIGKILL)
+  child.wait()
+  assert not (tmp_path / "killed" / "metrics.json").exists()
+  rerun = subprocess.run(job("killed"), env=child_env(), check=True, capture_output=True,
+                         text=True)
+  assert re.search(r"lora: resumed from step (15|20|25|30|35) of 40", rerun.stderr), rerun.stderr
+  whole, resumed = (lj.load_adapters(tmp_path / n / "adapters")[0] for n in ("whole", "killed"))
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  curves = [json.loads((tmp_path / n / "metrics.json").read_text())["curves"]["lora"]
+            for n in ("whole", "killed")]
+  assert curves[0] == curves[1]

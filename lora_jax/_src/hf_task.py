@@ -37,6 +37,21 @@ def masked_cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
       jnp.float32)
 
 
+def grain_batches(data: tuple[Any, Any], batch_size: int, seed: int) -> Any:
+  """An endless grain pipeline of ``(x, y)`` batches, reshuffled each epoch; its iterator's
+  ``get_state`` / ``set_state`` is the data position the job saves for an exact resume."""
+  try:
+    import grain  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    raise ImportError('The hf task reads its data with grain: pip install "lora_jax[models]".'
+                      ) from None
+  x, y = data
+  size = min(batch_size, len(x))
+  dataset = (grain.MapDataset.range(len(x)).shuffle(seed=seed).repeat()
+             .batch(size, drop_remainder=True).map(lambda index: (x[index], y[index])))
+  return iter(dataset.to_iter_dataset())
+
+
 def build(model_settings: dict[str, Any], data: dict[str, Any], seed: int,
           lora_config: LoraConfig) -> tuple[Task, LoraConfig, ZooModel, textdata.Tokenizer]:
   """The task, the LoRA config with every target's axes inferred, the model and tokenizer."""
@@ -71,5 +86,6 @@ def build(model_settings: dict[str, Any], data: dict[str, Any], seed: int,
 
   task = Task(init=lambda key: model.params, apply=logits, loss=masked_cross_entropy,
               pretrain=None, train=train_xy, test=test_xy, metric="perplexity",
-              sample=sample if data["samples"] else None)
+              sample=sample if data["samples"] else None,
+              batches=lambda batch_size, seed: grain_batches(train_xy, batch_size, seed))
   return task, config, model, tokenizer

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
 import math
 import pathlib
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -28,7 +30,7 @@ from lora_jax._src import atomic, checksums
 from lora_jax._src.checkpoint import save_adapters
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.hf_task import TARGETS as HF_TARGETS
-from lora_jax._src.lift import lift
+from lora_jax._src.lift import LoraParams, lift, overlay
 from lora_jax._src.merge import merge
 from lora_jax._src.optim import optimizer
 from lora_jax._src.patterns import compile_safe
@@ -38,7 +40,8 @@ from lora_jax._src.quantize import dequantize, quantize
 from lora_jax._src.quantized_io import is_job_base, write_base
 from lora_jax._src.summary import format_table, summary
 from lora_jax._src.tasks import TASKS, TEXTCLS_PACKAGES, Task
-from lora_jax._src.tree import leaves_with_paths
+from lora_jax._src.train_state import restore_train_state, save_train_state
+from lora_jax._src.tree import leaves_with_paths, trained_leaves
 from lora_jax._src.wrap import wrap
 from lora_jax._src.yaml_io import load_yaml, short
 
@@ -55,6 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "pretrain": dict(_TRAIN),
     "finetune": {**_TRAIN, "lr": 3e-3, "log_every": 25, "dropout_rng": True,
                  "lora_plus_ratio": 1.0,  # LoRA+: B's learning rate over A's (16 in the paper)
+                 "save_every": 0,         # save RUN_DIR/state every N steps; a rerun resumes
                  "freeze_a": False},      # LoRA-FA: train B only
     "lora": {"rank": 8, "alpha": 16.0, "targets": ["kernel$"]},  # any LoraConfig field
     "full_finetune": True,       # also fine-tune every parameter, for comparison
@@ -101,6 +105,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "max_len": (_POSITIVE, "an integer >= 1"),
     "seq_len": (_POSITIVE, "an integer >= 1"), "max_new_tokens": (_POSITIVE, "an integer >= 1"),
     "samples": (lambda v: v >= 0, "an integer >= 0"),
+    "save_every": (lambda v: v >= 0, "an integer >= 0 (0: no saves)"),
     "data": (_POSITIVE, "an integer >= 1"), "model": (_POSITIVE, "an integer >= 1"),
     "pretrain_packages": (lambda v: isinstance(v, str) and bool(v),
                           "a list of importable package names"),
@@ -317,10 +322,64 @@ class TrainingDiverged(ValueError):
   """A training phase produced a non-finite loss or parameters."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Resume:
+  """Where ``fit`` saves its state every ``every`` steps and resumes from (RUN_DIR/state).
+
+  The state holds the adapters, the leaves trained in full, the optimizer state, the data
+  position (the input pipeline's iterator state) and the loss curve so far, so a resumed run
+  ends with exactly the arrays an uninterrupted one does.
+  """
+  directory: pathlib.Path
+  every: int
+  config: LoraConfig
+
+
+_DATA_STATE_BYTES = 1024  # the iterator state, JSON, in a fixed-size array
+
+
+def _encode_position(state: Any) -> np.ndarray:
+  raw = json.dumps(state, sort_keys=True).encode()
+  if len(raw) > _DATA_STATE_BYTES:
+    raise ValueError(f"the input pipeline's state is {len(raw)} bytes; at most "
+                     f"{_DATA_STATE_BYTES} fit in the train state.")
+  return np.frombuffer(raw.ljust(_DATA_STATE_BYTES, b"\0"), np.uint8).copy()
+
+
+def _decode_position(array: Any) -> Any:
+  return json.loads(bytes(np.asarray(array, np.uint8)).rstrip(b"\0").decode())
+
+
+class _Replay:
+  """The demo tasks' batches (``_batches``) with a position: batch ``i`` is the ``i``-th draw."""
+
+  def __init__(self, data: tuple[np.ndarray, np.ndarray], batch_size: int, seed: int):
+    self._args, self._done = (data, batch_size, seed), 0
+    self._it = _batches(*self._args)
+
+  def __next__(self):
+    self._done += 1
+    return next(self._it)
+
+  def get_state(self) -> dict[str, int]:
+    return {"batches": self._done}
+
+  def set_state(self, state: dict[str, int]) -> None:
+    self._it, self._done = _batches(*self._args), 0
+    for _ in range(state["batches"]):
+      next(self)
+
+
 def fit(loss_fn: Callable[..., jax.Array], params: Any, tx: optax.GradientTransformation,
-        data: tuple[np.ndarray, np.ndarray], settings: Mapping[str, Any], desc: str,
-        seed: int, put: Callable[[Any], Any] = lambda b: b) -> tuple[Any, list[float]]:
-  """A jitted training loop with live progress; returns the parameters and the loss curve."""
+        data: Any, settings: Mapping[str, Any], desc: str,
+        seed: int, put: Callable[[Any], Any] = lambda b: b, *,
+        resume: Resume | None = None) -> tuple[Any, list[float]]:
+  """A jitted training loop with live progress; returns the parameters and the loss curve.
+
+  ``data`` is ``(x, y)`` arrays or a factory ``(batch_size, seed) -> iterator`` whose
+  iterator has ``get_state`` / ``set_state`` (a grain dataset iterator). With ``resume``,
+  ``params`` is a ``LoraParams`` and the run continues from the newest saved state.
+  """
 
   @jax.jit
   def step(params, opt_state, x, y, key):
@@ -333,25 +392,40 @@ def fit(loss_fn: Callable[..., jax.Array], params: Any, tx: optax.GradientTransf
     return optax.apply_updates(params, updates), opt_state, loss
 
   opt_state = tx.init(params)
-  curve: list[float] = []
-  batches = _batches(data, settings["batch_size"], seed)
-  base_key = jax.random.key(seed)
   total = settings["steps"]
+  every = max(1, settings.get("log_every", 25))
+  logged = {step: i for i, step in enumerate(logged_steps(total, every))}
+  curve_buffer = np.full(len(logged), np.nan, np.float32)
+  batches = (data(settings["batch_size"], seed) if callable(data)
+             else _Replay(data, settings["batch_size"], seed))
+  base_key = jax.random.key(seed)
+  start = 0
+  if resume is not None:
+    start, params, opt_state, curve_buffer = _restore(resume, params, opt_state, curve_buffer,
+                                                      batches, total)
   # With several processes (lora-jax train --distributed) only process 0 reports.
   progress = Progress(total, desc, stream=None if _primary() else io.StringIO())
-  for i in range(total):
+  if start:
+    if _primary():
+      print(f"{desc}: resumed from step {start} of {total} ({resume.directory})",
+            file=sys.stderr, flush=True)
+    progress.update(start)
+  for i in range(start, total):
     x, y = put(next(batches))
     params, opt_state, loss = step(params, opt_state, x, y, jax.random.fold_in(base_key, i))
-    if i % max(1, settings.get("log_every", 25)) == 0 or i == total - 1:
-      curve.append(float(loss))
-      if not math.isfinite(curve[-1]):
+    if i + 1 in logged:
+      curve_buffer[logged[i + 1]] = float(loss)
+      if not math.isfinite(float(loss)):
         progress.close()
-        raise TrainingDiverged(f"{desc}: the loss became {curve[-1]} at step {i + 1}; stopping "
-                               "before anything is saved. Lower the learning rate "
+        raise TrainingDiverged(f"{desc}: the loss became {float(loss)} at step {i + 1}; "
+                               "stopping before anything is saved. Lower the learning rate "
                                f"(now {settings['lr']}) or check the data and the base.")
-      progress.update(i + 1, curve[-1])
+      progress.update(i + 1, float(loss))
     else:
       progress.update(i + 1)
+    if resume is not None and (i + 1) % resume.every == 0 and i + 1 < total:
+      _save(resume, i + 1, params, opt_state, curve_buffer, batches)
+  curve = [float(v) for v in curve_buffer]
   progress.close()
   # One program, dispatched after the last step has finished: on a CPU mesh, device threads
   # of several multi-device programs in flight at once (the last steps and one eager
@@ -367,6 +441,35 @@ def fit(loss_fn: Callable[..., jax.Array], params: Any, tx: optax.GradientTransf
   # Finish this phase before the next dispatches: on a CPU mesh, device threads of two
   # multi-device programs in flight at once can starve each other's collectives.
   return jax.block_until_ready(params), curve
+
+
+def _state(lp: Any, opt_state: Any, curve: np.ndarray, position: np.ndarray,
+           config: LoraConfig) -> dict[str, Any]:
+  return {"adapters": lp.adapters, "trained": trained_leaves(lp.base, config.is_trainable),
+          "opt_state": opt_state, "curve": curve, "data": position}
+
+
+def _save(resume: Resume, step: int, lp: Any, opt_state: Any, curve: np.ndarray,
+          batches: Any) -> None:
+  state = _state(lp, opt_state, curve, _encode_position(batches.get_state()), resume.config)
+  save_train_state(resume.directory, step, state, resume.config, max_to_keep=2)
+
+
+def _restore(resume: Resume, lp: Any, opt_state: Any, curve: np.ndarray, batches: Any,
+             total: int) -> tuple[int, Any, Any, np.ndarray]:
+  target = jax.eval_shape(lambda: _state(lp, opt_state, curve,
+                                         np.zeros(_DATA_STATE_BYTES, np.uint8), resume.config))
+  found = restore_train_state(resume.directory, target, config=resume.config)
+  if found is None:
+    return 0, lp, opt_state, curve
+  step, state = found
+  if step > total:
+    raise ValueError(f"config key 'finetune.steps': {resume.directory} holds a state at step "
+                     f"{step}, beyond the {total} steps asked for; raise finetune.steps or "
+                     "use another run_dir.")
+  batches.set_state(_decode_position(state["data"]))
+  lp = overlay(LoraParams(lp.base, state["adapters"]), state["trained"])
+  return step, lp, state["opt_state"], np.asarray(state["curve"], np.float32)
 
 
 def evaluate(task: Task, apply: Callable[..., jax.Array], params: Any,
@@ -525,8 +628,10 @@ def _run(config: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any]:
   tx = optimizer(optax.adam(config["finetune"]["lr"]), lora_config,
                  lora_plus_ratio=config["finetune"]["lora_plus_ratio"],
                  freeze_a=config["finetune"]["freeze_a"])
-  lp, curves["lora"] = fit(lora_loss, lp, tx,
-                           task.train, config["finetune"], "lora", config["seed"] + 1, put)
+  every = config["finetune"]["save_every"]
+  resume = Resume(run_dir.absolute() / "state", every, lora_config) if every else None
+  lp, curves["lora"] = fit(lora_loss, lp, tx, task.batches or task.train, config["finetune"],
+                           "lora", config["seed"] + 1, put, resume=resume)
   metrics["lora"] = evaluate(task, apply, lp, task.test)
   merged = jax.block_until_ready(merge(lp, lora_config))
   probe = task.test[0][:64]

@@ -41,6 +41,9 @@ class Task(NamedTuple):
   test: tuple[np.ndarray, np.ndarray]
   metric: str                                        # "accuracy" or "perplexity"
   sample: Callable[[Any, Callable[..., jax.Array]], str] | None = None
+  # (batch_size, seed) -> an iterator of (x, y) batches with get_state/set_state (grain);
+  # None: the job draws from ``train`` itself.
+  batches: Callable[[int, int], Any] | None = None
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
