@@ -1,5 +1,6 @@
 """lora_jax: LoRA for JAX and Flax as a pure functional transform."""
 
+from lora_jax._src.adapt import Adapted, adapt
 from lora_jax._src.checkpoint import CheckpointMismatch, load_adapters, save_adapters
 from lora_jax._src.checksums import ChecksumError
 from lora_jax._src.combine import combine
@@ -42,6 +43,8 @@ __all__ = [
     "CheckpointMismatch",
     "ChecksumError",
     "FallbackWarning",
+    "Adapted",
+    "adapt",
     "LoraConfig",
     "NameMap",
     "NameRule",

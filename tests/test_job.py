@@ -72,11 +72,11 @@ def test_quickstart_lora_beats_frozen_base(tmp_path):
 @pytest.mark.parametrize("override, match", [
     ("finetune.stepz=3", r"unknown config key 'finetune.stepz'; allowed keys here: "
                          r"\['batch_size', 'dropout_rng', 'freeze_a', 'log_every', "
-                         r"'lora_plus_ratio', 'lr', 'steps'\]"),
+                         r"'lora_plus_ratio', 'lr', 'save_every', 'steps'\]"),
     ("finetune.lora_plus_ratio=0",
      r"config key 'finetune.lora_plus_ratio': must be a finite number > 0, got 0"),
     ("task=vision", r"config key 'task': 'vision' is not one of \['digits', 'charlm', "
-                    r"'textcls'\]"),
+                    r"'textcls', 'hf'\]"),
     ("data.shift=mirror", r"config key 'data.shift': 'mirror' is not one of"),
     ("pretrain.steps=many", r"config key 'pretrain.steps': expected int, got 'many'"),
     ("lora.rank=0", r"LoraConfig.rank must be a positive integer, got 0"),

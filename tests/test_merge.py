@@ -126,3 +126,18 @@ def test_merge_does_not_retrace(key):
   finally:
     lj._src.merge.fold = original
   assert len(traces) == 1
+
+
+def test_merge_dtype_applies_to_adapted_leaves_of_a_bf16_base():
+  """dtype= is the dtype of every leaf the merge computes, not only dequantized ones."""
+  base = {"dense": {"kernel": jnp.ones((4, 3), jnp.bfloat16), "bias": jnp.ones(3, jnp.bfloat16)}}
+  config = lj.LoraConfig(rank=2, targets=r"kernel$", in_axes={r"kernel$": (0,)})
+  lp = lj.lift(base, config, key=jax.random.key(0))
+  lp = lj.LoraParams(lp.base, jax.tree.map(lambda x: x + 0.01, lp.adapters))
+  merged = lj.merge(lp, config, dtype=jnp.float32)
+  assert merged["dense"]["kernel"].dtype == jnp.float32
+  assert merged["dense"]["bias"].dtype == jnp.bfloat16  # neither adapted nor quantized
+  assert lj.merge(lp, config)["dense"]["kernel"].dtype == jnp.bfloat16
+  want = np.float32(1) + config.scale_for("dense/kernel") * np.asarray(lp.adapters["dense"]["kernel"]["a"], np.float32) \
+      @ np.asarray(lp.adapters["dense"]["kernel"]["b"], np.float32)
+  np.testing.assert_allclose(np.asarray(merged["dense"]["kernel"]), want, rtol=1e-6)

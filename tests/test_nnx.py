@@ -51,3 +51,10 @@ def test_param_split_recipe_trains_with_dropout_and_matches_merge():
   for leaf in jax.tree.leaves(grads.adapters):
     assert np.isfinite(leaf).all()
   assert float(jnp.abs(grads.adapters["up"]["kernel"]["a"]).max()) > 0
+
+
+def test_raw_nnx_state_paths_get_the_to_pure_dict_fix():
+  """An NNX State saved as it is restores with every path ending in /value."""
+  raw = {"up": {"kernel": {"value": jnp.ones((2, 3))}, "bias": {"value": jnp.ones(3)}}}
+  with pytest.raises(ValueError, match=r"ends in '/value'.*to_pure_dict\(\)"):
+    lj.lift(raw, lj.LoraConfig(rank=1, targets=r"kernel$"), key=jax.random.key(0))

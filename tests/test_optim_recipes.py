@@ -95,3 +95,34 @@ def test_lora_fa_freezes_a_and_keeps_no_state_for_it():
 def test_bad_lora_plus_ratio_is_refused(ratio):
   with pytest.raises(ValueError, match="lora_plus_ratio must be a finite number > 0"):
     lj.optimizer(optax.adam(1e-3), CONFIG, lora_plus_ratio=ratio)
+
+
+def test_gradient_accumulation_inside_lj_optimizer():
+  """lj.optimizer(optax.MultiSteps(tx, k), config): accumulators for trained leaves only, and
+  k micro-steps equal one step on the mean gradient."""
+  base = {"l1": {"kernel": jax.random.normal(jax.random.key(0), (6, 5)), "bias": jnp.zeros(5)},
+          "l2": {"kernel": jax.random.normal(jax.random.key(1), (5, 3))}}
+  config = lj.LoraConfig(rank=2, targets=r"kernel$", trainable=r"bias$")
+  lp = lj.lift(base, config, key=jax.random.key(2))
+  lp = lj.LoraParams(lp.base, jax.tree.map(lambda x: x + 0.1, lp.adapters))
+  apply = lj.wrap(lambda p, x: jnp.tanh(x @ p["l1"]["kernel"] + p["l1"]["bias"])
+                  @ p["l2"]["kernel"], config)
+  loss = lambda lp, x: jnp.sum(apply(lp, x) ** 2)
+  xs = jax.random.normal(jax.random.key(3), (4, 2, 6))
+  with jax.numpy_dtype_promotion("standard"):
+    tx = lj.optimizer(optax.MultiSteps(optax.sgd(0.1), every_k_schedule=4), config)
+    state = tx.init(lp)
+    # No accumulator the size of a frozen kernel: only adapters and the trained bias.
+    sizes = sorted(x.size for x in jax.tree.leaves(state) if getattr(x, "ndim", 0) > 0)
+    assert 6 * 5 not in sizes and 5 * 3 not in sizes, sizes
+    accumulated = lp
+    for x in xs:
+      grads = jax.grad(loss)(accumulated, x)
+      updates, state = tx.update(grads, state, accumulated)
+      accumulated = optax.apply_updates(accumulated, updates)
+    mean = jax.tree.map(lambda *g: sum(g) / len(g), *[jax.grad(loss)(lp, x) for x in xs])
+    once, _ = lj.optimizer(optax.sgd(0.1), config).update(
+        mean, lj.optimizer(optax.sgd(0.1), config).init(lp), lp)
+  want = optax.apply_updates(lp, once)
+  for a, b in zip(jax.tree.leaves(accumulated), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -97,3 +97,21 @@ def test_roberta_dense_kernels_factored_equals_merged():
   out = lj.wrap(model.__call__, lora, params_kwarg="params")(lp, ids).last_hidden_state
   merged = model(ids, params=lj.merge(lp, lora)).last_hidden_state
   np.testing.assert_allclose(out, merged, rtol=1e-4, atol=1e-5)
+
+
+def test_gpt2_kv_cache_output_keeps_past_key_values_factored():
+  """Factored wrap returns the whole ModelOutput (past_key_values for KV-cache decoding), as
+  merge mode does, and the cache it returns equals merge mode's."""
+  model, ids = _gpt2()
+  config = lj.LoraConfig(rank=4, targets=r"(c_attn|c_proj|c_fc)/kernel$", in_axes=GPT2_IN_AXES)
+  lp = _perturbed(lj.lift(model.params, config, key=jax.random.key(1)))
+  cache = model.init_cache(2, 16)
+  kwargs = dict(past_key_values=cache, position_ids=jnp.broadcast_to(jnp.arange(12), (2, 12)),
+                attention_mask=jnp.ones((2, 16), jnp.int32))
+  outs = {mode: lj.wrap(model.__call__, config, params_kwarg="params", mode=mode)(lp, ids,
+                                                                                  **kwargs)
+          for mode in ("factored", "merge")}
+  assert list(outs["factored"].keys()) == list(outs["merge"].keys()) == ["logits",
+                                                                          "past_key_values"]
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               outs["factored"].past_key_values, outs["merge"].past_key_values)

@@ -356,3 +356,19 @@ def test_train_job_resumes_bitwise_after_sigkill(tmp_path):
   curves = [json.loads((tmp_path / n / "metrics.json").read_text())["curves"]["lora"]
             for n in ("whole", "killed")]
   assert curves[0] == curves[1]
+
+
+def test_guessed_axes_fallback_says_to_infer_them(tmp_path):
+  """Tunix's einsum kernels without infer_axes: the warning names infer_axes and in_axes."""
+  hf_tiny.save("llama", tmp_path)
+  model = lj.load_hf(tmp_path)
+  config = lj.LoraConfig(rank=4, targets=r"attn/q_proj/w$")
+  lp = lj.lift(model.params, config, key=jax.random.key(0))
+  import re
+  import warnings
+  with warnings.catch_warnings(record=True) as caught:  # Tunix's own deprecations pass by
+    warnings.simplefilter("always")
+    lj.wrap(lambda p, t: model.apply(p, t)[0], config)(lp, jnp.zeros((1, 4), jnp.int32))
+  fallbacks = [str(w.message) for w in caught if issubclass(w.category, lj.FallbackWarning)]
+  assert fallbacks and all(re.search(r"guessed from its shape.*lj\.infer_axes", m, re.S)
+                           for m in fallbacks), fallbacks

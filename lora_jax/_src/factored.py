@@ -99,11 +99,18 @@ class Context:
       return value
     if (primitive, value.path) not in self.warned:
       self.warned.add((primitive, value.path))
+      hint = ("Use wrap(..., mode='merge') to silence this, or report the model pattern."
+              if not value.layout_guessed else
+              f"Its input axes {value.ins} were guessed from its shape (no in_axes pattern "
+              "names it): if the model contracts other axes (einsum kernels such as Tunix's "
+              "and Gemma's), adapters of the wrong shape are what breaks the factored form. "
+              "Read them from the model: config = lj.infer_axes(apply_fn, params, "
+              "*example_args, config=config), or state LoraConfig(in_axes=...); "
+              "wrap(..., mode='merge') only silences this.")
       warnings.warn(
           f"lora_jax: {value.path} is used by `{primitive}`, which cannot run in factored form "
           f"({reason}); forming W + scale * A @ B for this use. The result is exact but costs "
-          "a weight-sized product and gradient. Use wrap(..., mode='merge') to silence this, "
-          "or report the model pattern.", FallbackWarning, stacklevel=2)
+          f"a weight-sized product and gradient. {hint}", FallbackWarning, stacklevel=2)
     return value.materialize()
 
 

@@ -55,13 +55,14 @@ class LowRank:
   scale: float
   path: str
   m: jax.Array | None = None
+  layout_guessed: bool = False  # input axes from the shape rule, not stated or inferred
 
   @classmethod
   def from_target(cls, target: Target, w: jax.Array, a: jax.Array, b: jax.Array,
                   m: jax.Array | None = None) -> LowRank:
     stack, ins, outs = target.axes
     return cls(w, a, b, ins=ins, outs=outs, stack=stack, scale=target.scale, path=target.path,
-               m=m)
+               m=m, layout_guessed=not target.layout_certain)
 
   @property
   def arrays(self) -> tuple[jax.Array, ...]:
@@ -105,7 +106,7 @@ class LowRank:
       if w is None:
         return None
     return LowRank(w, self.a, self.b, shift(self.ins), shift(self.outs),
-                   shift(self.stack[1:]), self.scale, self.path, self.m)
+                   shift(self.stack[1:]), self.scale, self.path, self.m, self.layout_guessed)
 
 
 def transpose_apply(lr: LowRank, permutation: tuple[int, ...]) -> LowRank:

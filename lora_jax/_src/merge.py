@@ -82,19 +82,20 @@ def check_adapters(targets: tuple[Target, ...], adapters: Mapping[str, Any] | No
 
 
 def fold(params: PyTree, adapters: Mapping[str, Any] | None, config: LoraConfig,
-         quantized_dtype: Any = None) -> PyTree:
-  """``params`` with every adapted leaf replaced by its merged weight (in its own dtype),
-  and every quantized leaf dequantized (to ``quantized_dtype``, default its own dtype)."""
+         dtype: Any = None) -> PyTree:
+  """``params`` with every adapted leaf replaced by its merged weight and every quantized
+  leaf dequantized, each in ``dtype`` (default: its own, the pre-quantization one for a
+  quantized leaf); leaves neither adapted nor quantized are returned as they are."""
   entries = {} if adapters is None else {
       t.path: (t, a, b, m) for t, a, b, m in check_adapters(plan(params, config), adapters)}
 
   def one(path: str, leaf: Any) -> Any:
     if is_quantized(leaf):
-      leaf = leaf.dequantize(quantized_dtype)
+      leaf = leaf.dequantize(dtype)
     if path not in entries:
       return leaf
     target, a, b, m = entries[path]
-    return merged_weight(target, leaf, a, b, m).astype(leaf.dtype)
+    return merged_weight(target, leaf, a, b, m).astype(dtype or leaf.dtype)
 
   return map_with_paths(one, params)
 
@@ -135,15 +136,18 @@ def merge(lp: LoraParams, config: LoraConfig, *, dtype: Any = None) -> PyTree:
   A quantized base leaf (``lora_jax.quantize``) is dequantized first, and the
   result holds full-precision arrays.
 
-  The sum is accumulated in float32 and cast back to each weight's dtype; the
-  result has the structure, dtypes and shardings of ``lp.base``. Compiled with
+  The sum is accumulated in float32 and cast to ``dtype`` (default: each weight's
+  own); the result has the structure and shardings of ``lp.base``. Compiled with
   ``jax.jit``; the caller's arrays are not modified.
 
   Args:
     lp: the ``LoraParams`` from ``lift`` (adapters ``None`` returns the base).
     config: the ``LoraConfig`` used to lift.
-    dtype: the dtype of leaves that were quantized (default: the dtype they had
-      before ``quantize``); other leaves keep theirs.
+    dtype: the dtype of every leaf the merge computes: the adapted leaves and the
+      dequantized ones (default: each leaf's own, and for a quantized leaf the dtype
+      it had before ``quantize``). Leaves neither adapted nor quantized keep theirs, so
+      ``merge(lp, config, dtype=jnp.float32)`` on a bfloat16 base gives float32
+      adapted kernels beside the bfloat16 rest.
 
   Returns:
     A parameter tree like ``lp.base`` that the original model consumes.

@@ -75,9 +75,12 @@ def _layout_error(path: str, shape: tuple[int, ...], guessed: tuple[int, ...], w
   return (f"{path}: cannot tell which axes of this kernel (shape {shape}) are its input: "
           f"{why}, and the shapes alone do not settle it; the axis rule guessed input axes "
           f"{guessed}, which is wrong for kernels stored (out, in) such as Hugging Face "
-          f"GPT-2's. Refusing to guess. State it: {fix}{{{re.escape(path) + '$'!r}: "
-          f"{guessed}}}) if the model computes x @ W over those axes (Flax Dense), or the "
-          "other axes' positions if it computes x @ W.T.")
+          "GPT-2's. Refusing to guess. Let the model say: config = lj.infer_axes(apply_fn, "
+          "params, *example_args, config=config) reads every target's axes from how it is "
+          "used (a bias-free Dense, as in Llama, Mistral, Gemma or T5, has no bias to tell); "
+          f"or state it: {fix}{{{re.escape(path) + '$'!r}: {guessed}}}) if the model computes "
+          "x @ W over those axes (Flax Dense), or the other axes' positions if it computes "
+          "x @ W.T.")
 
 
 def _kernel_to_torch(path: str, value: np.ndarray, ins: tuple[int, ...], conv: bool

@@ -136,6 +136,17 @@ def _examples(names: list[str], limit: int = 8) -> str:
   return f"[{shown}{more}]"
 
 
+def _nnx_value_hint(names: list[str]) -> str:
+  """Every path ending in ``/value``: an NNX ``State`` saved as it is (its Variables' raw
+  dicts), whose paths the adapters (made from live NNX state) do not have."""
+  if not names or not all(n.endswith("/value") for n in names):
+    return ""
+  return (" Every path here ends in '/value': these look like NNX Variables saved as raw "
+          "dicts (orbax of nnx.state(model) as it is). Save the plain arrays instead, "
+          "nnx.state(model, nnx.Param).to_pure_dict(), whose paths ('up/kernel') are the "
+          "ones lift gives a live NNX State, and merge that checkpoint.")
+
+
 def plan(base: PyTree, config: LoraConfig) -> tuple[Target, ...]:
   """Lists the adapted leaves of ``base`` with their axes, rank and scale.
 
@@ -157,7 +168,7 @@ def plan(base: PyTree, config: LoraConfig) -> tuple[Target, ...]:
         errors.append(
             f"LoraConfig.{field} pattern {pattern!r} matches no parameter path. "
             f"Existing paths include {_examples(names)}; list them all with "
-            "lora_jax.paths(params).")
+            "lora_jax.paths(params)." + _nnx_value_hint(names))
 
   targets: list[Target] = []
   for path, leaf in leaves:
