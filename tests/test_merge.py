@@ -138,6 +138,7 @@ def test_merge_dtype_applies_to_adapted_leaves_of_a_bf16_base():
   assert merged["dense"]["kernel"].dtype == jnp.float32
   assert merged["dense"]["bias"].dtype == jnp.bfloat16  # neither adapted nor quantized
   assert lj.merge(lp, config)["dense"]["kernel"].dtype == jnp.bfloat16
-  want = np.float32(1) + config.scale_for("dense/kernel") * np.asarray(lp.adapters["dense"]["kernel"]["a"], np.float32) \
-      @ np.asarray(lp.adapters["dense"]["kernel"]["b"], np.float32)
+  entry = lp.adapters["dense"]["kernel"]
+  want = np.float32(1) + config.scale_for("dense/kernel") * (
+      np.asarray(entry["a"], np.float32) @ np.asarray(entry["b"], np.float32))
   np.testing.assert_allclose(np.asarray(merged["dense"]["kernel"]), want, rtol=1e-6)
