@@ -372,3 +372,37 @@ def test_guessed_axes_fallback_says_to_infer_them(tmp_path):
   fallbacks = [str(w.message) for w in caught if issubclass(w.category, lj.FallbackWarning)]
   assert fallbacks and all(re.search(r"guessed from its shape.*lj\.infer_axes", m, re.S)
                            for m in fallbacks), fallbacks
+
+
+def test_generate_cli_with_an_adapter_stack(tmp_path, capsys):
+  from lora_jax._src.cli import main
+  folder = tmp_path / "model"
+  hf_tiny.save("qwen2", folder)
+  hf_tiny.save_tokenizer(folder)
+  model = lj.load_hf(folder)
+  config = lj.infer_axes(lambda p, t: model.apply(p, t)[0], model.params,
+                         jax.ShapeDtypeStruct(TOKENS.shape, jnp.int32),
+                         config=lj.LoraConfig(rank=4, alpha=8.0, targets=TARGETS))
+  trees = [_randomized(lj.lift(model.params, config, key=jax.random.key(i)),
+                       jax.random.key(20 + i)) for i in range(2)]
+  stack, stack_config = lj.stack_adapters({"x": (trees[0].adapters, config),
+                                           "y": (trees[1].adapters, config)})
+  lj.save_adapters(tmp_path / "stack", stack, stack_config)
+  prompts = ["2 plus 3 is", "7 plus"]
+  args = ["generate", "--model", str(folder), "--adapters", str(tmp_path / "stack"),
+          "--max-new-tokens", "5"] + [a for p in prompts for a in ("--prompt", p)]
+  assert main(args + ["--adapter-ids", "1,-1"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  tokenizer_ids = [[1] + [ord(c) - 28 for c in p] for p in prompts]  # <s> + characters
+  want = [lj.generate(model, trees[1], tokenizer_ids[:1], config=config, max_new_tokens=5),
+          lj.generate(model, model.params, tokenizer_ids[1:], max_new_tokens=5)]
+  from lora_jax._src.textdata import Tokenizer
+  tokenizer = Tokenizer(folder)
+  for line, prompt, tokens in zip(lines, prompts, want):
+    ids = tokens[0].tolist()
+    ids = ids[:ids.index(tokenizer.eos_id)] if tokenizer.eos_id in ids else ids
+    assert line == prompt + tokenizer.decode(ids)
+  assert main(args + ["--adapter", "z"]) == 2
+  assert "no adapter 'z'" in capsys.readouterr().err
+  assert main(args) == 2
+  assert "--adapter-ids 0,1,-1" in capsys.readouterr().err

@@ -221,10 +221,60 @@ def _train(args: argparse.Namespace) -> int:
   return 0
 
 
+def _generate(args: argparse.Namespace) -> int:
+  # pylint: disable=import-outside-toplevel
+  import jax
+
+  from lora_jax._src.checkpoint import load_adapters
+  from lora_jax._src.lift import LoraParams, overlay
+  from lora_jax._src.sampling import generate
+  from lora_jax._src.stack import AdapterStack
+  from lora_jax._src.textdata import Tokenizer
+  from lora_jax._src.zoo import load_hf
+
+  if not args.prompt:
+    raise ValueError("give at least one --prompt.")
+  model = load_hf(args.model)
+  tokenizer = Tokenizer(args.model)
+  params, config, ids = model.params, None, None
+  if args.adapters:
+    adapters, config = load_adapters(args.adapters)
+    if isinstance(adapters, LoraParams):  # leaves trained in full come with the adapters
+      params, adapters = overlay(params, adapters.base), adapters.adapters
+    if isinstance(adapters, AdapterStack):
+      if args.adapter is not None:
+        try:
+          adapters = adapters.select(args.adapter)  # a plain tree for the stack's config
+        except KeyError as e:
+          raise ValueError(str(e).strip("'\"")) from None
+      elif args.adapter_ids:
+        ids = [int(i) for i in args.adapter_ids.split(",")]
+        if len(ids) != len(args.prompt):
+          raise ValueError(f"--adapter-ids gives {len(ids)} ids for {len(args.prompt)} "
+                           "prompts; give one per prompt (-1: the base).")
+      else:
+        raise ValueError(f"{args.adapters} holds a stack of adapters {list(adapters.names)}: "
+                         "choose one with --adapter NAME, or one per prompt with "
+                         "--adapter-ids 0,1,-1.")
+    params = LoraParams(params, adapters)
+  elif args.adapter is not None or args.adapter_ids:
+    raise ValueError("--adapter and --adapter-ids need --adapters.")
+  prompts = [tokenizer.encode(p, True)[0] for p in args.prompt]
+  out = generate(model, params, prompts, config=config, adapter_ids=ids,
+                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, key=jax.random.key(args.seed))
+  for prompt, tokens in zip(args.prompt, out.tolist()):
+    if tokenizer.eos_id in tokens:
+      tokens = tokens[:tokens.index(tokenizer.eos_id)]
+    print(prompt + tokenizer.decode(tokens))
+  return 0
+
+
 _EXAMPLES = """examples:
   lora-jax train --config configs/quickstart.yaml
   lora-jax train --config configs/charlm.yaml --set finetune.steps=100 --set lora.rank=4
   lora-jax inspect runs/quickstart/adapters
+  lora-jax generate --model HF_MODEL_DIR --adapters RUN_DIR/adapters --prompt "Once upon"
   lora-jax merge --base BASE_CKPT --adapters runs/quickstart/adapters --out merged
   lora-jax merge --base model.safetensors --adapters ADAPTERS --out merged.safetensors \\
                  --format safetensors --dtype bfloat16
@@ -280,6 +330,23 @@ def build_parser() -> argparse.ArgumentParser:
                      "jax.distributed from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and "
                      "JAX_PROCESS_ID, or the cluster's own settings on Cloud TPU / Slurm")
   train.set_defaults(run=_train)
+  gen = commands.add_parser("generate", help="continue prompts with a Hugging Face model "
+                            "folder and an adapter checkpoint, the adapters unmerged")
+  gen.add_argument("--model", required=True, help="Hugging Face model folder (config.json, "
+                   "safetensors, tokenizer.json; Tunix zoo)")
+  gen.add_argument("--adapters", default=None, help="adapter checkpoint (save_adapters, "
+                   "RUN_DIR/adapters); without it, the base model")
+  gen.add_argument("--adapter", default=None, metavar="NAME",
+                   help="the adapter of a saved stack to use for every prompt")
+  gen.add_argument("--adapter-ids", default=None, metavar="I,J,...",
+                   help="a saved stack: one adapter index per prompt (-1: the base)")
+  gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+  gen.add_argument("--max-new-tokens", type=int, default=32)
+  gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+  gen.add_argument("--top-k", type=int, default=None)
+  gen.add_argument("--top-p", type=float, default=None)
+  gen.add_argument("--seed", type=int, default=0, help="the sampling key's seed")
+  gen.set_defaults(run=_generate)
   inspect = commands.add_parser("inspect", help="print an adapter checkpoint's config and table, "
                                   "or a quantized base's leaves and bits per parameter")
   inspect.add_argument("path")
