@@ -13,6 +13,10 @@ Models (--model, default lm; float32; LoRA r=8 unless noted):
          through jax.lax.ragged_dot, 4 blocks of attention + MoE, sequence 128, batch 8;
          LoRA on attention kernels and on every expert (per-expert adapters)
   conv   3-layer ConvNet, 3x3 convolutions, 64 channels, input 16x24x24x16, r=4
+  tunix-llama3, tunix-qwen3, tunix-gemma3
+         Tunix's own models (pip install "lora_jax[models]"), d_model 512, GQA 8/2 heads,
+         MLP 2048, 4 layers, vocabulary 1024, sequence 128, batch 8; LoRA on every attention
+         and MLP projection; qwix through qwix.apply_lora_to_model, as Tunix applies it
 
 Variants, each a jitted step (loss, gradient, Adam update of what it trains):
   floor     gradient for biases and LayerNorm parameters only (forward + input-gradient backward)
@@ -30,7 +34,8 @@ Reports medians over interleaved repeats of wall time, XLA cost-analysis FLOPs a
 temporary memory, all as ratios to the floor, plus compile time and forward-only inference
 time (factored vs merged weights).
 
-Run: python benchmarks/train_step.py [--model lm|gemma|moe|conv] [--repeats 7] [--dora]
+Run: python benchmarks/train_step.py [--model lm|gemma|moe|conv|tunix-llama3|tunix-qwen3|
+                                            tunix-gemma3] [--repeats 7] [--dora]
                                     [--json out.json]
 """
 
@@ -180,6 +185,7 @@ class Spec(NamedTuple):
   targets: str
   rank: int
   qwix_modules: str       # qwix LoraRule.module_path for the same targets
+  floor: Any = None       # which leaves the floor trains (default: biases and scales)
 
 
 def lm_spec(model: nn.Module, targets: str, qwix_modules: str) -> Spec:
@@ -196,6 +202,18 @@ MODELS = {
     "conv": lambda: Spec(ConvNet(), jax.random.normal(jax.random.key(0), (16, 24, 24, 16)),
                          lambda out, x: jnp.mean(out ** 2), r"kernel$", 4, r".*conv\d$"),
 }
+
+
+def _tunix(family: str) -> Spec:
+  import tunix_models  # pylint: disable=import-outside-toplevel
+  model = tunix_models.TunixModel(family)
+  tokens = jax.random.randint(jax.random.key(0), (tunix_models.BATCH, tunix_models.SEQ), 0,
+                              tunix_models.VOCAB)
+  return Spec(model, tokens, lm_loss, tunix_models.TARGETS, RANK, "", tunix_models.is_floor)
+
+
+for _family in ("llama3", "qwen3", "gemma3"):
+  MODELS[f"tunix-{_family}"] = (lambda f: lambda: _tunix(f))(_family)
 
 
 def joined_loss(apply_fn, join, loss):
@@ -219,7 +237,7 @@ def variants(spec: Spec, params, dora: bool = False):
   tx = optax.adam(1e-4)
   out = {}
 
-  is_floor = lambda n: n.endswith("/bias") or n.endswith("/scale")  # noqa: E731
+  is_floor = spec.floor or (lambda n: n.endswith("/bias") or n.endswith("/scale"))  # noqa: E731
   train, frozen, join = split(params, is_floor)
   out["floor"] = (make_step(joined_loss(model.apply, join, spec.loss), tx), train, frozen)
 
@@ -249,6 +267,9 @@ def variants(spec: Spec, params, dora: bool = False):
   except ImportError:
     print("qwix not installed: skipping it (pip install qwix)")
   else:
+    if hasattr(model, "qwix_variant"):  # an NNX model (Tunix): qwix's NNX path
+      out["qwix"] = model.qwix_variant(params, spec.rank, make_step, spec.loss)
+      return out, lp, config
     rule = qwix.LoraRule(module_path=spec.qwix_modules, rank=spec.rank, alpha=2.0 * spec.rank)
     qmodel = qwix.apply_lora_to_model(model, qwix.LoraProvider([rule]))
     try:
@@ -266,7 +287,10 @@ def variants(spec: Spec, params, dora: bool = False):
 def compiled_stats(step, trainable, frozen, opt_state, tokens):
   t0 = time.perf_counter()
   compiled = step.lower(trainable, frozen, opt_state, tokens).compile()
-  compile_s = time.perf_counter() - t0
+  return _stats(compiled, time.perf_counter() - t0)
+
+
+def _stats(compiled, compile_s):
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   memory = compiled.memory_analysis()
@@ -289,7 +313,20 @@ def main():
   tx = optax.adam(1e-4)
 
   state, stats = {}, {}
-  for name, (step, trainable, frozen) in steps.items():
+  for name, entry in steps.items():
+    if not isinstance(entry, tuple):  # an NNX runner (qwix on a Tunix model): owns its state
+      t0 = time.perf_counter()
+      try:
+        compiled = entry.lower(tokens).compile()
+      except Exception as e:  # report why qwix cannot train this model, and go on
+        print(f"{name} fails on this model: {type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200]}")
+        continue
+      stats[name] = _stats(compiled, time.perf_counter() - t0)
+      jax.block_until_ready(entry(tokens))  # warm up
+      state[name] = entry
+      continue
+    step, trainable, frozen = entry
     trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it; variants share leaves
     opt_state = tx.init(trainable)
     stats[name] = compiled_stats(step, trainable, frozen, opt_state, tokens)
@@ -297,9 +334,14 @@ def main():
     jax.block_until_ready(loss)
     state[name] = [step, trainable, frozen, opt_state]
 
-  times = {name: [] for name in steps}
+  times = {name: [] for name in state}
   for _ in range(args.repeats):  # interleaved, so machine noise hits every variant alike
     for name, entry in state.items():
+      if not isinstance(entry, list):
+        t0 = time.perf_counter()
+        jax.block_until_ready(entry(tokens))
+        times[name].append(time.perf_counter() - t0)
+        continue
       step, trainable, frozen, opt_state = entry
       t0 = time.perf_counter()
       trainable, opt_state, loss = step(trainable, frozen, opt_state, tokens)
@@ -329,7 +371,7 @@ def main():
         "medians\n")
   print(f"{'variant':10} {'wall ms':>9} {'wall/floor':>10} {'FLOPs/floor':>11} "
         f"{'temp mem/floor':>14} {'compile s':>9}")
-  for name in steps:
+  for name in state:
     wall = statistics.median(times[name])
     row = {"wall_ms": 1e3 * wall, "wall_ratio": wall / floor_wall,
            "flops_ratio": stats[name]["flops"] / floor["flops"],

@@ -406,3 +406,18 @@ def test_generate_cli_with_an_adapter_stack(tmp_path, capsys):
   assert "no adapter 'z'" in capsys.readouterr().err
   assert main(args) == 2
   assert "--adapter-ids 0,1,-1" in capsys.readouterr().err
+
+
+def test_end_to_end_example_runs_small(tmp_path):
+  """examples/hf_end_to_end.py at a tiny size: pretrain, save, train job, PEFT == sampler."""
+  import pathlib
+  import subprocess
+  import sys
+
+  from child_env import child_env
+  script = pathlib.Path(__file__).resolve().parents[1] / "examples" / "hf_end_to_end.py"
+  out = subprocess.run([sys.executable, str(script), str(tmp_path), "--small"],
+                       env=child_env(), capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  summary = json.loads((tmp_path / "summary.json").read_text())
+  assert summary["same_tokens"] == summary["generated"] == 48
