@@ -39,10 +39,14 @@ def family(request, tmp_path_factory):
   folder = tmp_path_factory.mktemp(request.param)
   torch_model = hf_tiny.save(request.param, folder)
   model = lj.load_hf(folder)
-  logits = lambda p, t: model.apply(p, t)[0]
-  config = lj.infer_axes(logits, model.params, jax.ShapeDtypeStruct(TOKENS.shape, jnp.int32),
-                         config=lj.LoraConfig(rank=4, alpha=8.0, targets=TARGETS))
-  return request.param, folder, torch_model, model, config
+  return request.param, folder, torch_model, model, _lora_config(model)
+
+
+def _lora_config(model) -> lj.LoraConfig:
+  """LoRA on every attention and MLP projection, axes read from the model."""
+  return lj.infer_axes(lambda p, t: model.apply(p, t)[0], model.params,
+                       jax.ShapeDtypeStruct(TOKENS.shape, jnp.int32),
+                       config=lj.LoraConfig(rank=4, alpha=8.0, targets=TARGETS))
 
 
 def _randomized(lp: lj.LoraParams, key) -> lj.LoraParams:
@@ -172,9 +176,7 @@ def test_readme_recipe_runs(family, tmp_path):
 def test_sampler_greedy_equals_merged_and_mixed_ids_equal_alone(name, tmp_path):
   hf_tiny.save(name, tmp_path)
   model = lj.load_hf(tmp_path)
-  config = lj.infer_axes(lambda p, t: model.apply(p, t)[0], model.params,
-                         jax.ShapeDtypeStruct(TOKENS.shape, jnp.int32),
-                         config=lj.LoraConfig(rank=4, alpha=8.0, targets=TARGETS))
+  config = _lora_config(model)
   adapters = [_randomized(lj.lift(model.params, config, key=jax.random.key(i)),
                           jax.random.key(10 + i)) for i in range(2)]
   prompts = [[5, 9, 3, 7, 2, 11], [4, 8], [1, 2, 3]]
@@ -380,9 +382,7 @@ def test_generate_cli_with_an_adapter_stack(tmp_path, capsys):
   hf_tiny.save("qwen2", folder)
   hf_tiny.save_tokenizer(folder)
   model = lj.load_hf(folder)
-  config = lj.infer_axes(lambda p, t: model.apply(p, t)[0], model.params,
-                         jax.ShapeDtypeStruct(TOKENS.shape, jnp.int32),
-                         config=lj.LoraConfig(rank=4, alpha=8.0, targets=TARGETS))
+  config = _lora_config(model)
   trees = [_randomized(lj.lift(model.params, config, key=jax.random.key(i)),
                        jax.random.key(20 + i)) for i in range(2)]
   stack, stack_config = lj.stack_adapters({"x": (trees[0].adapters, config),
