@@ -64,7 +64,7 @@ def pretrain(folder: pathlib.Path, steps: int) -> float:
       vocab_size=len(SPECIALS) + len(CHARS), hidden_size=128, intermediate_size=384,
       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
       max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
-      rope_theta=1e6,  # google-tunix 0.1.6's Llama 3 applies base 1e6 whatever the config says
+      rope_theta=1e6,  # google-tunix 0.1.6-0.1.7: Llama 3 applies base 1e6 whatever it says
       bos_token_id=1, eos_token_id=2, pad_token_id=0)
   torch.manual_seed(0)
   model = transformers.LlamaForCausalLM(config)

@@ -24,7 +24,8 @@ def build(family: str, seed: int = 0):
 
   torch.manual_seed(seed)
   kv = 4 if family == "gemma2" else 2  # gemma2: one fused qkv kernel; gemma2_gqa: q + kv
-  # google-tunix 0.1.6's Llama 3 and Qwen 3 apply RoPE base 1e6 whatever the config says.
+  # google-tunix 0.1.6 and 0.1.7's Llama 3 and Qwen 3 apply RoPE base 1e6 whatever the config
+  # says.
   common = dict(SMALL, num_key_value_heads=kv,
                 rope_theta=1e6 if family in ("llama", "qwen3") else 10000.0)
   if family == "llama":

@@ -8,7 +8,9 @@ not installed.
 
 from __future__ import annotations
 
+import functools
 import json
+import re
 
 import hf_tiny
 import jax
@@ -421,3 +423,58 @@ def test_end_to_end_example_runs_small(tmp_path):
   assert out.returncode == 0, out.stderr[-3000:]
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert summary["same_tokens"] == summary["generated"] == 48
+
+
+def test_scanned_layers_export_per_layer_and_restack(tmp_path):
+  """Stacked (scanned) leaves, as nn.scan or MaxText hold them, export as one PEFT module per
+  layer: the same tensors, bit for bit, as the per-layer model's export (which PEFT loads
+  equal, above), and read back restacked."""
+  from safetensors.numpy import load_file
+  hf_tiny.save("llama", tmp_path / "model")
+  model = lj.load_hf(tmp_path / "model")
+  config = _lora_config(model)
+  lp = _randomized(lj.lift(model.params, config, key=jax.random.key(0)), jax.random.key(1))
+  lj.export_peft(lp, config, tmp_path / "layers", module_name=model.name_map,
+                 target=tmp_path / "model")
+  # The same model with its layers stacked along a leading axis.
+  layers = lp.base["layers"]
+  n = len(layers)
+  leaf = lambda tree, path: functools.reduce(lambda t, k: t[k], path.split("/"), tree)  # noqa: E731
+  kernels = [f"{m}/{p}/{w}" for m, ps, w in (("attn", ("q_proj", "k_proj", "v_proj", "o_proj"),
+                                              "w"), ("mlp", ("gate_proj", "up_proj",
+                                                             "down_proj"), "kernel"))
+             for p in ps]
+  base, adapters, in_axes = {}, {}, {}
+  for k in kernels:
+    base[k] = np.stack([np.asarray(leaf(layers[i], k)) for i in range(n)])
+    entry = [leaf(lp.adapters["layers"][str(i)], k) for i in range(n)]
+    adapters[k] = {x: np.stack([np.asarray(e[x]) for e in entry]) for x in ("a", "b")}
+    ins = config.in_axes_for(f"layers/0/{k}")
+    in_axes[f"^layers/{re.escape(k)}$"] = tuple(p + 1 for p in ins)
+  from lora_jax._src.tree import nest as nest_paths
+  nest = lambda flat: {"layers": nest_paths(flat)}  # noqa: E731
+  scanned_config = lj.LoraConfig(rank=4, alpha=8.0, targets=r"^layers/", in_axes=in_axes,
+                                 stack_axes={r"^layers/": 1})
+  scanned = lj.LoraParams(nest(base), nest(adapters))
+  name_map = lj.NameMap("test/scanned-llama", (
+      lj.NameRule(r"layers/attn/(q_proj|k_proj|v_proj|o_proj)/w",
+                  (r"model.layers.{layer}.self_attn.\1",), stacked=True),
+      lj.NameRule(r"layers/mlp/(gate_proj|up_proj|down_proj)/kernel",
+                  (r"model.layers.{layer}.mlp.\1",), stacked=True)))
+  with pytest.raises(ValueError, match="stacked=True"):  # default names: refused, not guessed
+    lj.export_peft(scanned, scanned_config, tmp_path / "refused")
+  lj.export_peft(scanned, scanned_config, tmp_path / "scanned", module_name=name_map,
+                 target=tmp_path / "model")
+  want = load_file(str(tmp_path / "layers" / "adapter_model.safetensors"))
+  got = load_file(str(tmp_path / "scanned" / "adapter_model.safetensors"))
+  assert sorted(got) == sorted(want)
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key])
+  back, back_config = lj.import_peft(tmp_path / "scanned", params=scanned.base,
+                                     module_name=name_map, in_axes=in_axes,
+                                     stack_axes={r"^layers/": 1})
+  assert back_config.stack_axes_for("layers/mlp/up_proj/kernel") == 1
+  for k in kernels:
+    for x in ("a", "b"):
+      np.testing.assert_array_equal(np.asarray(leaf(back["layers"], k)[x]), adapters[k][x])
+

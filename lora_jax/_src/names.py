@@ -41,28 +41,45 @@ class Part:
     axis: the leaf axis along which fused modules are stacked (``None``: the whole leaf).
     index: this module's position along ``axis``.
     count: how many modules share the leaf along ``axis``.
+    stacked: the leaf stacks one layer per index of its stack axis (``nn.scan``); ``module``
+      holds ``{layer}`` for the layer's number.
+    layer: which layer this part is (set where the layers are enumerated).
   """
   module: str
   param: str = "weight"
   axis: int | None = None
   index: int = 0
   count: int = 1
+  stacked: bool = False
+  layer: int | None = None
+
+  def at(self, layer: int) -> Part:
+    """This part for one layer of a stacked leaf."""
+    return dataclasses.replace(self, module=self.module.replace("{layer}", str(layer)),
+                               layer=layer)
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
   """``leaf`` (a regex, matched in full) is ``modules`` (templates with ``\\1``... groups).
 
-  Several modules mean a fused leaf: they are stacked along leaf axis ``fused_axis``.
+  Several modules mean a fused leaf: they are stacked along leaf axis ``fused_axis``. With
+  ``stacked``, the leaf holds one layer per index of its stack axis (scanned layers, as
+  ``nn.scan`` makes them): each module template holds ``{layer}``.
   """
   leaf: str
   modules: tuple[str, ...]
   param: str = "weight"
   fused_axis: int | None = None
+  stacked: bool = False
 
   def __post_init__(self):
     if (len(self.modules) > 1) != (self.fused_axis is not None):
       raise ValueError(f"Rule {self.leaf!r}: several modules need fused_axis, one needs none.")
+    if self.stacked != all("{layer}" in m for m in self.modules) or (
+        self.stacked and self.fused_axis is not None):
+      raise ValueError(f"Rule {self.leaf!r}: a stacked rule's modules hold '{{layer}}' (and "
+                       "are not fused); other rules' modules do not.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,7 +99,7 @@ class NameMap:
       found = re.fullmatch(rule.leaf, path)
       if found:
         names = [found.expand(m) for m in rule.modules]
-        return tuple(Part(n, rule.param, rule.fused_axis, i, len(names))
+        return tuple(Part(n, rule.param, rule.fused_axis, i, len(names), rule.stacked)
                      for i, n in enumerate(names))
     return None
 

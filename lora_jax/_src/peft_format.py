@@ -190,11 +190,22 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
   for path in paths:
     entry = lookup(adapter_tree, path)
     a, b = np.asarray(entry["a"], np.float32), np.asarray(entry["b"], np.float32)
-    if config.stack_axes_for(path):
-      errors.append(f"{path}: stacked (scanned) adapters have no PEFT equivalent; PEFT "
-                    "stores one module per layer. Unstack them into per-layer paths first.")
-      continue
     target = targets.get(path)
+    found = parts(module_name, path)
+    stacked = bool(config.stack_axes_for(path)) or bool(target and target.stack_axes)
+    if stacked != bool(found and found[0].stacked):
+      errors.append(
+          f"{path}: stacked (scanned) adapters, one layer per index of the stack axis; PEFT "
+          "stores one module per layer. Pass a NameMap whose rule for this leaf is "
+          "NameRule(leaf, ('model.layers.{layer}.<module>',), stacked=True): each layer is "
+          "written as its own module." if stacked else
+          f"{path}: {_naming_label(module_name)} says this leaf stacks layers, but it has no "
+          "stack axis (LoraConfig.stack_axes).")
+      continue
+    if stacked and (target is None or len(target.stack_axes) != 1 or target.stack_axes[0]):
+      errors.append(f"{path}: stacked adapters are exported with one leading stack axis; pass "
+                    "the LoraParams (not lp.adapters) and stack_axes {pattern: 1}.")
+      continue
     known = (_layout_known(path, target.layout, target.shape, target.in_axes)
              if target is not None
              else _is_embedding(path) or config.in_axes_for(path) is not None)
@@ -217,14 +228,18 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
         continue
       if tied is None:
         unknown_tables.append(path)
-    found = parts(module_name, path)
     if found is None:
       errors.append(f"{path}: {_naming_label(module_name)} gives no PyTorch module for this "
                     "adapted leaf.")
       continue
     m = np.asarray(entry["m"], np.float32) if "m" in entry else None
     rank = a.shape[-1]
-    for part in found:
+    if stacked:  # one PEFT module per layer: A, B and m of layer i are index i of the stack
+      layers = [(p.at(i), a[i], b[i], None if m is None else m[i])
+                for i in range(a.shape[0]) for p in found]
+    else:
+      layers = [(p, a, b, m) for p in found]
+    for part, a, b, m in layers:
       b_part, m_part = b, m
       if part.count > 1:
         if target is None:
@@ -562,6 +577,7 @@ def read_folder(directory: pathlib.Path) -> tuple[dict[str, Any], dict[str, np.n
 
 def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
                 in_axes: Mapping[str, Any] | None = None,
+                stack_axes: Mapping[str, Any] | None = None,
                 module_name: Naming = default_module_name,
                 head_tied: Mapping[str, bool] | None = None
                 ) -> tuple[dict[str, Any] | LoraParams, LoraConfig]:
@@ -606,8 +622,17 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
   resolved: dict[str, dict[str, tuple[str, Part]]] = {}
   by_path = dict(leaves_with_paths(params))
   ambiguous: dict[tuple[str, str], list[str]] = {}
-  for path in by_path:
-    for part in parts(module_name, path) or ():
+  stacking = LoraConfig(rank=1, stack_axes=stack_axes or ())
+  for path, leaf in by_path.items():
+    found = parts(module_name, path) or ()
+    if found and found[0].stacked:  # one module per layer of the leaf's stack axis
+      axes = stacking.stack_axes_for(path)
+      if axes not in (1, (0,)):
+        raise ValueError(f"{directory}: {_naming_label(module_name)} says {path} stacks layers "
+                         f"along its first axis; pass import_peft(..., stack_axes="
+                         f"{{{re.escape(path) + '$'!r}: 1}}) (found {axes!r}).")
+      found = tuple(p.at(i) for i in range(leaf.shape[0]) for p in found)
+    for part in found:
       if part.param in resolved.get(part.module, {}):
         ambiguous.setdefault((part.module, part.param),
                              [resolved[part.module][part.param][0]]).append(path)
@@ -641,6 +666,7 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
 
   rank_pattern, alpha_pattern = {}, {}
   fused: dict[str, dict[int, _Piece]] = {}
+  layered: dict[str, dict[int, _Piece]] = {}
   use_dora = peft_config["use_dora"]
   lora_keys = {k for k in tensors if LORA_SUFFIX.search(k)}
   magnitudes = {k for k in tensors if k.endswith(MAGNITUDE)}
@@ -670,8 +696,13 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
     if a.shape[-1] != module_rank:
       raise ValueError(f"{key}: lora_A has rank {a.shape[-1]} but the config gives {module_rank}.")
     path, part = leaf_path(key, name, "weight")
-    claim(path if part.count == 1 else f"{path} (part {part.index})", key)
+    claim(path if part.count == 1 and part.layer is None
+          else f"{path} (part {part.index}, layer {part.layer})", key)
     m = tensors[key + MAGNITUDE] if use_dora else None
+    if part.layer is not None:
+      layered.setdefault(path, {})[part.layer] = _Piece(part, key, a, b, m, int(module_rank),
+                                                        float(module_alpha))
+      continue
     if part.count > 1:
       fused.setdefault(path, {})[part.index] = _Piece(part, key, a, b, m, int(module_rank),
                                                       float(module_alpha))
@@ -683,6 +714,16 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
       rank_pattern[f"^{re.escape(path)}$"] = int(module_rank)
     if module_alpha != alpha:
       alpha_pattern[f"^{re.escape(path)}$"] = float(module_alpha)
+  for path, pieces in layered.items():
+    a, b, m, module_rank, module_alpha = _restack(directory, path, pieces,
+                                                  by_path[path].shape[0])
+    flat[path + "/a"], flat[path + "/b"] = a, b
+    if m is not None:
+      flat[path + "/m"] = m
+    if module_rank != rank:
+      rank_pattern[f"^{re.escape(path)}$"] = module_rank
+    if module_alpha != alpha:
+      alpha_pattern[f"^{re.escape(path)}$"] = module_alpha
   joined: dict[str, _Joined] = {}
   for path, pieces in fused.items():
     joined[path] = _join(directory, path, pieces, peft_config["use_rslora"])
@@ -697,9 +738,10 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
     module, _, torch_param = name.rpartition(".")
     module = module.removesuffix(".base_layer").removesuffix(".modules_to_save")
     path, part = leaf_path(key, module, torch_param)
-    if part.count > 1:
-      raise ValueError(f"{directory}: {key} is a full weight of one module of the fused leaf "
-                       f"{path}; lora_jax cannot train part of a leaf in full.")
+    if part.count > 1 or part.layer is not None:
+      raise ValueError(f"{directory}: {key} is a full weight of one module of the "
+                       f"{'fused' if part.count > 1 else 'stacked'} leaf {path}; lora_jax "
+                       "cannot train part of a leaf in full.")
     claim(path, key)
     trained[path] = tensors[key]
   paths = sorted({p.rsplit("/", 1)[0] for p in flat})
@@ -712,7 +754,8 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
                         use_rslora=peft_config["use_rslora"],
                         use_dora=use_dora,
                         dropout=peft_config.get("lora_dropout") or 0.0,
-                        in_axes=in_axes or (), head_tied=head_tied or (),
+                        in_axes=in_axes or (), stack_axes=stack_axes or (),
+                        head_tied=head_tied or (),
                         trainable=tuple(f"^{re.escape(p)}$" for p in sorted(trained)))
   except (TypeError, ValueError) as e:
     raise ValueError(f"{directory / CONFIG_FILE}: {e}") from None
@@ -803,6 +846,32 @@ def _join(directory: pathlib.Path, path: str, pieces: Mapping[int, _Piece],
                  math.sqrt(total) if rslora else float(total), tuple(rows))
 
 
+def _restack(directory: pathlib.Path, path: str, pieces: Mapping[int, _Piece], layers: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int, float]:
+  """PEFT's per-layer modules of one stacked leaf as its stacked ``A`` ``(L, in, r)``,
+  ``B`` ``(L, r, out)`` (and DoRA ``m`` ``(L, out)``); a layer without a module gets zeros."""
+  ordered = [pieces[i] for i in sorted(pieces)]
+  first = ordered[0]
+  odd = [p.key for p in ordered if (p.rank, p.alpha) != (first.rank, first.alpha)
+         or p.a.shape != first.a.shape or p.b.shape != first.b.shape]
+  if odd:
+    raise ValueError(f"{directory}: the layers of the stacked leaf {path} have different "
+                     f"ranks, alphas or shapes ({first.key} and {odd[0]}); one stacked adapter "
+                     "has one rank and alpha.")
+  dora = first.m is not None
+  if dora and len(ordered) != layers:
+    raise ValueError(f"{directory}: DoRA adapters on {len(ordered)} of the {layers} layers of "
+                     f"{path}; DoRA needs every layer's magnitude.")
+  a = np.zeros((layers, *first.a.shape), np.float32)
+  b = np.zeros((layers, *first.b.shape), np.float32)
+  m = np.zeros((layers, *first.m.shape), np.float32) if dora else None
+  for piece in ordered:
+    a[piece.part.layer], b[piece.part.layer] = piece.a, piece.b
+    if dora:
+      m[piece.part.layer] = piece.m
+  return a, b, m, first.rank, first.alpha
+
+
 def _place_pieces(target: Target, joined: _Joined, flat: dict[str, np.ndarray],
                   errors: list[str]) -> None:
   """The fused leaf's ``B`` (and DoRA ``m``) from its pieces, in the leaf's output layout."""
@@ -866,23 +935,26 @@ def _fit_to_target(directory: pathlib.Path, target: Target, flat: dict[str, np.n
                    errors: list[str]) -> None:
   """Checks PEFT's exact 2-D (or conv) shapes for ``target`` and reshapes to A and B."""
   r, n_in, n_out = target.rank, math.prod(target.in_shape), math.prod(target.out_shape)
+  lead = target.stack_shape
+  # PEFT's conv A is (r, cin, *window), read as (*window, cin, r); a Linear's is 2-D per layer.
+  conv = flat[f"{target.path}/a"].ndim > 2 + len(lead) and not _is_embedding(target.path)
   for name, want in (("a", target.a_shape), ("b", target.b_shape)):
     value = flat[f"{target.path}/{name}"]
-    expected = ((n_in, r) if name == "a" else (r, n_out)) if value.ndim == 2 else want
+    matrix = value.ndim == 2 + len(lead)  # per layer PEFT's 2-D (transposed) tensors
+    expected = lead + ((n_in, r) if name == "a" else (r, n_out)) if matrix else want
     if value.shape != expected:
       torch_name = "lora_A" if name == "a" else "lora_B"
-      found = value.T.shape if value.ndim == 2 else value.shape
+      found = value.shape[len(lead):][::-1] if matrix else value.shape
       errors.append(
           f"{target.path}: PEFT's {torch_name} has shape {found}, expected "
-          f"{expected[::-1] if value.ndim == 2 else expected} for a kernel of shape "
+          f"{expected[len(lead):][::-1] if matrix else expected} for a kernel of shape "
           f"{target.shape} (input axes {target.in_shape}, output axes {target.out_shape}, "
-          f"rank {r}).")
+          f"rank {r}{', per layer' if lead else ''}).")
       return
     flat[f"{target.path}/{name}"] = value.reshape(want)
   if target.dora:
     m = flat[f"{target.path}/m"]
-    conv = flat[f"{target.path}/a"].ndim > 2 and not _is_embedding(target.path)
-    want_m = (1, n_out, *(1,) * (len(target.a_shape) - 2)) if conv else (n_out,)
+    want_m = (1, n_out, *(1,) * (len(target.a_shape) - 2)) if conv else lead + (n_out,)
     if tuple(m.shape) != want_m:
       errors.append(f"{target.path}: PEFT's lora_magnitude_vector has shape {tuple(m.shape)}, "
                     f"expected {want_m} (one value per output unit: {n_out}, output axes "

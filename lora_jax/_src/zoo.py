@@ -85,7 +85,8 @@ def _check(cfg: Mapping[str, Any], where: pathlib.Path, *, act_key: str, act: st
 def _rope_base_applied(module: Any, keyword: str) -> float | None:
   """The RoPE base the Tunix attention applies whatever the config says, or ``None`` when its
   ``apply_rope`` calls pass one (the config's). Some Tunix releases call ``apply_rope`` without
-  it, so its default (1e6 for Llama 3 in google-tunix 0.1.6) applies to every checkpoint."""
+  it, so its default (1e6 for Llama 3 and Qwen 3 in google-tunix 0.1.6 and 0.1.7) applies to
+  every checkpoint."""
   source = inspect.getsource(module.Attention)
   calls = re.findall(r"apply_rope\((.*?)\)", source, flags=re.S)
   if not calls or any(keyword in call for call in calls):
