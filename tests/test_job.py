@@ -156,3 +156,23 @@ def test_quantize_key_refused_before_training(tmp_path):
                                        r"\(64, 256\); blocks of 48"):
     run(config)
   assert not (tmp_path / "metrics.json").exists()
+
+
+def test_hf_task_without_the_zoo_says_what_to_install(tmp_path, monkeypatch, capsys):
+  """The plain install: the hf task names the extra instead of a traceback."""
+  import json
+  import sys
+
+  from lora_jax._src.cli import main
+  for name in ("tunix", "tunix.models"):
+    monkeypatch.setitem(sys.modules, name, None)  # any import of them now raises ImportError
+  folder = tmp_path / "model"
+  folder.mkdir()
+  (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
+  data = tmp_path / "data.jsonl"
+  data.write_text('{"text": "hello"}\n')
+  config = tmp_path / "job.yaml"
+  config.write_text(f"model: {{hf: {folder}}}\ndata: {{jsonl: {data}}}\n"
+                    f"run_dir: {tmp_path / 'run'}\n")
+  assert main(["train", "--config", str(config)]) == 2
+  assert 'pip install "lora_jax[models]"' in capsys.readouterr().err

@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
 
   try:
     return args.run(args)
-  except (ValueError, OSError, InUse) as e:
+  except (ValueError, OSError, InUse, ImportError) as e:  # ImportError: a missing extra
     print(f"lora-jax {args.command}: error: {e}", file=sys.stderr)
     return 2
 
