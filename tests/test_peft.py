@@ -162,11 +162,12 @@ def test_bad_peft_files(tmp_path):
     lj.import_peft(tmp_path, params={})
 
 
-def test_stacked_adapters_are_refused(tmp_path):
+def test_stacked_adapters_without_a_stacked_rule_are_refused(tmp_path):
+  """Default names cannot say which layer is which module: refused, with the recipe."""
   config = lj.LoraConfig(rank=2, stack_axes={"layers": 1})
   lp = lj.lift({"layers": {"kernel": jnp.ones((3, 4, 4))}}, config, key=jax.random.key(0))
-  with pytest.raises(ValueError, match=r"layers/kernel: stacked \(scanned\) adapters have no "
-                     r"PEFT equivalent"):
+  with pytest.raises(ValueError, match=r"layers/kernel: stacked \(scanned\) adapters, one layer "
+                     r"per index.*stacked=True"):
     lj.export_peft(lp, config, tmp_path)
 
 

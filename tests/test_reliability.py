@@ -468,7 +468,8 @@ _KEY = "base_model.model.dense"
     (None, lambda t: t.pop(f"{_KEY}.lora_B.weight"),
      r"base_model.model.dense.lora_B.weight is missing"),
     (None, lambda t: t.update({"base_model.model.nowhere.weight": np.ones(3, np.float32)}),
-     r"belongs to PyTorch module 'nowhere', which matches no leaf of params"),
+     r"belongs to PyTorch module 'nowhere' \(parameter 'weight'\), which module_name gives to "
+     r"no leaf of params"),
     (None, lambda t: t.update({f"{_KEY}.lora_A.weight": np.ones((4, 16, 1, 1), np.float32)}),
      r"lora_A.weight \(4, 16, 1, 1\) and lora_B.weight \(8, 4\) are not a PEFT pair"),
 ])
