@@ -47,11 +47,9 @@ from lora_jax._src.peft_format import (
     open_folder,
     pattern_value,
 )
-from lora_jax._src.safetensors_io import SafetensorsFile, inside
+from lora_jax._src.safetensors_io import INDEX, SINGLE, SafetensorsFile, model_tensors
 from lora_jax._src.streaming import Leaf, SafetensorsWriter, refuse_non_finite
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30}
 
@@ -199,45 +197,6 @@ def _is_weight_file(name: str) -> bool:
           or "consolidated" in lower or lower == "adapter_config.json")
 
 
-def _base_tensors(base: pathlib.Path) -> tuple[list[str], dict[str, SafetensorsFile]]:
-  """The base's shard files in order and a checked reader per shard."""
-  if (base / INDEX).is_file() and (base / SINGLE).exists():
-    raise ValueError(f"{base} holds both {INDEX} and {SINGLE}: two sets of weights, and "
-                     "transformers would load one while the index names the other. Remove the "
-                     "one that is not the model, then merge.")
-  if (base / INDEX).is_file():
-    try:
-      weight_map = json.loads((base / INDEX).read_text(encoding="utf-8"))["weight_map"]
-      if not isinstance(weight_map, dict):
-        raise TypeError(f"weight_map is a {type(weight_map).__name__}")
-    except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"{base / INDEX} is not a safetensors index (expected a JSON object "
-                       f"with a 'weight_map' object): {e}") from None
-    for name in dict.fromkeys(weight_map.values()):
-      inside(base, name, f"{base / INDEX}")
-    shards = list(dict.fromkeys(weight_map.values()))
-  else:
-    weight_map, shards = None, [SINGLE]
-    inside(base, SINGLE, str(base))
-  missing = [s for s in shards if not (base / s).is_file()]
-  if missing:
-    raise FileNotFoundError(f"{base}: the index lists shard(s) {missing[:4]} that are missing.")
-  readers = {s: SafetensorsFile(base / s) for s in shards}
-  names = [n for r in readers.values() for n in r.names]
-  twice = sorted({n for n in names if names.count(n) > 1})
-  if twice:
-    raise ValueError(f"{base}: tensor(s) {twice[:4]} appear in more than one shard; the folder "
-                     "is damaged.")
-  if weight_map is not None:
-    found = {n: s for s, r in readers.items() for n in r.names}
-    wrong = sorted(k for k, s in weight_map.items() if found.get(k) != s)
-    wrong += sorted(n for n in found if n not in weight_map)
-    if wrong:
-      raise ValueError(f"{base / INDEX}: tensor(s) {wrong[:4]} are not in the shards the index "
-                       "names, or not in the index; the folder is damaged.")
-  return shards, readers
-
-
 def _floating_dtype(dtype: Any) -> np.dtype:
   try:
     found = jnp.dtype(dtype)
@@ -305,7 +264,7 @@ def merge_hf(base: str | os.PathLike[str], adapters: str | os.PathLike[str],
                          what="a Hugging Face folder written by lora-jax merge, holding only "
                          "what that merge wrote")
   output.check()
-  shards, readers = _base_tensors(base)
+  shards, readers = model_tensors(base)
   updates, trained, peft_config = read_updates(adapters, tensor_name)
   fan = peft_config["fan_in_fan_out"]
   leaves = {leaf.path: leaf for r in readers.values() for leaf in _leaves(r)}

@@ -44,7 +44,7 @@ from lora_jax._src.lift import LoraParams
 from lora_jax._src.names import TORCH_PARAM, NameMap, Naming, Part, default_module_name, parts
 from lora_jax._src.patterns import MAX_PATH, compile_safe
 from lora_jax._src.plan import Target, layout_is_certain, leaf_axes, plan
-from lora_jax._src.safetensors_io import SafetensorsFile
+from lora_jax._src.safetensors_io import SafetensorsFile, model_tensors
 from lora_jax._src.stack import refuse_stack
 from lora_jax._src.tree import PyTree, adapter_paths, leaves_with_paths, lookup, nest
 
@@ -320,17 +320,8 @@ def target_names(target: str | os.PathLike[str] | Iterable[str]) -> frozenset[st
   """The parameter names of the model PEFT will load into: a Hugging Face folder's tensor names
   (``model.safetensors`` or the shards' index), or the names given."""
   if isinstance(target, (str, os.PathLike)):
-    folder = pathlib.Path(target)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-      weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-      if not isinstance(weight_map, dict):
-        raise ValueError(f"{index}: no weight_map object.")
-      return frozenset(weight_map)
-    if (folder / "model.safetensors").is_file():
-      return frozenset(SafetensorsFile(folder / "model.safetensors").names)
-    raise FileNotFoundError(f"{folder}: neither model.safetensors nor its index; target= must "
-                            "be the Hugging Face model folder the adapter is for.")
+    _, readers = model_tensors(pathlib.Path(target))
+    return frozenset(n for reader in readers.values() for n in reader.names)
   return frozenset(target)
 
 

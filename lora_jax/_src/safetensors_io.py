@@ -191,3 +191,51 @@ def inside(folder: pathlib.Path, name: Any, what: str) -> pathlib.Path:
                      "link; refusing to read it. Copy the folder with its links resolved "
                      "(cp -rL) and use the copy.")
   return path
+
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+def model_tensors(base: pathlib.Path) -> tuple[list[str], dict[str, SafetensorsFile]]:
+  """A Hugging Face model folder's shard files in order and a checked reader per shard: the
+  one reader of such folders (the HF merge, ``load_hf``, ``export_peft(target=)``).
+
+  Refuses a folder with both an index and ``model.safetensors``, an index that is not one,
+  shards named outside the folder or missing, and tensors in two shards or not where the
+  index says."""
+  if (base / INDEX).is_file() and (base / SINGLE).exists():
+    raise ValueError(f"{base} holds both {INDEX} and {SINGLE}: two sets of weights, and "
+                     "transformers would load one while the index names the other. Remove the "
+                     "one that is not the model, then merge.")
+  if (base / INDEX).is_file():
+    try:
+      weight_map = json.loads((base / INDEX).read_text(encoding="utf-8"))["weight_map"]
+      if not isinstance(weight_map, dict):
+        raise TypeError(f"weight_map is a {type(weight_map).__name__}")
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{base / INDEX} is not a safetensors index (expected a JSON object "
+                       f"with a 'weight_map' object): {e}") from None
+    for name in dict.fromkeys(weight_map.values()):
+      inside(base, name, f"{base / INDEX}")
+    shards = list(dict.fromkeys(weight_map.values()))
+  else:
+    weight_map, shards = None, [SINGLE]
+    inside(base, SINGLE, str(base))
+  missing = [s for s in shards if not (base / s).is_file()]
+  if missing:
+    raise FileNotFoundError(f"{base}: the index lists shard(s) {missing[:4]} that are missing.")
+  readers = {s: SafetensorsFile(base / s) for s in shards}
+  names = [n for r in readers.values() for n in r.names]
+  twice = sorted({n for n in names if names.count(n) > 1})
+  if twice:
+    raise ValueError(f"{base}: tensor(s) {twice[:4]} appear in more than one shard; the folder "
+                     "is damaged.")
+  if weight_map is not None:
+    found = {n: s for s, r in readers.items() for n in r.names}
+    wrong = sorted(k for k, s in weight_map.items() if found.get(k) != s)
+    wrong += sorted(n for n in found if n not in weight_map)
+    if wrong:
+      raise ValueError(f"{base / INDEX}: tensor(s) {wrong[:4]} are not in the shards the index "
+                       "names, or not in the index; the folder is damaged.")
+  return shards, readers

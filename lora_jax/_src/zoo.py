@@ -28,11 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax._src.names import NAME_MAPS, NameMap
-from lora_jax._src.safetensors_io import SafetensorsFile, inside
+from lora_jax._src.safetensors_io import INDEX, SINGLE, model_tensors
 from lora_jax._src.tree import PyTree
 
 INSTALL = 'pip install "lora_jax[models]"'
-_INDEX = "model.safetensors.index.json"
 
 
 def _tunix(module: str) -> Any:
@@ -251,24 +250,17 @@ class ZooModel:
 
 
 def _check_weight_files(folder: pathlib.Path) -> None:
-  files = sorted(p.name for p in folder.glob("*.safetensors"))
-  if not files:
+  """The folder's weights through the checked reader (``model_tensors``), and no other
+  ``*.safetensors`` beside them: Tunix's loader reads every one it finds."""
+  if not any(folder.glob("*.safetensors")):
     raise FileNotFoundError(f"{folder}: no *.safetensors weights (a Hugging Face folder as "
                             "save_pretrained(..., safe_serialization=True) writes).")
-  index = folder / _INDEX
-  if index.is_file():
-    listed = set(json.loads(index.read_text(encoding="utf-8")).get("weight_map", {}).values())
-    for name in listed:
-      inside(folder, name, "a weight file the index names")
-    stray = sorted(set(files) - listed)
-  else:
-    stray = sorted(set(files) - {"model.safetensors"})
+  shards, _ = model_tensors(folder)
+  stray = sorted({p.name for p in folder.glob("*.safetensors")} - set(shards))
   if stray:
     raise ValueError(f"{folder}: {stray} are safetensors files the model does not name "
-                     f"({_INDEX if index.is_file() else 'model.safetensors'}); the loader would "
+                     f"({INDEX if (folder / INDEX).is_file() else SINGLE}); the loader would "
                      "read them into the model. Move them out of the folder.")
-  for name in files:
-    SafetensorsFile(folder / name)  # header, dtypes, offsets, no holes or overlaps
 
 
 def load_hf(folder: str | pathlib.Path, *, dtype: Any = jnp.float32) -> ZooModel:
