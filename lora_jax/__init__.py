@@ -14,6 +14,7 @@ from lora_jax._src.lineage import BaseMismatch
 from lora_jax._src.merge import merge, unmerge
 from lora_jax._src.names import NameMap, name_map
 from lora_jax._src.names import Rule as NameRule
+from lora_jax._src.nnx_module import LoraModule, nnx_module
 from lora_jax._src.optim import labels, optimizer
 from lora_jax._src.peft_format import export_peft, import_peft
 from lora_jax._src.plan import Target, plan
@@ -51,6 +52,8 @@ __all__ = [
     "ZooModel",
     "load_hf",
     "generate",
+    "LoraModule",
+    "nnx_module",
     "name_map",
     "LoraParams",
     "AdapterStack",

@@ -208,6 +208,63 @@ def test_sampler_greedy_equals_merged_and_mixed_ids_equal_alone(name, tmp_path):
   assert sampled.shape == (3, 4) and sampled.min() >= 0
 
 
+class _DigitTokenizer:
+  """What Tunix's Sampler asks of a tokenizer: one token per character."""
+
+  def encode(self, text, **_):
+    return [3 + ord(c) % 40 for c in text]
+
+  def decode(self, ids, **_):
+    return " ".join(map(str, ids))
+
+  def bos_id(self):
+    return 1
+
+  def eos_id(self):
+    return 2
+
+  def pad_id(self):
+    return 0
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma3"])
+def test_tunix_sampler_runs_the_adapters_unmerged(name, tmp_path):
+  """README recipe: Tunix's own Sampler on lj.nnx_module equals it on the merged model."""
+  from tunix.generate import sampler as tunix_sampler
+  hf_tiny.save(name, tmp_path)
+  model = lj.load_hf(tmp_path)
+  config = _lora_config(model)
+  lp = _randomized(lj.lift(model.params, config, key=jax.random.key(0)), jax.random.key(1))
+  cache = tunix_sampler.CacheConfig(cache_size=32, num_layers=model.config.num_layers,
+                                    num_kv_heads=model.config.num_kv_heads,
+                                    head_dim=model.config.head_dim)
+  prompts = ["31415926", "27"]
+
+  def sample(module):
+    with jax.numpy_dtype_promotion("standard"):  # Tunix's models need it
+      # (No return_logits: Tunix's Llama 3 reports embed_dim as num_embed, which sizes it.)
+      return tunix_sampler.Sampler(module, _DigitTokenizer(), cache)(
+          prompts, max_generation_steps=6, eos_tokens=[]).tokens
+
+  with jax.numpy_dtype_promotion("standard"):
+    merged = lj.merge(lp, config)
+  tokens = sample(lj.nnx_module(model, lp, config))
+  base_tokens = sample(model.module(model.params))
+  for ours, merged_tokens in zip(tokens, sample(model.module(merged))):
+    np.testing.assert_array_equal(ours, merged_tokens)
+  assert all(len(t) == 6 for t in tokens)
+  assert any(not np.array_equal(o, b) for o, b in zip(tokens, base_tokens))
+  if name == "llama":  # the README's recipe, as written
+    import pathlib
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = re.findall(r"```python tunix-sampler\n(.*?)```", text, flags=re.S)
+    namespace = {"model": model, "lp": lp, "config": config, "lj": lj,
+                 "TOKENIZER": _DigitTokenizer()}
+    with jax.numpy_dtype_promotion("standard"):
+      exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+    assert isinstance(namespace["module"], lj.LoraModule)
+
+
 def _ours_on(model, config, lp, tokens):
   apply = lj.wrap(lambda p, t: model.apply(p, t)[0], config)
   return jax.jit(apply)(lp, jnp.asarray(tokens))
