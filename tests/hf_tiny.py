@@ -88,3 +88,19 @@ def save_tokenizer(folder: pathlib.Path, vocab_size: int = SMALL["vocab_size"]) 
   tokenizer.save(str(folder / "tokenizer.json"))
   (folder / "tokenizer_config.json").write_text(json.dumps(
       {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT_TEMPLATE}))
+
+
+def records() -> list[dict]:
+  """60 JSONL records of sums, in the three shapes the hf task reads."""
+  rng = np.random.default_rng(0)
+  out = []
+  for i in range(60):
+    a, b = rng.integers(0, 10, 2)
+    if i % 3 == 0:
+      out.append({"text": f"{a} plus {b} is {a + b}."})
+    elif i % 3 == 1:
+      out.append({"prompt": f"{a} plus {b} is", "completion": f" {a + b}."})
+    else:
+      out.append({"messages": [{"role": "user", "content": f"{a} plus {b}?"},
+                               {"role": "assistant", "content": f"{a + b}."}]})
+  return out

@@ -143,3 +143,77 @@ def jax_leaves(tree):
   import jax  # pylint: disable=import-outside-toplevel
 
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_hf_job_two_processes_resume_exactly(tmp_path):
+  """lora-jax train --distributed on a Hugging Face folder: two processes x 4 devices, both
+  killed (SIGKILL) after a saved state and restarted, end bitwise equal to an uninterrupted
+  two-process run; grain's data position is part of the state. Each process loads the model
+  on its own device (Tunix's loader alone would put it on process 0's)."""
+  import json
+
+  import jax
+  import yaml
+
+  import lora_jax as lj
+
+  pytest.importorskip("tunix.models")
+  import hf_tiny  # pylint: disable=import-outside-toplevel
+
+  folder = tmp_path / "model"
+  hf_tiny.save("llama", folder)
+  hf_tiny.save_tokenizer(folder)
+  data = tmp_path / "data.jsonl"
+  data.write_text("".join(json.dumps(r) + "\n" for r in hf_tiny.records()))
+  cli = [sys.executable, "-m", "lora_jax._src.cli", "train", "--distributed"]
+
+  def start(name):
+    config = {"model": {"hf": str(folder)}, "data": {"jsonl": str(data), "seq_len": 16,
+                                                      "samples": 1, "max_new_tokens": 2},
+              "finetune": {"steps": 30, "batch_size": 4, "lr": 1e-2, "log_every": 3,
+                           "save_every": 3},
+              "lora": {"rank": 4, "alpha": 8.0}, "mesh": {"data": 2, "model": 4},
+              "run_dir": str(tmp_path / name)}
+    (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
+    port = str(_port())
+    return [subprocess.Popen([*cli, "--config", str(tmp_path / f"{name}.yaml")],
+                             env={**child_env(),
+                                  "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                                  "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+                                  "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in (0, 1)]
+
+  _finish(start("whole"), timeout=300)
+  procs = start("killed")
+  deadline = time.monotonic() + 300
+  while not (tmp_path / "killed" / "state" / "9").is_dir():
+    assert all(p.poll() is None for p in procs), "a process ended before step 9"
+    assert time.monotonic() < deadline, "no state at step 9 in 300 s"
+    time.sleep(0.02)
+  for p in procs:
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+  assert not (tmp_path / "killed" / "metrics.json").exists()
+  outputs = _finish(start("killed"), timeout=300)
+  assert "lora: resumed from step" in outputs[0], outputs[0][-3000:]
+  whole, resumed = (lj.load_adapters(tmp_path / n / "adapters")[0] for n in ("whole", "killed"))
+  for a, b in zip(jax.tree.leaves(whole), jax.tree.leaves(resumed)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  curves = [json.loads((tmp_path / n / "metrics.json").read_text())["curves"]["lora"]
+            for n in ("whole", "killed")]
+  assert curves[0] == curves[1]
+  # The PEFT export gathered the adapters from both processes: it computes what they do.
+  model = lj.load_hf(folder)
+  tokens = jax.numpy.asarray(np.arange(16, dtype=np.int32).reshape(2, 8) % 40)
+
+  def logits(lp, config):
+    return np.asarray(lj.wrap(lambda p, t: model.apply(p, t)[0], config)(lp, tokens))
+
+  adapters, config = lj.load_adapters(tmp_path / "whole" / "adapters")
+  imported, imported_config = lj.import_peft(tmp_path / "whole" / "peft", params=model.params,
+                                             module_name=model.name_map,
+                                             in_axes=dict(config.in_axes))
+  np.testing.assert_allclose(logits(lj.LoraParams(model.params, imported), imported_config),
+                             logits(lj.LoraParams(model.params, adapters), config),
+                             atol=1e-5, rtol=0)

@@ -272,21 +272,6 @@ def _ours_on(model, config, lp, tokens):
 
 # --- lora-jax train on a Hugging Face folder and a JSONL file -------------------------------
 
-def _records() -> list[dict]:
-  rng = np.random.default_rng(0)
-  records = []
-  for i in range(60):
-    a, b = rng.integers(0, 10, 2)
-    if i % 3 == 0:
-      records.append({"text": f"{a} plus {b} is {a + b}."})
-    elif i % 3 == 1:
-      records.append({"prompt": f"{a} plus {b} is", "completion": f" {a + b}."})
-    else:
-      records.append({"messages": [{"role": "user", "content": f"{a} plus {b}?"},
-                                   {"role": "assistant", "content": f"{a + b}."}]})
-  return records
-
-
 def test_textdata_targets_are_completions_and_assistant_turns(tmp_path):
   from lora_jax._src import textdata
   hf_tiny.save_tokenizer(tmp_path)
@@ -333,7 +318,7 @@ def test_train_job_on_a_hugging_face_folder(tmp_path):
   hf_tiny.save("qwen3", folder)
   hf_tiny.save_tokenizer(folder)
   data = tmp_path / "data.jsonl"
-  data.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+  data.write_text("".join(json.dumps(r) + "\n" for r in hf_tiny.records()))
   job = {"model": {"hf": str(folder)}, "data": {"jsonl": str(data), "seq_len": 32,
                                                  "max_new_tokens": 8},
          "finetune": {"steps": 30, "batch_size": 4, "lr": 1e-2, "log_every": 5},
@@ -385,7 +370,7 @@ def test_train_job_resumes_bitwise_after_sigkill(tmp_path):
   hf_tiny.save("llama", folder)
   hf_tiny.save_tokenizer(folder)
   data = tmp_path / "data.jsonl"
-  data.write_text("".join(json.dumps(r) + "\n" for r in _records()))
+  data.write_text("".join(json.dumps(r) + "\n" for r in hf_tiny.records()))
 
   def job(name: str) -> list[str]:
     config = {"model": {"hf": str(folder)}, "data": {"jsonl": str(data), "seq_len": 16,

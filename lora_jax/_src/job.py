@@ -529,9 +529,18 @@ def _sharding(config: dict[str, Any]):
     last = "model" if x.shape[-1] % shape[1] == 0 else None
     return P(first, *(None,) * (x.ndim - 2), last)
 
+  def place(x):
+    sharding = NamedSharding(mesh, spec(x))
+    if jax.process_count() == 1:
+      return jax.device_put(x, sharding)
+    # Several processes: each holds the whole value (every process loaded the same model) and
+    # gives the shards its own devices hold; device_put cannot move a one-device array there.
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, sharding)  # already global: a reshard
+    return jax.make_array_from_callback(np.shape(x), sharding, lambda index: np.asarray(x[index]))
+
   put_batch = lambda b: jax.device_put(b, NamedSharding(mesh, P("data")))  # noqa: E731
-  shard = lambda p: jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, spec(x))), p)  # noqa: E731
-  return put_batch, shard
+  return put_batch, lambda p: jax.tree.map(place, p)
 
 
 def run(config: dict[str, Any], *, echo: Callable[[str], None] = print) -> dict[str, Any]:
@@ -678,10 +687,14 @@ def _hf_outputs(config: dict[str, Any], lp: Any, lora_config: LoraConfig, model:
   from lora_jax._src.peft_format import export_peft  # pylint: disable=import-outside-toplevel
 
   outputs: dict[str, str] = {}
-  if not (config["export"]["peft"] or config["export"]["merged"]) or not _primary():
+  if not (config["export"]["peft"] or config["export"]["merged"]):
+    return outputs
+  # Arrays spread over several processes are gathered by every process; process 0 writes.
+  host_lp = jax.tree.map(_to_host, lp) if jax.process_count() > 1 else jax.device_get(lp)
+  if not _primary():
     return outputs
   peft_dir = (run_dir / "peft").absolute()
-  export_peft(jax.device_get(lp), lora_config, peft_dir, module_name=model.name_map,
+  export_peft(host_lp, lora_config, peft_dir, module_name=model.name_map,
               target=model.folder, overwrite=True)
   outputs["peft"] = str(peft_dir)
   if config["export"]["merged"]:

@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lora_jax._src.names import NAME_MAPS, NameMap
 from lora_jax._src.safetensors_io import INDEX, SINGLE, model_tensors
@@ -263,6 +264,31 @@ def _check_weight_files(folder: pathlib.Path) -> None:
                      "read them into the model. Move them out of the folder.")
 
 
+def _axis_names(node: Any) -> set[str]:
+  """The mesh axis names a Tunix sharding config refers to."""
+  if isinstance(node, str):
+    return {node}
+  if isinstance(node, (tuple, list)):
+    return set().union(*map(_axis_names, node)) if node else set()
+  if dataclasses.is_dataclass(node):
+    return set().union(*(_axis_names(getattr(node, f.name)) for f in dataclasses.fields(node)))
+  return set()
+
+
+def _local_mesh(model_config: Any) -> jax.sharding.Mesh | None:
+  """With several processes, a one-device mesh on this process's first device.
+
+  Tunix's loader puts the weights on ``jax.devices()[0]`` without a mesh: with several
+  processes that is process 0's device, so every other process would hold arrays it cannot
+  read. Each process loads the whole model on its own device instead; the job then shards it.
+  """
+  if jax.process_count() == 1:
+    return None
+  names = sorted(_axis_names(getattr(model_config, "shd_config", None)))
+  devices = np.asarray(jax.local_devices()[:1]).reshape((1,) * len(names))
+  return jax.sharding.Mesh(devices, tuple(names))
+
+
 def load_hf(folder: str | pathlib.Path, *, dtype: Any = jnp.float32) -> ZooModel:
   """Loads a Hugging Face causal-LM folder into the matching Tunix model.
 
@@ -299,7 +325,8 @@ def load_hf(folder: str | pathlib.Path, *, dtype: Any = jnp.float32) -> ZooModel
   package = "gemma" if family == "gemma2" else family
   loader = _tunix(f"{package}.params_safetensors" if family.startswith("gemma")
                   else f"{family}.params")
-  model = loader.create_model_from_safe_tensors(str(folder), model_config, dtype=dtype)
+  model = loader.create_model_from_safe_tensors(str(folder), model_config, dtype=dtype,
+                                                mesh=_local_mesh(model_config))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   architecture = f"tunix/{family}"
   return ZooModel(architecture, graphdef, params, rest, NAME_MAPS[architecture], hf_config,
