@@ -44,6 +44,11 @@ class Part:
     stacked: the leaf stacks one layer per index of its stack axis (``nn.scan``); ``module``
       holds ``{layer}`` for the layer's number.
     layer: which layer this part is (set where the layers are enumerated).
+    experts: the leaf is a 3-D experts parameter ``(experts, d1, d2)`` that PEFT adapts
+      through ``target_parameters`` (``param`` is its name in ``module``).
+    transposed: PEFT's ``is_transposed`` for that module (its layout of the A/B factors).
+    order: the rule's position in its map: PEFT nests several target parameters of one
+      module in the order the module registers them, which the map's rule order states.
   """
   module: str
   param: str = "weight"
@@ -52,6 +57,9 @@ class Part:
   count: int = 1
   stacked: bool = False
   layer: int | None = None
+  experts: bool = False
+  transposed: bool = False
+  order: int = 0
 
   def at(self, layer: int) -> Part:
     """This part for one layer of a stacked leaf."""
@@ -66,14 +74,29 @@ class Rule:
   Several modules mean a fused leaf: they are stacked along leaf axis ``fused_axis``. With
   ``stacked``, the leaf holds one layer per index of its stack axis (scanned layers, as
   ``nn.scan`` makes them): each module template holds ``{layer}``.
+
+  With ``experts``, the leaf is a mixture-of-experts parameter ``(experts, d1, d2)`` held as a
+  bare ``nn.Parameter`` named ``param`` by the one module (``mlp.experts.gate_up_proj``), which
+  PEFT adapts through ``target_parameters``: the leaf must have the parameter's layout, and
+  its adapters one per expert (stack axis 0). PEFT nests several such parameters of one module
+  in the order the module registers them; list their rules in that order. ``transposed`` is
+  PEFT's ``is_transposed`` of the module class (how it lays out the factors; ``False`` for
+  GPT-OSS).
   """
   leaf: str
   modules: tuple[str, ...]
   param: str = "weight"
   fused_axis: int | None = None
   stacked: bool = False
+  experts: bool = False
+  transposed: bool = False
 
   def __post_init__(self):
+    if self.experts and (len(self.modules) != 1 or self.stacked or self.param == "weight"):
+      raise ValueError(f"Rule {self.leaf!r}: an experts rule names one module, not stacked, and "
+                       "the parameter's own name (param='gate_up_proj', say).")
+    if self.transposed and not self.experts:
+      raise ValueError(f"Rule {self.leaf!r}: transposed applies to experts rules only.")
     if (len(self.modules) > 1) != (self.fused_axis is not None):
       raise ValueError(f"Rule {self.leaf!r}: several modules need fused_axis, one needs none.")
     if self.stacked != all("{layer}" in m for m in self.modules) or (
@@ -95,11 +118,12 @@ class NameMap:
 
   def parts(self, path: str) -> tuple[Part, ...] | None:
     """The PyTorch module(s) ``path`` is, or ``None`` when no rule matches it."""
-    for rule in self.rules:
+    for order, rule in enumerate(self.rules):
       found = re.fullmatch(rule.leaf, path)
       if found:
         names = [found.expand(m) for m in rule.modules]
-        return tuple(Part(n, rule.param, rule.fused_axis, i, len(names), rule.stacked)
+        return tuple(Part(n, rule.param, rule.fused_axis, i, len(names), rule.stacked,
+                          experts=rule.experts, transposed=rule.transposed, order=order)
                      for i, n in enumerate(names))
     return None
 

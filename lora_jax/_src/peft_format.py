@@ -182,6 +182,7 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
 
   paths = adapter_paths(adapter_tree)
   unknown_tables: list[str] = []
+  experts: dict[str, list[tuple[int, str, str, np.ndarray, np.ndarray]]] = {}
   dora = {p for p in paths if "m" in lookup(adapter_tree, p)}
   if dora and dora != set(paths):
     errors.append(f"DoRA adapters at {sorted(dora)[:4]} beside plain LoRA at "
@@ -192,6 +193,9 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
     a, b = np.asarray(entry["a"], np.float32), np.asarray(entry["b"], np.float32)
     target = targets.get(path)
     found = parts(module_name, path)
+    if found and found[0].experts:
+      _export_experts(path, entry, target, found[0], config, errors, experts)
+      continue
     stacked = bool(config.stack_axes_for(path)) or bool(target and target.stack_axes)
     if stacked != bool(found and found[0].stacked):
       errors.append(
@@ -258,6 +262,17 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
       _put_pair(PREFIX + part.module, path, a, b_part, m_part, rank,
                 conv=not _is_embedding(path) and _is_conv(path, a.ndim, conv_paths), put=put)
 
+  for module, params in experts.items():  # PEFT nests a module's k-th of n parameters
+    params.sort()                          # under (n - 1 - k) base_layer levels
+    same = sorted({p[2] for p in params for q in params if p[1] == q[1] and p[2] != q[2]})
+    if same:
+      errors.append(f"{same} all map to the parameter {params[0][1]!r} of {module}; pass a "
+                    "name map that keeps them apart.")
+    for k, (_, _, path, lora_a, lora_b) in enumerate(params):
+      key = PREFIX + module + ".base_layer" * (len(params) - 1 - k)
+      put(key + ".lora_A.weight", lora_a, path)
+      put(key + ".lora_B.weight", lora_b, path)
+  target_parameters = sorted(f"{m}.{param}" for m, ps in experts.items() for _, param, *_ in ps)
   bias_mode, to_save = "none", []
   if base is not None:
     bias_mode, to_save = _export_trained(base, config, targets, module_name, conv_paths, put,
@@ -266,7 +281,7 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
     raise ValueError("export_peft: cannot write this adapter in PEFT's format:\n  - "
                      + "\n  - ".join(errors))
   if model_names is not None:
-    check_names(tensors, model_names, "export_peft")
+    check_names(tensors, model_names, "export_peft", target_parameters)
   if unknown_tables:
     warnings.warn(
         f"export_peft: {unknown_tables[:4]} are exported as PEFT embedding adapters, which "
@@ -277,9 +292,12 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
         "LoraConfig(head_tied={pattern: False}) yourself.", stacklevel=2)
   peft_config = {
       "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
-      "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+      "r": config.rank, "lora_alpha": config.alpha,
+      # PEFT refuses dropout on target parameters; it changes training only, not the adapter.
+      "lora_dropout": 0.0 if target_parameters else config.dropout,
       "use_rslora": config.use_rslora, "use_dora": bool(dora),
-      "target_modules": sorted(modules), "bias": bias_mode,
+      "target_modules": sorted(modules), "target_parameters": target_parameters or None,
+      "bias": bias_mode,
       "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True, "inference_mode": True,
       "modules_to_save": to_save or None,
       "rank_pattern": {re.escape(n): r for n, (r, _) in modules.items() if r != config.rank},
@@ -291,6 +309,72 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
     save_file(tensors, str(stage.path / WEIGHTS_FILE))
     (stage.path / CONFIG_FILE).write_text(json.dumps(peft_config, indent=2, sort_keys=True))
   return directory
+
+
+def experts_to_peft(a: np.ndarray, b: np.ndarray, in_axis: int, transposed: bool
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """Per-expert adapters of a leaf ``(E, d1, d2)`` as PEFT's target-parameter factors.
+
+  ``a``, ``b``: ``(E, d_in, r)``, ``(E, r, d_out)`` with the input on leaf axis ``in_axis``
+  (1 or 2), so the leaf's update is ``Δ[e] = L[e] @ R[e]`` (``(d1, r) @ (r, d2)``) with
+  ``L, R = a, b`` (axis 1) or ``bᵀ, aᵀ`` (axis 2). PEFT's ``ParamWrapper`` stores
+  ``lora_A`` expert-major ``(E·r, ·)`` and ``lora_B`` rank-major ``(·, r·E)``: without
+  ``is_transposed``, ``Δ[e] = B[:, :, e] @ A[e]`` so ``A`` is ``R`` and ``B`` is ``L``;
+  with it, ``Δ[e] = A[e]ᵀ @ B[:, :, e]ᵀ``.
+
+  Returns:
+    ``(lora_A.weight, lora_B.weight)``.
+  """
+  left, right = (a, b) if in_axis == 1 else (b.transpose(0, 2, 1), a.transpose(0, 2, 1))
+  experts, d1, rank = left.shape
+  d2 = right.shape[2]
+  if not transposed:
+    return right.reshape(experts * rank, d2), left.transpose(1, 2, 0).reshape(d1, rank * experts)
+  return (left.transpose(0, 2, 1).reshape(experts * rank, d1),
+          right.transpose(2, 1, 0).reshape(d2, rank * experts))
+
+
+def experts_from_peft(lora_a: np.ndarray, lora_b: np.ndarray, experts: int, in_axis: int,
+                      transposed: bool) -> tuple[np.ndarray, np.ndarray]:
+  """The inverse of ``experts_to_peft``: ``(a, b)`` per expert. Shapes are checked by the
+  caller (``lora_a`` rows divisible by ``experts``)."""
+  rank = lora_a.shape[0] // experts
+  if not transposed:
+    right = lora_a.reshape(experts, rank, lora_a.shape[1])
+    left = lora_b.reshape(lora_b.shape[0], rank, experts).transpose(2, 0, 1)
+  else:
+    left = lora_a.reshape(experts, rank, lora_a.shape[1]).transpose(0, 2, 1)
+    right = lora_b.reshape(lora_b.shape[0], rank, experts).transpose(2, 1, 0)
+  return (left, right) if in_axis == 1 else (right.transpose(0, 2, 1), left.transpose(0, 2, 1))
+
+
+def _export_experts(path: str, entry: Mapping[str, Any], target: Target | None, part: Part,
+                    config: LoraConfig, errors: list[str], out: dict[str, list]) -> None:
+  """One experts leaf as PEFT target-parameter factors (``experts_to_peft``) into ``out``."""
+  if target is None:
+    errors.append(f"{path}: an experts parameter (PEFT target_parameters); pass the LoraParams "
+                  "(not lp.adapters) so its axes are known.")
+    return
+  if (len(target.shape) != 3 or target.stack_axes != (0,) or len(target.in_axes) != 1
+      or target.in_axes[0] not in (1, 2)):
+    errors.append(f"{path}: the name map says this leaf is the experts parameter "
+                  f"{part.module}.{part.param} (experts, d1, d2), adapted per expert; found "
+                  f"shape {target.shape}, stack axes {target.stack_axes}, input axes "
+                  f"{target.in_axes}. Set LoraConfig(stack_axes={{pattern: (0,)}}) and one "
+                  "input axis (1 or 2; lj.infer_axes finds it).")
+    return
+  if "m" in entry:
+    errors.append(f"{path}: DoRA on a target parameter; PEFT supports plain LoRA there only.")
+    return
+  if target.rank != config.rank or config.alpha_for(path) != config.alpha:
+    errors.append(f"{path}: rank {target.rank} / alpha {config.alpha_for(path)} differ from the "
+                  f"config's {config.rank} / {config.alpha}; PEFT's target parameters take the "
+                  "adapter's r and lora_alpha. Export them as their own adapter.")
+    return
+  lora_a, lora_b = experts_to_peft(np.asarray(entry["a"], np.float32),
+                                   np.asarray(entry["b"], np.float32), target.in_axes[0],
+                                   part.transposed)
+  out.setdefault(part.module, []).append((part.order, part.param, path, lora_a, lora_b))
 
 
 def _naming_label(naming: Naming) -> str:
@@ -325,14 +409,24 @@ def target_names(target: str | os.PathLike[str] | Iterable[str]) -> frozenset[st
   return frozenset(target)
 
 
-def check_names(keys: Iterable[str], names: frozenset[str], where: str) -> None:
+def check_names(keys: Iterable[str], names: frozenset[str], where: str,
+                target_parameters: Iterable[str] = ()) -> None:
   """Refuses PEFT tensors whose module is not in the target model (``names``: its parameters).
 
   PEFT itself only warns about such keys and loads the base model unchanged.
+  ``target_parameters`` (full parameter names) are checked as they are; their tensors' keys
+  (``<module>[.base_layer...].lora_A.weight``) are not read as ``<module>.weight``.
   """
   missing: dict[str, str] = {}
+  target_parameters = list(target_parameters)
+  for param in target_parameters:
+    if param not in names:
+      missing.setdefault(param.rpartition(".")[0], param)
+  wrapped = {p.rpartition(".")[0] for p in target_parameters}
   for key in keys:
     name = key.removeprefix(PREFIX)
+    if re.sub(r"(\.base_layer)*$", "", LORA_SUFFIX.sub("", name)) in wrapped:
+      continue
     if LORA_SUFFIX.search(name) or name.endswith(MAGNITUDE):
       module = LORA_SUFFIX.sub("", name).removesuffix(MAGNITUDE)
       param = module + ".weight"
@@ -482,7 +576,7 @@ def _positive(where: str, field: str, value: Any, integer: bool) -> Any:
   return int(value) if integer else float(value)
 
 
-def _read_config(directory: pathlib.Path) -> dict[str, Any]:
+def _read_config(directory: pathlib.Path, target_parameters: bool = False) -> dict[str, Any]:
   where = directory / CONFIG_FILE
   try:
     peft_config = json.loads(where.read_text(encoding="utf-8"))
@@ -495,6 +589,12 @@ def _read_config(directory: pathlib.Path) -> dict[str, Any]:
     raise ValueError(f"{where}: peft_type is {peft_config.get('peft_type')!r}, only LORA "
                      "adapters can be imported.")
   for field, what in _UNSUPPORTED.items():
+    if field == "target_parameters" and target_parameters:
+      value = peft_config.get(field) or []
+      if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{where}: target_parameters must be a list of parameter names, "
+                         f"found {value!r}.")
+      continue
     if peft_config.get(field):
       raise ValueError(f"{where}: {field} is {peft_config[field]!r}: {what} is not plain LoRA "
                        "and import_peft does not support it; importing it as plain LoRA "
@@ -531,13 +631,13 @@ def _read_config(directory: pathlib.Path) -> dict[str, Any]:
   return peft_config
 
 
-def read_config(directory: pathlib.Path) -> dict[str, Any]:
+def read_config(directory: pathlib.Path, target_parameters: bool = False) -> dict[str, Any]:
   """The validated ``adapter_config.json`` of a PEFT folder that has both of its files."""
   for name in (CONFIG_FILE, WEIGHTS_FILE):
     if not (directory / name).is_file():
       raise FileNotFoundError(f"No PEFT adapter in {directory}: {name} is missing (expected "
                               f"{CONFIG_FILE} and {WEIGHTS_FILE}, as save_pretrained writes).")
-  return _read_config(directory)
+  return _read_config(directory, target_parameters)
 
 
 def check_tensor_names(directory: pathlib.Path, keys: Iterable[str]) -> None:
@@ -549,20 +649,23 @@ def check_tensor_names(directory: pathlib.Path, keys: Iterable[str]) -> None:
                          "lora_jax does not support.")
 
 
-def open_folder(directory: pathlib.Path) -> tuple[dict[str, Any], SafetensorsFile]:
+def open_folder(directory: pathlib.Path, target_parameters: bool = False
+                ) -> tuple[dict[str, Any], SafetensorsFile]:
   """The one reader of PEFT adapter folders (``import_peft`` and the Hugging Face merge):
   the validated config (booleans as bools, ranks and alphas checked) and the checked
   safetensors file, its tensor names refused where they belong to PEFT variants that
-  change the math."""
-  peft_config = read_config(directory)
+  change the math. ``target_parameters``: accept PEFT's LoRA on bare parameters (the readers
+  that map them, ``import_peft``)."""
+  peft_config = read_config(directory, target_parameters)
   weights = SafetensorsFile(directory / WEIGHTS_FILE)
   check_tensor_names(directory, weights.names)
   return peft_config, weights
 
 
-def read_folder(directory: pathlib.Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def read_folder(directory: pathlib.Path, target_parameters: bool = False
+                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """The validated config and every tensor of a PEFT adapter folder."""
-  peft_config, weights = open_folder(directory)
+  peft_config, weights = open_folder(directory, target_parameters)
   return peft_config, dict(weights.items())
 
 
@@ -607,7 +710,7 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
       does not fit ``params``, or a kernel whose input axes are not known.
   """
   directory = pathlib.Path(directory)
-  peft_config, tensors = read_folder(directory)
+  peft_config, tensors = read_folder(directory, target_parameters=True)
   rank, alpha = int(peft_config["r"]), float(peft_config["lora_alpha"])
   # Module name -> {torch param name: (leaf path, its part)} for the given tree.
   resolved: dict[str, dict[str, tuple[str, Part]]] = {}
@@ -662,6 +765,9 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
   lora_keys = {k for k in tensors if LORA_SUFFIX.search(k)}
   magnitudes = {k for k in tensors if k.endswith(MAGNITUDE)}
   modules = {LORA_SUFFIX.sub("", k) for k in lora_keys}
+  experts = _import_experts(directory, peft_config, tensors, modules, resolved, in_axes, claim,
+                            flat)
+  modules -= set(experts)
   stray = sorted(k for k in magnitudes if not use_dora or k.removesuffix(MAGNITUDE) not in modules)
   if stray:
     raise ValueError(f"{directory / WEIGHTS_FILE}: {stray[0]} is a DoRA magnitude, but "
@@ -745,7 +851,9 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
                         use_rslora=peft_config["use_rslora"],
                         use_dora=use_dora,
                         dropout=peft_config.get("lora_dropout") or 0.0,
-                        in_axes=in_axes or (), stack_axes=stack_axes or (),
+                        in_axes=in_axes or (),
+                        stack_axes={**dict(stack_axes or {}),
+                                    **{f"^{re.escape(p)}$": (0,) for p in experts.values()}},
                         head_tied=head_tied or (),
                         trainable=tuple(f"^{re.escape(p)}$" for p in sorted(trained)))
   except (TypeError, ValueError) as e:
@@ -783,6 +891,66 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
   if trained:
     return LoraParams(jax.tree.map(jnp.asarray, nest(trained)), adapters), config
   return adapters, config
+
+
+def _import_experts(directory: pathlib.Path, peft_config: Mapping[str, Any],
+                    tensors: Mapping[str, np.ndarray], modules: set[str],
+                    resolved: Mapping[str, Mapping[str, tuple[str, Part]]],
+                    in_axes: Mapping[str, Any] | None, claim: Callable[[str, str], None],
+                    flat: dict[str, np.ndarray]) -> dict[str, str]:
+  """PEFT's target-parameter adapters into ``flat`` (per-expert ``a``, ``b``).
+
+  A module's k-th of n targeted parameters (in the order the name map's rules give, which is
+  the order the module registers them) sits under ``n - 1 - k`` ``base_layer`` levels.
+
+  Returns:
+    ``{PEFT module key: leaf path}`` for the keys taken.
+  """
+  targets = peft_config.get("target_parameters") or []
+  if not targets:
+    return {}
+  axes = LoraConfig(rank=1, in_axes=in_axes or ())
+  taken: dict[str, str] = {}
+  for key in sorted(modules):
+    name = key.removeprefix(PREFIX)
+    module = re.sub(r"(\.base_layer)+$", "", name)
+    depth = (len(name) - len(module)) // len(".base_layer")
+    wrapped = sorted((part.order, param, path, part)
+                     for param, (path, part) in resolved.get(module, {}).items()
+                     if part.experts and any(f"{module}.{param}" == t
+                                             or f"{module}.{param}".endswith("." + t)
+                                             for t in targets))
+    if not wrapped:
+      continue
+    if depth >= len(wrapped):
+      raise ValueError(f"{directory}: {key} is nested {depth} base_layer levels deep, but "
+                       f"{len(wrapped)} parameter(s) of {module} are targeted "
+                       f"({[w[1] for w in wrapped]}); the name map's experts rules and this "
+                       "adapter disagree.")
+    _, param, path, part = wrapped[len(wrapped) - 1 - depth]
+    claim(path, key)
+    lora_a, lora_b = lora_pair(directory, tensors, key)
+    for field in ("rank_pattern", "alpha_pattern"):
+      if pattern_value(peft_config[field], module) is not None:
+        raise ValueError(f"{directory}: {field} names {module}, an experts module; lora_jax "
+                         "reads target parameters with the adapter's r and lora_alpha only.")
+    in_axis = axes.in_axes_for(path)
+    if in_axis not in ((1,), (2,)):
+      raise ValueError(f"{directory}: {key} adapts the experts parameter {module}.{param} "
+                       f"(leaf {path}); pass its input axis: import_peft(..., in_axes="
+                       f"{{{re.escape(path) + '$'!r}: (1,)}}) if the model computes x @ W[e], "
+                       "(2,) for x @ W[e].T (lj.infer_axes finds it).")
+    rank = int(peft_config["r"])
+    if lora_a.ndim != 2 or lora_b.ndim != 2 or lora_a.shape[0] % rank or (
+        lora_a.shape[0] != lora_b.shape[1]):
+      raise ValueError(f"{directory}: {key}: lora_A {lora_a.shape} and lora_B {lora_b.shape} "
+                       f"are not PEFT's target-parameter factors of rank {rank} (lora_A "
+                       "(r·experts, d), lora_B (d', r·experts)).")
+    a, b = experts_from_peft(lora_a, lora_b, lora_a.shape[0] // rank, in_axis[0],
+                             part.transposed)
+    flat[path + "/a"], flat[path + "/b"] = a, b  # exact shapes checked in _fit_to_target
+    taken[key] = path
+  return taken
 
 
 @dataclasses.dataclass(frozen=True)
