@@ -11,7 +11,7 @@ keeps the earlier values and recomputes ``x`` during the backward pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -92,6 +92,30 @@ def _work(eqns: Any) -> int:
   return total
 
 
+def _crosses_residual(eqns: Sequence[Any], leaves: Iterable[Any], size: int) -> bool:
+  """Whether the cone adds (or subtracts) two values computed from different large leaves.
+
+  That is a residual connection: ``x + norm(attention(x))``. With Gemma's post-norms every
+  step of a residual stream is elementwise, so a cone through it reaches back across layers;
+  the model's backward pass keeps those values for its own gradients, so recomputing from
+  them saves no memory and repeats the work in every adapted product that reads the stream
+  (measured on Gemma 3: 13% more FLOPs and more temporary memory). A gated MLP's
+  ``gelu(gate) * up`` multiplies its two leaves and stays recomputable.
+  """
+  depends: dict[Any, frozenset[int]] = {
+      v: frozenset({i}) if _nbytes(v) >= size else frozenset() for i, v in enumerate(leaves)}
+  for eqn in eqns:
+    sources = [depends.get(v, frozenset()) for v in eqn.invars
+               if not isinstance(v, jcore.Literal)]
+    if (eqn.primitive.name in ("add", "sub") and len(sources) == 2 and all(sources)
+        and not sources[0] & sources[1]):
+      return True
+    joined = frozenset().union(*sources)
+    for out in eqn.outvars:
+      depends[out] = joined
+  return False
+
+
 def cone(var: Any, producers: dict[Any, tuple[int, Any]],
          product_flops: float) -> tuple[list[Any], list[Any]] | None:
   """``(equations, leaves)``: how ``var`` is computed elementwise from ``leaves``.
@@ -120,6 +144,8 @@ def cone(var: Any, producers: dict[Any, tuple[int, Any]],
       if len(found) > MAX_EQUATIONS:
         return None
       stack.extend(u for u in eqn.invars if not isinstance(u, jcore.Literal))
+  if _crosses_residual([found[i] for i in sorted(found)], leaves, _nbytes(var)):
+    return None
   kept = sum(_nbytes(v) for v in leaves)
   if kept > _nbytes(var) * MAX_LEAF_RATIO and (
       kept > _nbytes(var) * MAX_LEAF_RATIO + _residuals(found.values())
