@@ -104,3 +104,18 @@ def records() -> list[dict]:
       out.append({"messages": [{"role": "user", "content": f"{a} plus {b}?"},
                                {"role": "assistant", "content": f"{a + b}."}]})
   return out
+
+
+def assert_runs_equal(first: pathlib.Path, second: pathlib.Path) -> None:
+  """Two job runs ended with the same adapters, bit for bit, and the same loss curve."""
+  import json
+
+  import jax
+
+  import lora_jax as lj
+  adapters = [lj.load_adapters(run / "adapters")[0] for run in (first, second)]
+  for a, b in zip(*(jax.tree.leaves(x) for x in adapters)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  curves = [json.loads((run / "metrics.json").read_text())["curves"]["lora"]
+            for run in (first, second)]
+  assert curves[0] == curves[1]

@@ -909,6 +909,21 @@ def _import_experts(directory: pathlib.Path, peft_config: Mapping[str, Any],
   targets = peft_config.get("target_parameters") or []
   if not targets:
     return {}
+
+  def named(module: str, param: str) -> bool:
+    return any(f"{module}.{param}" == t or f"{module}.{param}".endswith("." + t)
+               for t in targets)
+
+  experts_params = [f"{m}.{param}" for m, by_param in resolved.items()
+                    for param, (_, part) in by_param.items() if part.experts]
+  unmatched = [t for t in targets
+               if not any(p == t or p.endswith("." + t) for p in experts_params)]
+  if unmatched:
+    raise ValueError(f"{directory / CONFIG_FILE}: target_parameters is {targets!r}, but "
+                     f"{unmatched} name no leaf of params that the name map calls an experts "
+                     "parameter; importing the rest would drop those adapters or read them "
+                     "as something else. Pass a NameMap whose rule for each such parameter "
+                     "says experts=True (lj.NameRule(..., param=NAME, experts=True)).")
   axes = LoraConfig(rank=1, in_axes=in_axes or ())
   taken: dict[str, str] = {}
   for key in sorted(modules):
@@ -917,9 +932,7 @@ def _import_experts(directory: pathlib.Path, peft_config: Mapping[str, Any],
     depth = (len(name) - len(module)) // len(".base_layer")
     wrapped = sorted((part.order, param, path, part)
                      for param, (path, part) in resolved.get(module, {}).items()
-                     if part.experts and any(f"{module}.{param}" == t
-                                             or f"{module}.{param}".endswith("." + t)
-                                             for t in targets))
+                     if part.experts and named(module, param))
     if not wrapped:
       continue
     if depth >= len(wrapped):
