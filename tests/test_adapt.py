@@ -59,6 +59,7 @@ def test_unknown_model_gets_the_recipe():
     lj.adapt(object(), lj.LoraConfig(rank=2), key=jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_tunix_model(tmp_path):
   pytest.importorskip("tunix.models")
   pytest.importorskip("torch")

@@ -151,6 +151,8 @@ def _job(ckpt, out, total=12, every=3, pause=0.0):
           str(every), str(pause)]
 
 
+@pytest.mark.oldest
+@pytest.mark.slow
 def test_sigkill_and_resume_is_bitwise_identical(tmp_path):
   subprocess.run(_job(tmp_path / "a", tmp_path / "a.npz"), check=True, env=child_env(),
                  capture_output=True)

@@ -17,6 +17,8 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.slow  # the real peft, transformers and torch
+
 # Per dtype: PEFT merges in the weights' dtype, lora_jax in float32 with one rounding.
 TOL = {"float32": 1e-5, "bfloat16": 3e-2}
 

@@ -10,6 +10,8 @@ import lora_jax as lj
 from lora_jax._src.cli import main as cli
 from lora_jax._src.job import run
 
+pytestmark = [pytest.mark.slow, pytest.mark.oldest]  # whole lora-jax train jobs
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_LM = ["model.d_model=16", "model.heads=2", "model.mlp=32", "model.max_len=16",
            "model.layers=2"]

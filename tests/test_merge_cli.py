@@ -106,6 +106,7 @@ def test_mismatched_adapters_and_missing_inputs(setup, capsys):
   assert not (tmp / "x").exists()
 
 
+@pytest.mark.slow
 def test_inspect_console_script(setup):
   *_, tmp = setup
   result = subprocess.run([sys.executable, "-m", "lora_jax._src.cli", "inspect",

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 from child_env import child_env
 
+pytestmark = pytest.mark.slow  # spawns processes (jax.distributed, SIGKILL)
+
 JOB = pathlib.Path(__file__).resolve().parent / "multiprocess_job.py"
 TOTAL, EVERY = 8, 2
 
@@ -56,6 +58,7 @@ def _two(ckpt, out, pause=0.0):
   return [_start(i, 2, port, ckpt, out, pause) for i in (0, 1)]
 
 
+@pytest.mark.oldest
 def test_killed_two_process_run_resumes_exactly(tmp_path):
   _finish([_start(0, 1, 0, tmp_path / "one", tmp_path / "one.npz")])
   _finish(_two(tmp_path / "two", tmp_path / "two.npz"))
@@ -100,6 +103,7 @@ def test_killed_two_process_run_resumes_exactly(tmp_path):
     np.testing.assert_array_equal(again[name], killed[name], err_msg=name)
 
 
+@pytest.mark.oldest
 def test_train_job_runs_as_two_processes(tmp_path):
   """lora-jax train --distributed on 2 processes x 4 devices (mesh 2 x 4) gives the one-process
   8-device run's results; only process 0 reports and writes metrics."""

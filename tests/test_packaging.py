@@ -11,6 +11,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 HEAVY = ("matplotlib", "sklearn", "tqdm", "torch", "peft", "transformers", "pandas")
 
@@ -47,6 +49,7 @@ def _declared(extra: str | None = None) -> set[str]:
   return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("_", "-") for r in chosen}
 
 
+@pytest.mark.slow
 def test_every_import_is_a_declared_dependency():
   """Runtime dependencies are declared; the models extra's packages (the Hugging Face task)
   are declared there and imported only inside the functions that need them, so the plain
@@ -74,12 +77,17 @@ def test_import_lora_jax_is_light():
   assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_digits_job_runs_without_optional_packages(tmp_path):
   """The main job's task needs none of scikit-learn, matplotlib, tqdm (blocked here)."""
   code = f"""
 import sys
+
+import pytest
 for name in {HEAVY!r}:
   sys.modules[name] = None  # any import of these now raises ImportError
+import pytest
+
 import lora_jax as lj
 metrics = lj.run_job({str(ROOT / "configs" / "quickstart.yaml")!r},
                      ["pretrain.steps=2", "finetune.steps=2", "run_dir={tmp_path}"])

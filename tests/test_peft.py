@@ -13,6 +13,8 @@ import lora_jax as lj
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
+pytestmark = pytest.mark.slow  # the real peft and torch
+
 
 class FlaxText(nn.Module):
   @nn.compact

@@ -24,6 +24,8 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
+pytestmark = pytest.mark.slow  # the real peft and transformers
+
 EXPERTS = r"model/layers/\d+/mlp/experts/(gate_up_proj|down_proj)"
 BOTH = ("gate_up_proj", "down_proj")
 CASES = [(axis, transposed, which) for axis in (1, 2) for transposed in (False, True)

@@ -394,6 +394,7 @@ def test_int8_per_channel_follows_the_lora_input_axes():
   np.testing.assert_allclose(got, _reference(lp, config, model.apply, x), **F32)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["nf4", "int8"])
 @pytest.mark.parametrize("name", sorted(a.name for a in architectures()))
 def test_architecture_zoo_on_a_quantized_base(name, kind):

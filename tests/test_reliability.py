@@ -145,6 +145,8 @@ def _kill_after(cmd, delay):
     proc.wait()
 
 
+@pytest.mark.oldest
+@pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.0, 0.05, 0.15, 0.3, 0.5])
 def test_sigkill_during_an_overwriting_save_keeps_a_whole_checkpoint(tmp_path, delay):
   """2: a save with overwrite=True killed at any moment leaves the old or the new checkpoint."""
@@ -160,6 +162,8 @@ def test_sigkill_during_an_overwriting_save_keeps_a_whole_checkpoint(tmp_path, d
   assert not [p for p in tmp_path.iterdir() if ".lora-jax-partial-" in p.name]
 
 
+@pytest.mark.oldest
+@pytest.mark.slow
 def test_concurrent_writers_are_serialized(tmp_path):
   """3: two processes overwriting one checkpoint: every save is whole, the last one stays."""
   ckpt = tmp_path / "ckpt"

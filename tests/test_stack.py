@@ -237,6 +237,7 @@ SERVED = {"moe_ragged_dot": r"router/kernel$", "resnet_depthwise": r"head/kernel
           "vit": r"(query|key|value|out|fc1_\d|fc2_\d)/kernel$"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ARCHS))
 def test_zoo_mixed_batches_match_each_adapter_and_cost_one_adapter(name):
   """Every zoo model: a mixed batch equals each example run with its selected adapter, and the

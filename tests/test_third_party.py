@@ -14,6 +14,8 @@ import pytest
 import lora_jax as lj
 
 transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.slow  # transformers' Flax models
 if not hasattr(transformers, "FlaxGPT2LMHeadModel"):
   pytest.skip(f"transformers {transformers.__version__} has no Flax models (they ended in 5.0); "
               "install 'transformers<5' to run these tests", allow_module_level=True)

@@ -24,6 +24,8 @@ pytest.importorskip("tunix.models")
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
+pytestmark = pytest.mark.slow  # Tunix, transformers and PEFT interop; whole jobs in subprocesses
+
 TARGETS = r"(q_proj|k_proj|v_proj|o_proj|q_einsum|kv_einsum|qkv_einsum|attn_vec_einsum|" \
           r"gate_proj|up_proj|down_proj)/(w|kernel)$"
 HF_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
