@@ -194,7 +194,7 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
     target = targets.get(path)
     found = parts(module_name, path)
     if found and found[0].experts:
-      _export_experts(path, entry, target, found[0], config, errors, experts)
+      _export_experts(path, a, b, "m" in entry, target, found[0], config, errors, experts)
       continue
     stacked = bool(config.stack_axes_for(path)) or bool(target and target.stack_axes)
     if stacked != bool(found and found[0].stacked):
@@ -334,11 +334,11 @@ def experts_to_peft(a: np.ndarray, b: np.ndarray, in_axis: int, transposed: bool
           right.transpose(2, 1, 0).reshape(d2, rank * experts))
 
 
-def experts_from_peft(lora_a: np.ndarray, lora_b: np.ndarray, experts: int, in_axis: int,
+def experts_from_peft(lora_a: np.ndarray, lora_b: np.ndarray, rank: int, in_axis: int,
                       transposed: bool) -> tuple[np.ndarray, np.ndarray]:
   """The inverse of ``experts_to_peft``: ``(a, b)`` per expert. Shapes are checked by the
-  caller (``lora_a`` rows divisible by ``experts``)."""
-  rank = lora_a.shape[0] // experts
+  caller (``lora_a`` rows a multiple of ``rank``)."""
+  experts = lora_a.shape[0] // rank
   if not transposed:
     right = lora_a.reshape(experts, rank, lora_a.shape[1])
     left = lora_b.reshape(lora_b.shape[0], rank, experts).transpose(2, 0, 1)
@@ -348,8 +348,9 @@ def experts_from_peft(lora_a: np.ndarray, lora_b: np.ndarray, experts: int, in_a
   return (left, right) if in_axis == 1 else (right.transpose(0, 2, 1), left.transpose(0, 2, 1))
 
 
-def _export_experts(path: str, entry: Mapping[str, Any], target: Target | None, part: Part,
-                    config: LoraConfig, errors: list[str], out: dict[str, list]) -> None:
+def _export_experts(path: str, a: np.ndarray, b: np.ndarray, dora: bool,
+                    target: Target | None, part: Part, config: LoraConfig, errors: list[str],
+                    out: dict[str, list]) -> None:
   """One experts leaf as PEFT target-parameter factors (``experts_to_peft``) into ``out``."""
   if target is None:
     errors.append(f"{path}: an experts parameter (PEFT target_parameters); pass the LoraParams "
@@ -363,7 +364,7 @@ def _export_experts(path: str, entry: Mapping[str, Any], target: Target | None, 
                   f"{target.in_axes}. Set LoraConfig(stack_axes={{pattern: (0,)}}) and one "
                   "input axis (1 or 2; lj.infer_axes finds it).")
     return
-  if "m" in entry:
+  if dora:
     errors.append(f"{path}: DoRA on a target parameter; PEFT supports plain LoRA there only.")
     return
   if target.rank != config.rank or config.alpha_for(path) != config.alpha:
@@ -371,9 +372,7 @@ def _export_experts(path: str, entry: Mapping[str, Any], target: Target | None, 
                   f"config's {config.rank} / {config.alpha}; PEFT's target parameters take the "
                   "adapter's r and lora_alpha. Export them as their own adapter.")
     return
-  lora_a, lora_b = experts_to_peft(np.asarray(entry["a"], np.float32),
-                                   np.asarray(entry["b"], np.float32), target.in_axes[0],
-                                   part.transposed)
+  lora_a, lora_b = experts_to_peft(a, b, target.in_axes[0], part.transposed)
   out.setdefault(part.module, []).append((part.order, part.param, path, lora_a, lora_b))
 
 
@@ -425,7 +424,7 @@ def check_names(keys: Iterable[str], names: frozenset[str], where: str,
   wrapped = {p.rpartition(".")[0] for p in target_parameters}
   for key in keys:
     name = key.removeprefix(PREFIX)
-    if re.sub(r"(\.base_layer)*$", "", LORA_SUFFIX.sub("", name)) in wrapped:
+    if _unwrapped(LORA_SUFFIX.sub("", name))[0] in wrapped:
       continue
     if LORA_SUFFIX.search(name) or name.endswith(MAGNITUDE):
       module = LORA_SUFFIX.sub("", name).removesuffix(MAGNITUDE)
@@ -893,6 +892,19 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
   return adapters, config
 
 
+def _targeted(param: str, targets: Iterable[str]) -> bool:
+  """Whether PEFT's ``target_parameters`` entries name the full parameter name ``param``
+  (equal, or a dotted suffix of it, as PEFT matches them)."""
+  return any(param == t or param.endswith("." + t) for t in targets)
+
+
+def _unwrapped(name: str) -> tuple[str, int]:
+  """``(module, depth)`` of a PEFT module key nested under ``depth`` ``.base_layer`` levels
+  (several target parameters of one module)."""
+  module = re.sub(r"(\.base_layer)+$", "", name)
+  return module, (len(name) - len(module)) // len(".base_layer")
+
+
 def _import_experts(directory: pathlib.Path, peft_config: Mapping[str, Any],
                     tensors: Mapping[str, np.ndarray], modules: set[str],
                     resolved: Mapping[str, Mapping[str, tuple[str, Part]]],
@@ -910,14 +922,9 @@ def _import_experts(directory: pathlib.Path, peft_config: Mapping[str, Any],
   if not targets:
     return {}
 
-  def named(module: str, param: str) -> bool:
-    return any(f"{module}.{param}" == t or f"{module}.{param}".endswith("." + t)
-               for t in targets)
-
   experts_params = [f"{m}.{param}" for m, by_param in resolved.items()
                     for param, (_, part) in by_param.items() if part.experts]
-  unmatched = [t for t in targets
-               if not any(p == t or p.endswith("." + t) for p in experts_params)]
+  unmatched = [t for t in targets if not any(_targeted(p, [t]) for p in experts_params)]
   if unmatched:
     raise ValueError(f"{directory / CONFIG_FILE}: target_parameters is {targets!r}, but "
                      f"{unmatched} name no leaf of params that the name map calls an experts "
@@ -927,12 +934,10 @@ def _import_experts(directory: pathlib.Path, peft_config: Mapping[str, Any],
   axes = LoraConfig(rank=1, in_axes=in_axes or ())
   taken: dict[str, str] = {}
   for key in sorted(modules):
-    name = key.removeprefix(PREFIX)
-    module = re.sub(r"(\.base_layer)+$", "", name)
-    depth = (len(name) - len(module)) // len(".base_layer")
+    module, depth = _unwrapped(key.removeprefix(PREFIX))
     wrapped = sorted((part.order, param, path, part)
                      for param, (path, part) in resolved.get(module, {}).items()
-                     if part.experts and named(module, param))
+                     if part.experts and _targeted(f"{module}.{param}", targets))
     if not wrapped:
       continue
     if depth >= len(wrapped):
@@ -959,8 +964,7 @@ def _import_experts(directory: pathlib.Path, peft_config: Mapping[str, Any],
       raise ValueError(f"{directory}: {key}: lora_A {lora_a.shape} and lora_B {lora_b.shape} "
                        f"are not PEFT's target-parameter factors of rank {rank} (lora_A "
                        "(r·experts, d), lora_B (d', r·experts)).")
-    a, b = experts_from_peft(lora_a, lora_b, lora_a.shape[0] // rank, in_axis[0],
-                             part.transposed)
+    a, b = experts_from_peft(lora_a, lora_b, rank, in_axis[0], part.transposed)
     flat[path + "/a"], flat[path + "/b"] = a, b  # exact shapes checked in _fit_to_target
     taken[key] = path
   return taken
