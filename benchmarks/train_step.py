@@ -31,11 +31,12 @@ Variants, each a jitted step (loss, gradient, Adam update of what it trains):
   and the ratios of factored DoRA to factored LoRA.
 
 Reports medians over interleaved repeats of wall time, XLA cost-analysis FLOPs and XLA
-temporary memory, all as ratios to the floor, plus compile time and forward-only inference
+temporary memory, all as ratios to the floor, plus compile time (trace + lower + compile from
+empty caches, every variant in turn, median of --compile-repeats) and forward-only inference
 time (factored vs merged weights).
 
 Run: python benchmarks/train_step.py [--model lm|gemma|moe|conv|tunix-llama3|tunix-qwen3|
-                                            tunix-gemma3] [--repeats 7] [--dora]
+                                            tunix-gemma3] [--repeats 7] [--compile-repeats 3] [--dora]
                                     [--json out.json]
 """
 
@@ -284,12 +285,6 @@ def variants(spec: Spec, params, dora: bool = False):
   return out, lp, config
 
 
-def compiled_stats(step, trainable, frozen, opt_state, tokens):
-  t0 = time.perf_counter()
-  compiled = step.lower(trainable, frozen, opt_state, tokens).compile()
-  return _stats(compiled, time.perf_counter() - t0)
-
-
 def _stats(compiled, compile_s):
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -302,6 +297,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--model", choices=sorted(MODELS), default="lm")
   parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--compile-repeats", type=int, default=3,
+                      help="compiles per variant from empty caches (median reported)")
   parser.add_argument("--dora", action="store_true", help="also DoRA, merged and factored")
   parser.add_argument("--json", default=None, help="also write the results here")
   args = parser.parse_args()
@@ -312,24 +309,46 @@ def main():
   steps, lp, config = variants(spec, params, dora=args.dora)
   tx = optax.adam(1e-4)
 
-  state, stats = {}, {}
-  for name, entry in steps.items():
-    if not isinstance(entry, tuple):  # an NNX runner (qwix on a Tunix model): owns its state
-      t0 = time.perf_counter()
-      try:
-        compiled = entry.lower(tokens).compile()
-      except Exception as e:  # report why qwix cannot train this model, and go on
-        print(f"{name} fails on this model: {type(e).__name__}: "
-              f"{str(e).splitlines()[0][:200]}")
+  # Compile time: every variant traced, lowered and compiled from empty caches (what a fresh
+  # process pays), in rotating order, median of --compile-repeats; a single compile is noise.
+  stats, compiled, failed = {}, {}, set()
+  order = list(steps)
+  compile_times = {name: [] for name in steps}
+  opt_states = {name: tx.init(entry[1]) for name, entry in steps.items() if isinstance(entry, tuple)}
+  for repeat in range(max(1, args.compile_repeats)):
+    shift = repeat % len(order)
+    for name in order[shift:] + order[:shift]:
+      if name in failed:
         continue
-      stats[name] = _stats(compiled, time.perf_counter() - t0)
+      entry = steps[name]
+      jax.clear_caches()
+      t0 = time.perf_counter()
+      if not isinstance(entry, tuple):  # an NNX runner (qwix on a Tunix model): owns its state
+        try:
+          compiled[name] = entry.lower(tokens).compile()
+        except Exception as e:  # report why qwix cannot train this model, and go on
+          print(f"{name} fails on this model: {type(e).__name__}: "
+                f"{str(e).splitlines()[0][:200]}")
+          failed.add(name)
+          continue
+      else:
+        step, trainable, frozen = entry
+        compiled[name] = step.lower(trainable, frozen, opt_states[name], tokens).compile()
+      compile_times[name].append(time.perf_counter() - t0)
+  for name, c in compiled.items():
+    stats[name] = _stats(c, statistics.median(compile_times[name]))
+
+  state = {}
+  for name, entry in steps.items():
+    if name in failed:
+      continue
+    if not isinstance(entry, tuple):
       jax.block_until_ready(entry(tokens))  # warm up
       state[name] = entry
       continue
     step, trainable, frozen = entry
     trainable = jax.tree.map(jnp.copy, trainable)  # the step donates it; variants share leaves
     opt_state = tx.init(trainable)
-    stats[name] = compiled_stats(step, trainable, frozen, opt_state, tokens)
     trainable, opt_state, loss = step(trainable, frozen, opt_state, tokens)  # warm up
     jax.block_until_ready(loss)
     state[name] = [step, trainable, frozen, opt_state]
