@@ -15,8 +15,9 @@ callable ``path -> module name`` still works as ``module_name``; ``parts`` turns
 the one form the PEFT code reads.
 
 The built-in maps (``NAME_MAPS``) cover the models of ``tunix.models`` (Llama 3, Qwen 2,
-Qwen 3, Gemma 2, Gemma 3); each was checked against the real ``transformers`` model and PEFT
-(tests/test_zoo.py), never against our own reading of a format.
+Qwen 3, Gemma 2, Gemma 3) and the Gemma 2 and 3 text models of DeepMind's ``gemma`` package;
+each was checked against the real ``transformers`` model and PEFT (tests/test_tunix.py,
+tests/test_gemma_package.py), never against our own reading of a format.
 """
 
 from __future__ import annotations
@@ -209,6 +210,36 @@ _GEMMA_NORMS = (("pre_attention_norm/scale", "input_layernorm"),
 _GEMMA3_NORMS = _GEMMA_NORMS + (("attn/_query_norm/scale", "self_attn.q_norm"),
                                 ("attn/_key_norm/scale", "self_attn.k_norm"))
 
+
+def _gemma_package_rules(qk_norms: bool) -> tuple[Rule, ...]:
+  """DeepMind's ``gemma`` package (``gm.nn.Gemma2_*``/``Gemma3_*``, Linen): its leaf names.
+
+  Its MLP is one fused kernel, ``mlp/gating_einsum`` ``(2, hidden, embed)`` (gate, then up);
+  its leaves sit under ``params/`` or at the top (the tree ``gm.ckpts.load_params`` returns).
+  """
+  layer = r"(?:params/)?layer_(\d+)/"
+  hf = r"model.layers.\1."
+  rules = [Rule(r"(?:params/)?embedder/input_embedding", ("model.embed_tokens",))]
+  for leaf, modules, axis in (("attn/q_einsum/w", ("q_proj",), None),
+                              ("attn/kv_einsum/w", ("k_proj", "v_proj"), 0),
+                              ("attn/qkv_einsum/w", ("q_proj", "k_proj", "v_proj"), 0),
+                              ("attn/attn_vec_einsum/w", ("o_proj",), None)):
+    rules.append(Rule(layer + leaf, tuple(hf + "self_attn." + m for m in modules), "weight",
+                      axis))
+  rules.append(Rule(layer + "mlp/gating_einsum", (hf + "mlp.gate_proj", hf + "mlp.up_proj"),
+                    "weight", 0))
+  rules.append(Rule(layer + "mlp/linear", (hf + "mlp.down_proj",)))
+  norms = [("pre_attention_norm", "input_layernorm"),
+           ("post_attention_norm", "post_attention_layernorm"),
+           ("pre_ffw_norm", "pre_feedforward_layernorm"),
+           ("post_ffw_norm", "post_feedforward_layernorm")]
+  if qk_norms:
+    norms += [("attn/_query_norm", "self_attn.q_norm"), ("attn/_key_norm", "self_attn.k_norm")]
+  rules += [Rule(layer + leaf + "/scale", (hf + module,)) for leaf, module in norms]
+  rules.append(Rule(r"(?:params/)?final_norm/scale", ("model.norm",)))
+  return tuple(rules)
+
+
 NAME_MAPS: dict[str, NameMap] = {
     "tunix/llama3": NameMap("tunix/llama3", _decoder_rules(_LLAMA_ATTENTION, _LLAMA_NORMS)),
     "tunix/qwen2": NameMap("tunix/qwen2", _decoder_rules(_LLAMA_ATTENTION + _QWEN2_BIASES,
@@ -217,6 +248,8 @@ NAME_MAPS: dict[str, NameMap] = {
                                                          _LLAMA_NORMS + _QK_NORMS)),
     "tunix/gemma2": NameMap("tunix/gemma2", _decoder_rules(_GEMMA_ATTENTION, _GEMMA_NORMS)),
     "tunix/gemma3": NameMap("tunix/gemma3", _decoder_rules(_GEMMA_ATTENTION, _GEMMA3_NORMS)),
+    "gemma/gemma2": NameMap("gemma/gemma2", _gemma_package_rules(qk_norms=False)),
+    "gemma/gemma3": NameMap("gemma/gemma3", _gemma_package_rules(qk_norms=True)),
 }
 """The built-in name maps, by ``"zoo/family"``."""
 
