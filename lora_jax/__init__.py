@@ -1,4 +1,10 @@
-"""lora_jax: LoRA for JAX and Flax as a pure functional transform."""
+"""lora_jax: LoRA for JAX and Flax as a pure functional transform.
+
+``import lora_jax`` loads neither ``flax.linen`` nor ``flax.nnx``: the job runner (its demo
+tasks are Flax models) and the NNX module wrapper load on first use of their names.
+"""
+
+import importlib
 
 from lora_jax._src.adapt import Adapted, adapt
 from lora_jax._src.checkpoint import CheckpointMismatch, load_adapters, save_adapters
@@ -8,13 +14,11 @@ from lora_jax._src.config import LoraConfig
 from lora_jax._src.factored import FallbackWarning
 from lora_jax._src.hf_merge import merge_hf
 from lora_jax._src.infer import infer_axes
-from lora_jax._src.job import load_job_config, run_job
 from lora_jax._src.lift import LoraParams, disable, lift, overlay
 from lora_jax._src.lineage import BaseMismatch
 from lora_jax._src.merge import merge, unmerge
 from lora_jax._src.names import NameMap, name_map
 from lora_jax._src.names import Rule as NameRule
-from lora_jax._src.nnx_module import LoraModule, nnx_module
 from lora_jax._src.optim import labels, optimizer
 from lora_jax._src.peft_format import export_peft, import_peft
 from lora_jax._src.plan import Target, plan
@@ -32,6 +36,22 @@ from lora_jax._src.wrap import wrap
 from lora_jax._src.zoo import ZooModel, load_hf
 
 __version__ = "0.3.0"
+
+# Public names whose modules import Flax's model libraries, loaded when first used.
+_LAZY = {"load_job_config": "lora_jax._src.job", "run_job": "lora_jax._src.job",
+         "LoraModule": "lora_jax._src.nnx_module", "nnx_module": "lora_jax._src.nnx_module"}
+
+
+def __getattr__(name: str):
+  if name in _LAZY:
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'lora_jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "save_train_state",

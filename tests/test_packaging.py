@@ -14,7 +14,10 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-HEAVY = ("matplotlib", "sklearn", "tqdm", "torch", "peft", "transformers", "pandas")
+# Not loaded by `import lora_jax`: Flax's model libraries load with the job runner or the NNX
+# wrapper, on first use of their names.
+HEAVY = ("matplotlib", "sklearn", "tqdm", "torch", "peft", "transformers", "pandas",
+         "flax.linen", "flax.nnx", "tunix", "grain")
 
 
 def _imported_top_level_names(package: pathlib.Path, module_level: bool = False
@@ -75,6 +78,17 @@ def test_import_lora_jax_is_light():
   code = f"import sys, lora_jax; print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "[]"
+
+
+def test_lazy_names_and_python_dash_m():
+  code = ("import sys, lora_jax as lj; assert lj.run_job.__module__ == 'lora_jax._src.job'; "
+          "assert 'flax.nnx' in sys.modules; assert set(lj.__all__) <= set(dir(lj)); "
+          "from lora_jax import *; print(nnx_module.__name__)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "nnx_module"
+  out = subprocess.run([sys.executable, "-m", "lora_jax", "--version"], capture_output=True,
+                       text=True, check=True)
+  assert out.stdout.startswith("lora-jax ")
 
 
 @pytest.mark.slow
