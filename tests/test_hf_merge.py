@@ -6,6 +6,7 @@ and give the logits of PEFT's own ``merge_and_unload``.
 """
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -107,6 +108,43 @@ def test_conv1d_kernels_with_fan_in_fan_out(tmp_path):
   want = _logits(peft_model.merge_and_unload(), ids)
   lj.merge_hf(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
   got = _logits(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval(), ids)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_embedding_and_conv2d_kernels(tmp_path, dora):
+  """PEFT's embedding ((B·A)ᵀ, norm over the vocabulary) and Conv2d factors, merged exactly."""
+  with warnings.catch_warnings():  # PEFT saves the embedding's base weight too, and says so
+    warnings.simplefilter("ignore", UserWarning)
+    llama = _adapted(_llama("float32"), tmp_path / "llama", use_dora=dora,
+                     target_modules=["embed_tokens", "q_proj"], rank_pattern={},
+                     alpha_pattern={})
+  ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+  want = _logits(llama.merge_and_unload(), ids)
+  lj.merge_hf(tmp_path / "llama" / "base", tmp_path / "llama" / "adapter", tmp_path / "m1")
+  got = _logits(transformers.LlamaForCausalLM.from_pretrained(tmp_path / "m1").eval(), ids)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+  torch.manual_seed(0)
+  vit = transformers.ViTForImageClassification(transformers.ViTConfig(
+      hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=48,
+      image_size=16, patch_size=4, num_channels=3, num_labels=5)).eval()
+  vit.save_pretrained(tmp_path / "vit")
+  peft_model = peft.get_peft_model(vit, peft.LoraConfig(
+      r=4, lora_alpha=8, target_modules=["projection", "query"], use_dora=dora,
+      init_lora_weights=False))
+  with torch.no_grad():
+    for name, value in peft_model.named_parameters():
+      if "lora_magnitude_vector" in name:
+        value.mul_(1.2)
+  peft_model.save_pretrained(tmp_path / "vit-adapter")
+  pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+  with torch.no_grad():
+    want = peft_model.merge_and_unload()(pixels).logits.numpy()
+  lj.merge_hf(tmp_path / "vit", tmp_path / "vit-adapter", tmp_path / "m2")
+  merged = transformers.ViTForImageClassification.from_pretrained(tmp_path / "m2").eval()
+  with torch.no_grad():
+    got = merged(pixels).logits.numpy()
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -20,9 +20,11 @@ A column with ``‖V‖ = 0`` is all zeros; its ``c`` is 0 rather than NaN.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lora_jax._src.lowrank_dot import accumulation_dtype, explicit_spec
@@ -101,23 +103,37 @@ def factor(w: jax.Array, a: jax.Array, b: jax.Array, m: jax.Array, *, stack: tup
                                                  scale=scale)))
 
 
-def place(c: jax.Array, dims: Sequence[int], ndim: int) -> jax.Array:
-  """``c`` with its axis ``k`` moved to dimension ``dims[k]`` of an ``ndim`` array (others 1)."""
+def place(c: Any, dims: Sequence[int], ndim: int) -> Any:
+  """``c`` with its axis ``k`` moved to dimension ``dims[k]`` of an ``ndim`` array (others 1).
+
+  numpy in, numpy out (float64 merges); otherwise JAX.
+  """
+  xp = np if isinstance(c, np.ndarray) else jnp
   order = sorted(range(len(dims)), key=lambda k: dims[k])
-  moved = jnp.transpose(c, order)
+  moved = xp.transpose(c, order)
   shape = [1] * ndim
   for k in order:
     shape[dims[k]] = c.shape[k]
   return moved.reshape(shape)
 
 
-def merged(w: jax.Array, delta: jax.Array, m: jax.Array, *, stack: tuple[int, ...],
-           outs: tuple[int, ...]) -> jax.Array:
-  """``m ⊙ V / ‖V‖`` in float32 for ``V = W + delta`` (``delta = s·A·B``, float32)."""
-  v = w.astype(jnp.float32) + delta
-  ins = tuple(p for p in range(w.ndim) if p not in stack and p not in outs)
-  c = _ratio(m, lax.stop_gradient(magnitude(v, stack=stack, ins=ins, outs=outs)))
-  return v * place(c, stack + outs, w.ndim)
+def renormalized(v: jax.Array | np.ndarray, m: Any, *, stack: tuple[int, ...],
+                 outs: tuple[int, ...]) -> jax.Array | np.ndarray:
+  """DoRA's merged weight ``m ⊙ V / ‖V‖``, the norm over the input axes, 0 where ``‖V‖ = 0``.
+
+  ``m`` is laid out ``stack + outs``. A JAX ``V`` (float32) gives float32 with the norm held
+  constant under ``grad``; a numpy ``V`` (float64 merges) is computed in its own precision.
+  """
+  kept = stack + outs
+  ins = tuple(p for p in range(v.ndim) if p not in kept)
+  if isinstance(v, np.ndarray):
+    xp, order = np, sorted(kept)
+    norm = np.sqrt(np.sum(v * v, axis=ins)).transpose([order.index(p) for p in kept])
+  else:
+    xp = jnp
+    norm = lax.stop_gradient(magnitude(v, stack=stack, ins=ins, outs=outs))
+  c = xp.where(norm > 0, xp.asarray(m).astype(v.dtype) / xp.where(norm > 0, norm, 1.0), 0.0)
+  return v * place(c, kept, v.ndim)
 
 
 @jax.custom_vjp

@@ -21,7 +21,6 @@ output (and the previous one, if any, as it was).
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
@@ -31,24 +30,24 @@ import shutil
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src import atomic
 from lora_jax._src.checksums import file_digest
 from lora_jax._src.peft_format import (
-    CONFIG_FILE,
-    LORA_SUFFIX,
-    MAGNITUDE,
-    PREFIX,
-    WEIGHTS_FILE,
-    lora_pair,
-    open_folder,
-    pattern_value,
+  CONFIG_FILE,
+  LORA_SUFFIX,
+  MAGNITUDE,
+  PREFIX,
+  WEIGHTS_FILE,
+  lora_pair,
+  open_folder,
+  pattern_value,
 )
+from lora_jax._src.plan import Target
 from lora_jax._src.safetensors_io import INDEX, SINGLE, SafetensorsFile, model_tensors
-from lora_jax._src.streaming import Leaf, SafetensorsWriter, refuse_non_finite
+from lora_jax._src.streaming import Leaf, SafetensorsWriter, merged_leaf, refuse_non_finite
 
 _UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30}
@@ -98,6 +97,7 @@ class Update(NamedTuple):
   m: Stored | None           # DoRA's lora_magnitude_vector
   scale: float
   key: str                   # the PEFT module key, for messages
+  base: Stored | None = None  # the module's own base weight, where PEFT saved it (embeddings)
 
 
 def read_updates(adapters: pathlib.Path, tensor_of: Callable[[str], str]
@@ -145,33 +145,37 @@ def read_updates(adapters: pathlib.Path, tensor_of: Callable[[str], str]
   trained = {}
   for key in sorted(set(tensors) - lora_keys - magnitudes):
     module, _, param = key.removeprefix(PREFIX).rpartition(".")
+    adapted = module.endswith(".base_layer") and module.removesuffix(".base_layer") in {
+        m.removeprefix(PREFIX) for m in modules}
     module = module.removesuffix(".base_layer").removesuffix(".modules_to_save")
-    claim(f"{tensor_of(module)}.{param}", key)
-    trained[f"{tensor_of(module)}.{param}"] = tensors[key]
+    tensor = f"{tensor_of(module)}.{param}"
+    if adapted and param == "weight" and tensor in updates:
+      # PEFT saves an adapted embedding's base weight beside its factors (the default when an
+      # embedding is targeted, for resized vocabularies): the update applies to that weight.
+      updates[tensor] = updates[tensor]._replace(base=tensors[key])
+      continue
+    claim(tensor, key)
+    trained[tensor] = tensors[key]
   return updates, trained, peft_config
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "fan_in_fan_out", "out_dtype"))
-def _merge_tensor(w, a, b, m, scale, *, kind: str, fan_in_fan_out: bool, out_dtype: Any):
-  hi = jax.lax.Precision.HIGHEST
-  if kind == "embedding":  # weight (vocab, dim); ΔW = (B·A)ᵀ; DoRA's norm is over the vocab
-    delta, in_axes, out_axis = jnp.matmul(b, a, precision=hi).T, (0,), 1
-  elif kind == "conv":      # weight (cout, cin, *window)
-    delta = jnp.einsum("or,r...->o...", b.reshape(b.shape[0], b.shape[1]), a, precision=hi)
-    in_axes, out_axis = tuple(range(1, w.ndim)), 0
-  else:                     # weight (out, in), or (in, out) for Conv1D
-    delta = jnp.matmul(b, a, precision=hi)
-    in_axes, out_axis = (1,), 0
-    if fan_in_fan_out:
-      delta, in_axes, out_axis = delta.T, (0,), 1
-  v = w.astype(jnp.float32) + scale * delta
-  if m is not None:
-    norm = jnp.sqrt(jnp.sum(v * v, axis=in_axes, keepdims=True))
-    shape = [1] * v.ndim
-    shape[out_axis] = -1
-    c = m.reshape(shape)
-    v = jnp.where(norm > 0, v * c / jnp.where(norm > 0, norm, 1.0), 0.0)
-  return v.astype(out_dtype)
+def _merge_tensor(w: np.ndarray, update: Update, *, fan_in_fan_out: bool,
+                  out_dtype: Any) -> np.ndarray:
+  """The merged weight, by the one merge formula (``merge.merged_weight``): PEFT's factors in
+  PyTorch's layout are read as a ``Target`` of the weight and our ``A``/``B``."""
+  f32 = lambda t: t.load().astype(np.float32)  # noqa: E731
+  a, b = f32(update.a), f32(update.b)
+  if update.kind == "embedding":  # weight (vocab, dim), ΔW = (B·A)ᵀ: the input is the vocab
+    in_axes, a, b = (0,), a.T, b.T
+  elif update.kind == "conv":     # weight (cout, cin, *window); B (cout, r, 1, ...)
+    in_axes, a, b = tuple(range(1, w.ndim)), np.moveaxis(a, 0, -1), b.reshape(b.shape[:2]).T
+  else:                           # weight (out, in), or (in, out) for Conv1D
+    in_axes, a, b = ((0,) if fan_in_fan_out else (1,)), a.T, b.T
+  # No path: every leaf of one shape, dtype and scale shares one compiled merge.
+  target = Target("", tuple(w.shape), w.dtype, (), in_axes, a.shape[-1],
+                  float(update.scale), "config", update.m is not None)
+  m = None if update.m is None else f32(update.m).reshape(-1)
+  return merged_leaf(w, a, b, m, target, np.dtype(out_dtype))
 
 
 def _expected_shape(update: Update, fan_in_fan_out: bool) -> tuple[int, ...]:
@@ -274,6 +278,12 @@ def merge_hf(base: str | os.PathLike[str], adapters: str | os.PathLike[str],
   errors += [f"{u.key}: adapter for shape {_expected_shape(u, fan)}, but {name} has shape "
              f"{leaves[name].shape}" for name, u in updates.items()
              if name in leaves and tuple(leaves[name].shape) != _expected_shape(u, fan)]
+  errors += [f"{u.key}: the adapter holds its own base weight of shape {tuple(u.base.shape)} "
+             f"(PEFT saves it where the embeddings were resized), but {name} in the base has "
+             f"shape {leaves[name].shape}. Resize the base model's embeddings the same way, save "
+             "it, and merge into that." for name, u in updates.items()
+             if name in leaves and u.base is not None
+             and tuple(u.base.shape) != tuple(leaves[name].shape)]
   errors += [f"{u.key}: {name} is {np.dtype(leaves[name].dtype).name}, not floating point "
              "(quantized codes or integer data); adding a LoRA update to it would change the "
              "raw values. Merge into the full-precision model." for name, u in updates.items()
@@ -320,13 +330,11 @@ def merge_hf(base: str | os.PathLike[str], adapters: str | os.PathLike[str],
         for leaf in group:
           original, shard = next(source)
           value = readers[shard].read(original.path)
+          if original.path in updates and updates[original.path].base is not None:
+            value = updates[original.path].base.load().astype(value.dtype)
           if original.path in updates:
-            u = updates[original.path]
-            f32 = lambda t: None if t is None else t.load().astype(np.float32)  # noqa: E731
-            value = _merge_tensor(value, f32(u.a), f32(u.b),
-                                  None if u.m is None else f32(u.m).reshape(-1),
-                                  np.float32(u.scale), kind=u.kind, fan_in_fan_out=fan,
-                                  out_dtype=jnp.dtype(leaf.dtype))
+            value = _merge_tensor(value, updates[original.path], fan_in_fan_out=fan,
+                                  out_dtype=leaf.dtype)
             merged += 1
           elif original.path in trained:
             value = trained[original.path].load()

@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lora_jax._src import dora
@@ -40,6 +41,22 @@ def low_rank_delta(a: jax.Array, b: jax.Array, *, stack: tuple[int, ...],
   delta = jnp.einsum(spec, a, b, precision=lax.Precision.HIGHEST,
                      preferred_element_type=jnp.float32)
   return delta * jnp.float32(scale)
+
+
+def adapted_weight(w: Any, delta: Any, m: Any, *, stack: tuple[int, ...],
+                   outs: tuple[int, ...]) -> Any:
+  """The one merge formula, used by ``merge``, merge mode, the streaming and Hugging Face merges.
+
+  ``V = W + Δ`` (``Δ = scale·A·B`` laid out like ``W``), or with DoRA's magnitude ``m``
+  (``stack + outs``) ``m ⊙ V / ‖V‖`` (``dora.renormalized``). In float32 under JAX; a numpy
+  float64 ``W`` (with a numpy ``Δ``) is merged in float64 by numpy, since JAX without
+  ``jax_enable_x64`` would compute, and return, float32.
+  """
+  if isinstance(w, np.ndarray) and w.dtype == np.float64:
+    v = w + np.asarray(delta, np.float64)
+  else:
+    v = w.astype(jnp.float32) + delta
+  return v if m is None else dora.renormalized(v, m, stack=stack, outs=outs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +100,7 @@ class LowRank:
     w = self.w.dequantize() if is_quantized(self.w) else self.w
     delta = low_rank_delta(self.a, self.b, stack=self.stack, ins=self.ins, outs=self.outs,
                            ndim=w.ndim, scale=self.scale)
-    if self.m is not None:
-      return dora.merged(w, delta, self.m, stack=self.stack, outs=self.outs).astype(w.dtype)
-    return (w.astype(jnp.float32) + delta).astype(w.dtype)
+    return adapted_weight(w, delta, self.m, stack=self.stack, outs=self.outs).astype(w.dtype)
 
   def dora_factor(self) -> jax.Array:
     """DoRA's ``c = m / ‖W + s·A·B‖``, float32, laid out ``stack + outs`` (see ``dora.py``)."""

@@ -9,10 +9,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lora_jax._src import dora
 from lora_jax._src.config import LoraConfig
 from lora_jax._src.lift import LoraParams
-from lora_jax._src.lowrank import low_rank_delta
+from lora_jax._src.lowrank import adapted_weight, low_rank_delta
 from lora_jax._src.plan import Target, plan
 from lora_jax._src.qarray import is_quantized
 from lora_jax._src.stack import refuse_stack
@@ -29,10 +28,8 @@ def low_rank_product(target: Target, a: jax.Array, b: jax.Array) -> jax.Array:
 def merged_weight(target: Target, w: jax.Array, a: jax.Array, b: jax.Array,
                   m: jax.Array | None) -> jax.Array:
   """The adapted weight in float32: ``W + scale * A @ B``, or DoRA's ``m ⊙ V / ‖V‖`` of it."""
-  delta = low_rank_product(target, a, b)
-  if m is None:
-    return w.astype(jnp.float32) + delta
-  return dora.merged(w, delta, m, stack=target.stack_axes, outs=target.out_axes)
+  return adapted_weight(w, low_rank_product(target, a, b), m, stack=target.stack_axes,
+                        outs=target.out_axes)
 
 
 def check_adapters(targets: tuple[Target, ...], adapters: Mapping[str, Any] | None,

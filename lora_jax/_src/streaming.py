@@ -34,6 +34,7 @@ from lora_jax._src import atomic, checksums, lineage, quantized_io
 from lora_jax._src.checkpoint import load_with_lineage
 from lora_jax._src.checksums import ChecksumError, check_record, entry
 from lora_jax._src.lift import LoraParams
+from lora_jax._src.lowrank import adapted_weight
 from lora_jax._src.merge import check_adapters, low_rank_product, merged_weight
 from lora_jax._src.plan import Target, plan
 from lora_jax._src.qarray import is_quantized
@@ -180,13 +181,9 @@ def merged_leaf(w: np.ndarray, a: Any, b: Any, m: Any, target: Target, out_dtype
   float64 leaves are summed in float64 with numpy (without ``jax_enable_x64`` JAX would
   compute, and return, float32)."""
   if np.dtype(out_dtype).itemsize > 4 or np.dtype(w.dtype).itemsize > 4:
-    v = np.asarray(w, np.float64) + np.asarray(_delta(target, a, b), np.float64)
-    if m is not None:
-      kept = target.stack_axes + target.out_axes  # m's axes, as weight positions
-      norm = np.sqrt(np.sum(v * v, axis=target.in_axes))  # over the rest, ascending
-      c = np.transpose(np.asarray(m, np.float64), np.argsort(kept))
-      c = np.where(norm > 0, c / np.where(norm > 0, norm, 1.0), 0.0)
-      v = v * np.expand_dims(c, target.in_axes)
+    v = adapted_weight(np.asarray(w, np.float64), np.asarray(_delta(target, a, b)),
+                       None if m is None else np.asarray(m, np.float64),
+                       stack=target.stack_axes, outs=target.out_axes)
     return v.astype(out_dtype)
   return np.asarray(_merge_leaf(w, a, b, m, target=target, out_dtype=out_dtype))
 
