@@ -36,8 +36,8 @@ empty caches, every variant in turn, median of --compile-repeats) and forward-on
 time (factored vs merged weights).
 
 Run: python benchmarks/train_step.py [--model lm|gemma|moe|conv|tunix-llama3|tunix-qwen3|
-                                            tunix-gemma3] [--repeats 7] [--compile-repeats 3] [--dora]
-                                    [--json out.json]
+                                            tunix-gemma3] [--repeats 7] [--compile-repeats 3]
+                                    [--dora] [--json out.json]
 """
 
 from __future__ import annotations
@@ -314,7 +314,8 @@ def main():
   stats, compiled, failed = {}, {}, set()
   order = list(steps)
   compile_times = {name: [] for name in steps}
-  opt_states = {name: tx.init(entry[1]) for name, entry in steps.items() if isinstance(entry, tuple)}
+  opt_states = {name: tx.init(entry[1]) for name, entry in steps.items()
+                if isinstance(entry, tuple)}
   for repeat in range(max(1, args.compile_repeats)):
     shift = repeat % len(order)
     for name in order[shift:] + order[:shift]:
