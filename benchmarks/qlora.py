@@ -43,9 +43,9 @@ def bases(params, config):
   return {
       "float32": params,
       "bf16": jax.tree.map(lambda x: x.astype(jnp.bfloat16), params),
-      "nf4": lj.quantize(params, targets=QUANTIZED, dtype="nf4"),
-      "nf4-nodq": lj.quantize(params, targets=QUANTIZED, dtype="nf4", double_quant=False),
-      "int8": lj.quantize(params, targets=QUANTIZED, dtype="int8", config=config),
+      "nf4": lj.quantize(params, targets=QUANTIZED, kind="nf4"),
+      "nf4-nodq": lj.quantize(params, targets=QUANTIZED, kind="nf4", double_quant=False),
+      "int8": lj.quantize(params, targets=QUANTIZED, kind="int8", config=config),
   }
 
 

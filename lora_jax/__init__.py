@@ -11,6 +11,7 @@ from lora_jax._src.checkpoint import CheckpointMismatch, load_adapters, save_ada
 from lora_jax._src.checksums import ChecksumError
 from lora_jax._src.combine import combine
 from lora_jax._src.config import LoraConfig
+from lora_jax._src.deprecated import export_peft, import_peft, restore_train_state
 from lora_jax._src.factored import FallbackWarning
 from lora_jax._src.hf_merge import merge_hf
 from lora_jax._src.infer import infer_axes
@@ -20,7 +21,7 @@ from lora_jax._src.merge import merge, unmerge
 from lora_jax._src.names import NameMap, name_map
 from lora_jax._src.names import Rule as NameRule
 from lora_jax._src.optim import labels, optimizer
-from lora_jax._src.peft_format import export_peft, import_peft
+from lora_jax._src.peft_format import load_peft, save_peft
 from lora_jax._src.plan import Target, plan
 from lora_jax._src.principal import to_standard as principal_to_lora
 from lora_jax._src.qarray import QuantizedArray
@@ -30,12 +31,12 @@ from lora_jax._src.sampling import generate
 from lora_jax._src.stack import AdapterStack, stack_adapters
 from lora_jax._src.streaming import merge_checkpoint
 from lora_jax._src.summary import Summary, SummaryRow, summary
-from lora_jax._src.train_state import restore_train_state, save_train_state
+from lora_jax._src.train_state import load_train_state, save_train_state
 from lora_jax._src.tree import PyTree, paths
 from lora_jax._src.wrap import wrap
 from lora_jax._src.zoo import ZooModel, load_hf
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 # Public names whose modules import Flax's model libraries, loaded when first used.
 _LAZY = {"load_job_config": "lora_jax._src.job", "run_job": "lora_jax._src.job",
@@ -56,7 +57,7 @@ def __dir__():
 __all__ = [
     "save_train_state",
     "save_adapters",
-    "restore_train_state",
+    "load_train_state",
     "load_adapters",
     "load_quantized",
     "save_quantized",
@@ -83,8 +84,12 @@ __all__ = [
     "SummaryRow",
     "Target",
     "disable",
+    "save_peft",
+    "load_peft",
+    # Deprecated names (DeprecationWarning; removed in 0.5).
     "export_peft",
     "import_peft",
+    "restore_train_state",
     "infer_axes",
     "combine",
     "dequantize",

@@ -45,7 +45,7 @@ def main():
 
   opt_state = tx.init(lp)
   start = 0
-  found = lj.restore_train_state(ckpt, state_of(lp, opt_state), config=config)
+  found = lj.load_train_state(ckpt, state_of(lp, opt_state), config=config)
   if found is not None:
     start, state = found
     base = {**params, "l1": {**params["l1"], "bias": state["bias"]}}

@@ -182,7 +182,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
   partial = tmp_path / "run" / "8.orbax-checkpoint-tmp-1234567890"
   (partial / "state").mkdir(parents=True)
   (partial / "state" / "_METADATA").write_text("{truncated")
-  step, restored = lj.restore_train_state(tmp_path / "run", state)
+  step, restored = lj.load_train_state(tmp_path / "run", state)
   assert step == 4
   jax.tree.map(np.testing.assert_array_equal, restored, state)
-  assert lj.restore_train_state(tmp_path / "empty", state) is None
+  assert lj.load_train_state(tmp_path / "empty", state) is None

@@ -119,7 +119,7 @@ def test_export_loads_in_peft_equal_and_imports_back(setup, tmp_path):
   ours = _ours(apply, config, lp)
   assert np.abs(ours - np.asarray(apply(params, jnp.asarray(TOKENS)))).max() > 0.1
   names = lj.name_map("gemma/gemma3")
-  out = lj.export_peft(lp, config, tmp_path / "peft", module_name=names, target=folder)
+  out = lj.save_peft(tmp_path / "peft", lp, config, module_name=names, target=folder)
   written = json.loads((out / "adapter_config.json").read_text())["target_modules"]
   assert sorted({m.split(".")[-1] for m in written}) == sorted(HF_TARGETS), written
   peft_model = peft.PeftModel.from_pretrained(_fresh_torch(folder), out).eval()
@@ -127,8 +127,8 @@ def test_export_loads_in_peft_equal_and_imports_back(setup, tmp_path):
   merged = peft_model.merge_and_unload()
   np.testing.assert_allclose(hf_tiny.torch_logits(merged, TOKENS), ours, atol=ATOL, rtol=0)
   # The fused kernels (kv_einsum, gating_einsum) are joined back over their shared A.
-  adapters, back = lj.import_peft(out, params=params, module_name=names,
-                                  in_axes=dict(config.in_axes))
+  adapters, back = lj.load_peft(out, params=params, module_name=names,
+                                in_axes=dict(config.in_axes))
   np.testing.assert_allclose(_ours(apply, back, lj.LoraParams(params, adapters)), ours,
                              atol=1e-5, rtol=0)
 
@@ -139,9 +139,9 @@ def test_peft_made_adapter_imports_equal(setup, tmp_path):
   peft_model = peft.get_peft_model(_fresh_torch(folder), peft.LoraConfig(
       r=4, lora_alpha=8, target_modules=HF_TARGETS, init_lora_weights=False)).eval()
   peft_model.save_pretrained(tmp_path / "made")
-  adapters, imported = lj.import_peft(tmp_path / "made", params=params,
-                                      module_name=lj.name_map("gemma/gemma3"),
-                                      in_axes=dict(config.in_axes))
+  adapters, imported = lj.load_peft(tmp_path / "made", params=params,
+                                    module_name=lj.name_map("gemma/gemma3"),
+                                    in_axes=dict(config.in_axes))
   np.testing.assert_allclose(_ours(apply, imported, lj.LoraParams(params, adapters)),
                              hf_tiny.torch_logits(peft_model, TOKENS), atol=ATOL, rtol=0)
 
@@ -150,5 +150,5 @@ def test_default_names_are_refused_against_the_model(setup, tmp_path):
   folder, _, _, params, config = setup
   lp = lj.lift(params, config, key=jax.random.key(0))
   with pytest.raises(ValueError, match="match nothing in the target model"):
-    lj.export_peft(lp, config, tmp_path / "peft", target=folder)
+    lj.save_peft(tmp_path / "peft", lp, config, target=folder)
   assert not (tmp_path / "peft").exists()

@@ -86,7 +86,7 @@ def test_quickstart_lora_beats_frozen_base(tmp_path):
     ("model.width=3", r"unknown config key 'model.width'; allowed keys here: \['hidden'\]"),
     ("framework=torch", r"config key 'framework': 'torch' is not one of \['linen', 'nnx'\]"),
     ("steps", r"--set expects key=value, got 'steps'"),
-    ("quantize=int4", r"config key 'quantize.dtype': 'int4' is not one of \['nf4', 'int8'\]"),
+    ("quantize=int4", r"config key 'quantize.kind': 'int4' is not one of \['nf4', 'int8'\]"),
     ("quantize.block_size=0", r"config key 'quantize.block_size': got 0; expected int >= 1"),
     ("quantize.bits=4", r"unknown config key 'quantize.bits'; allowed keys here"),
     ("quantize=[nf4]", r"config key 'quantize': expected nf4, int8 or a mapping"),
@@ -140,7 +140,7 @@ def test_qlora_config_runs_tiny(tmp_path, capsys):
                               [*TINY, *TINY_LM, "quantize.block_size=8", f"run_dir={tmp_path}"])
   metrics = run(config)
   q = metrics["quantize"]
-  assert q["dtype"] == "nf4" and q["targets"] == list(config["lora"].targets)
+  assert q["kind"] == "nf4" and q["targets"] == list(config["lora"].targets)
   assert 4.0 < q["bits_per_param"] < 5.5  # 4 + 8/8 (double-quantized scales) + groups
   assert q["base_bytes"] < q["full_precision_base_bytes"]
   assert metrics["merged_vs_adapted_max_abs_diff"] < 1e-3
@@ -178,3 +178,11 @@ def test_hf_task_without_the_zoo_says_what_to_install(tmp_path, monkeypatch, cap
                     f"run_dir: {tmp_path / 'run'}\n")
   assert main(["train", "--config", str(config)]) == 2
   assert 'pip install "lora_jax[models]"' in capsys.readouterr().err
+
+
+def test_previous_quantize_dtype_key_still_works():
+  from lora_jax._src.job import _quantize_config
+  with pytest.warns(FutureWarning, match="quantize.kind"):
+    assert _quantize_config({"dtype": "int8"})["kind"] == "int8"
+  with pytest.raises(ValueError, match="both set"):
+    _quantize_config({"dtype": "int8", "kind": "nf4"})

@@ -210,9 +210,9 @@ def test_hf_job_two_processes_resume_exactly(tmp_path):
     return np.asarray(lj.wrap(lambda p, t: model.apply(p, t)[0], config)(lp, tokens))
 
   adapters, config = lj.load_adapters(tmp_path / "whole" / "adapters")
-  imported, imported_config = lj.import_peft(tmp_path / "whole" / "peft", params=model.params,
-                                             module_name=model.name_map,
-                                             in_axes=dict(config.in_axes))
+  imported, imported_config = lj.load_peft(tmp_path / "whole" / "peft", params=model.params,
+                                           module_name=model.name_map,
+                                           in_axes=dict(config.in_axes))
   np.testing.assert_allclose(logits(lj.LoraParams(model.params, imported), imported_config),
                              logits(lj.LoraParams(model.params, adapters), config),
                              atol=1e-5, rtol=0)

@@ -108,7 +108,7 @@ def test_export_loads_in_peft_with_equal_outputs(tmp_path, conv, dora):
                          use_dora=dora)
   lp = _perturbed(lj.lift(params, config, key=jax.random.key(2)))
   expected = np.asarray(lj.wrap(model.apply, config)(lp, x))
-  lj.export_peft(lp, config, tmp_path / "peft")
+  lj.save_peft(tmp_path / "peft", lp, config)
   written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
   assert written["r"] == 4 and written["use_rslora"] is True and written["use_dora"] is dora
   peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "peft")).eval()
@@ -144,8 +144,8 @@ def test_import_peft_made_adapter_gives_peft_outputs(tmp_path, conv, dora):
   # Which tables are also the output head: read from the model (here: none, Dense_1 is).
   tied = None if conv else lj.infer_axes(model.apply, params, x, config=lj.LoraConfig(
       targets=(r"kernel$", "emb"))).head_tied
-  adapters, config = lj.import_peft(tmp_path / "made_by_peft", params=params,
-                                    in_axes={"Conv_1": 3} if conv else None, head_tied=tied)
+  adapters, config = lj.load_peft(tmp_path / "made_by_peft", params=params,
+                                  in_axes={"Conv_1": 3} if conv else None, head_tied=tied)
   assert config.rank == 4 and config.alpha == 8.0 and config.use_dora is dora
   for mode in ("factored", "merge"):
     out = lj.wrap(model.apply, config, mode=mode)(lj.LoraParams(params, adapters), x)
@@ -156,12 +156,12 @@ def test_bad_peft_files(tmp_path):
   (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "IA3", "r": 4}))
   (tmp_path / "adapter_model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")
   with pytest.raises(ValueError, match=r"peft_type is 'IA3', only LORA"):
-    lj.import_peft(tmp_path, params={})
+    lj.load_peft(tmp_path, params={})
   (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4,
                                                                   "lora_alpha": 8}))
   (tmp_path / "adapter_model.safetensors").write_bytes(b"\xff\xff")
   with pytest.raises(ValueError, match=r"is not a valid safetensors file"):
-    lj.import_peft(tmp_path, params={})
+    lj.load_peft(tmp_path, params={})
 
 
 def test_stacked_adapters_without_a_stacked_rule_are_refused(tmp_path):
@@ -170,7 +170,7 @@ def test_stacked_adapters_without_a_stacked_rule_are_refused(tmp_path):
   lp = lj.lift({"layers": {"kernel": jnp.ones((3, 4, 4))}}, config, key=jax.random.key(0))
   with pytest.raises(ValueError, match=r"layers/kernel: stacked \(scanned\) adapters, one layer "
                      r"per index.*stacked=True"):
-    lj.export_peft(lp, config, tmp_path)
+    lj.save_peft(tmp_path, lp, config)
 
 
 # --- kernels stored (out, in), as Hugging Face's Flax GPT-2 stores them -------------------
@@ -227,7 +227,7 @@ def test_out_in_kernels_are_refused_until_their_layout_is_stated(tmp_path):
                      r"in_axes=\{'attn/c_proj/kernel\$': \(1,\)\}"):
     lj.wrap(apply, config)(lp, x)
   with pytest.raises(ValueError, match=r"attn/c_proj/kernel: cannot tell which axes"):
-    lj.export_peft(lp, config, tmp_path / "peft")
+    lj.save_peft(tmp_path / "peft", lp, config)
 
 
 @pytest.mark.parametrize("conv1d, dora", [(False, False), (True, False), (False, True),
@@ -243,7 +243,7 @@ def test_out_in_kernels_round_trip_through_real_peft(tmp_path, conv1d, dora):
   lp = _perturbed(lp)
   expected = np.asarray(lj.wrap(apply, config)(lp, x))
   np.testing.assert_allclose(expected, apply(lj.merge(lp, config), x), rtol=1e-5, atol=1e-5)
-  lj.export_peft(lp, config, tmp_path / "peft", fan_in_fan_out=conv1d)
+  lj.save_peft(tmp_path / "peft", lp, config, fan_in_fan_out=conv1d)
   x_torch = torch.from_numpy(np.array(x))
   peft_model = peft.PeftModel.from_pretrained(TorchGpt2Style(params, conv1d),
                                               str(tmp_path / "peft")).eval()
@@ -251,7 +251,7 @@ def test_out_in_kernels_round_trip_through_real_peft(tmp_path, conv1d, dora):
     np.testing.assert_allclose(peft_model(x_torch).numpy(), expected, rtol=1e-4, atol=1e-5)
     merged = peft_model.merge_and_unload()
     np.testing.assert_allclose(merged(x_torch).numpy(), expected, rtol=1e-4, atol=1e-5)
-  adapters, imported = lj.import_peft(tmp_path / "peft", params=params, in_axes=in_axes)
+  adapters, imported = lj.load_peft(tmp_path / "peft", params=params, in_axes=in_axes)
   np.testing.assert_allclose(lj.wrap(apply, imported)(lj.LoraParams(params, adapters), x),
                              expected, rtol=1e-5, atol=1e-5)
 
@@ -294,7 +294,7 @@ def test_trained_leaves_export_to_peft_and_back(tmp_path, biases):
                      jax.tree.map(lambda a: a + 0.3, lp.adapters))
   apply = lambda p, x: FlaxHeaded().apply({"params": p}, x)  # noqa: E731
   expected = np.asarray(lj.wrap(apply, config)(lp, x))
-  lj.export_peft(lp, config, tmp_path / "peft")
+  lj.save_peft(tmp_path / "peft", lp, config)
   written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
   assert written["modules_to_save"] == ["head"] and written["bias"] == biases
   torch_model = _copy_into_torch({"params": params}, TorchHeaded())  # the untrained base
@@ -302,7 +302,7 @@ def test_trained_leaves_export_to_peft_and_back(tmp_path, biases):
   with torch.no_grad():
     got = peft_model(torch.from_numpy(np.array(x))).numpy()
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
-  loaded, imported = lj.import_peft(tmp_path / "peft", params=params)
+  loaded, imported = lj.load_peft(tmp_path / "peft", params=params)
   assert isinstance(loaded, lj.LoraParams)
   assert sorted(lj.paths(loaded.base)) == ["Dense_0/bias", "Dense_1/bias", "head/bias",
                                            "head/kernel"]
@@ -317,7 +317,7 @@ def test_trained_leaves_peft_cannot_express_are_refused(tmp_path):
   lp = lj.lift(params, config, key=jax.random.key(2))
   with pytest.raises(ValueError, match=r"head/kernel: trained in full, but PEFT keeps "
                      r"full-trained weights only as whole modules"):
-    lj.export_peft(lp, config, tmp_path / "peft")
+    lj.save_peft(tmp_path / "peft", lp, config)
   with pytest.raises(ValueError, match=r"trained in full"):
     lj.save_adapters(tmp_path / "ckpt", lp.adapters, config)
 
@@ -329,7 +329,7 @@ def test_import_checks_exact_peft_shapes(tmp_path):
   params = FlaxHeaded().init(jax.random.key(1), x)["params"]
   config = lj.LoraConfig(rank=2, targets=r"Dense_\d/kernel$")
   lp = lj.lift(params, config, key=jax.random.key(2))
-  lj.export_peft(lp, config, tmp_path / "peft")
+  lj.save_peft(tmp_path / "peft", lp, config)
   file = tmp_path / "peft" / "adapter_model.safetensors"
   tensors = load_file(str(file))
   key = "base_model.model.Dense_0.lora_B.weight"
@@ -338,12 +338,12 @@ def test_import_checks_exact_peft_shapes(tmp_path):
   save_file(tensors, str(file))
   with pytest.raises(ValueError, match=r"Dense_0: lora_A.weight \(2, 6\) and lora_B.weight "
                      r"\(2, 12\) are not a PEFT pair \(Linear: \(r, in\) and \(out, r\)"):
-    lj.import_peft(tmp_path / "peft", params=params)
+    lj.load_peft(tmp_path / "peft", params=params)
   tensors[key] = np.concatenate([good, good[:1]])  # (13, 2): a pair, but not this kernel's
   save_file(tensors, str(file))
   with pytest.raises(ValueError, match=r"Dense_0/kernel: PEFT's lora_B has shape \(13, 2\), "
                      r"expected \(12, 2\)"):
-    lj.import_peft(tmp_path / "peft", params=params)
+    lj.load_peft(tmp_path / "peft", params=params)
 
 
 def _same_dare_masks(monkeypatch, peft_model, n_adapters):
@@ -384,7 +384,7 @@ def _same_dare_masks(monkeypatch, peft_model, n_adapters):
     ("dare_ties", {"density": 0.7})])
 def test_combine_agrees_with_peft_add_weighted_adapter(tmp_path, monkeypatch, method, options):
   """Two adapters combined by lj.combine give the outputs of PEFT's add_weighted_adapter on the
-  same adapters (exported through export_peft): ranks 4 and 2 with different alphas for cat and
+  same adapters (exported through save_peft): ranks 4 and 2 with different alphas for cat and
   svd, equal ranks (one rsLoRA) for PEFT's factor merges; dare_* with the same random masks."""
   model, params, x, torch_model, x_torch = _text()
   factor = method not in ("cat", "svd")
@@ -396,7 +396,7 @@ def test_combine_agrees_with_peft_add_weighted_adapter(tmp_path, monkeypatch, me
   adapters = {n: _perturbed(lj.lift(params, c, key=jax.random.key(i))).adapters
               for i, (n, c) in enumerate(configs.items())}
   for n in configs:
-    lj.export_peft(lj.LoraParams(params, adapters[n]), configs[n], tmp_path / n)
+    lj.save_peft(tmp_path / n, lj.LoraParams(params, adapters[n]), configs[n])
   weights = {"x": 0.7, "y": -0.4}
   peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "x"), adapter_name="x")
   peft_model.load_adapter(str(tmp_path / "y"), adapter_name="y")
@@ -432,7 +432,7 @@ def test_several_peft_adapters_stack_into_mixed_batches_like_peft(tmp_path):
                                               target_modules=targets, init_lora_weights=False))
   peft_model.save_pretrained(str(tmp_path))
   folders = {n: tmp_path / n for n in ("math", "code")}
-  stack, config = lj.stack_adapters({n: lj.import_peft(d, params=params)
+  stack, config = lj.stack_adapters({n: lj.load_peft(d, params=params)
                                      for n, d in folders.items()})
   ids = jnp.array([1, -1, 0], jnp.int32)
   ours = np.asarray(lj.wrap(model.apply, config)(lj.LoraParams(params, stack), x,

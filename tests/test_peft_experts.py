@@ -96,8 +96,8 @@ def test_export_merges_in_peft_to_our_weights(case, tmp_path):
   lp = lj.LoraParams(lp.base, jax.tree.unflatten(
       treedef, [0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]))
   names = [n for n, _ in model.named_parameters()]
-  lj.export_peft(lp, config, tmp_path / "peft", module_name=_name_map(transposed),
-                 target=names)
+  lj.save_peft(tmp_path / "peft", lp, config, module_name=_name_map(transposed),
+               target=names)
   saved = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
   assert saved["target_parameters"] == sorted(
       f"model.layers.{i}.mlp.experts.{p}" for i in range(2) for p in which)
@@ -130,15 +130,15 @@ def test_peft_made_adapter_imports_to_peft_weights(case, tmp_path):
   peft_model = peft.get_peft_model(model, peft_config)
   peft_model.save_pretrained(tmp_path / "made")
   theirs = _experts(peft_model.merge_and_unload())
-  adapters, config = lj.import_peft(tmp_path / "made", params=params,
-                                    module_name=_name_map(transposed),
-                                    in_axes={EXPERTS: (in_axis,)})
+  adapters, config = lj.load_peft(tmp_path / "made", params=params,
+                                  module_name=_name_map(transposed),
+                                  in_axes={EXPERTS: (in_axis,)})
   ours = _merged(lj.LoraParams(params, adapters), config)
   for path in ours:
     np.testing.assert_allclose(ours[path], theirs[path], atol=1e-5, rtol=0, err_msg=path)
   # ... and exported again it is the same file PEFT wrote, tensor for tensor.
-  lj.export_peft(lj.LoraParams(params, adapters), config, tmp_path / "again",
-                 module_name=_name_map(transposed))
+  lj.save_peft(tmp_path / "again", lj.LoraParams(params, adapters), config,
+               module_name=_name_map(transposed))
   from safetensors.numpy import load_file
   made, again = (load_file(tmp_path / n / "adapter_model.safetensors") for n in ("made",
                                                                                  "again"))
@@ -158,24 +158,24 @@ def test_wrong_names_layouts_and_merges_are_refused(tmp_path):
                   param=p, experts=True) for p in BOTH))
   with pytest.raises(ValueError, match=r"(?s)match nothing in the target model.*"
                                        r"no model\.layers\.0\.mlp\.expert\.down_proj"):
-    lj.export_peft(lp, config, tmp_path / "a", module_name=wrong, target=names)
+    lj.save_peft(tmp_path / "a", lp, config, module_name=wrong, target=names)
   same = lj.NameMap("same", (lj.NameRule(r"model/layers/(\d+)/mlp/experts/(\w+)",
                                           (r"model.layers.\1.mlp.experts",), param="down_proj",
                                           experts=True),))
   with pytest.raises(ValueError, match=r"all map to the parameter 'down_proj'"):
-    lj.export_peft(lp, config, tmp_path / "a", module_name=same)
+    lj.save_peft(tmp_path / "a", lp, config, module_name=same)
   unstacked = lj.LoraConfig(rank=2, alpha=4.0, targets=EXPERTS, in_axes={EXPERTS: (0, 1)})
   with pytest.raises(ValueError, match=r"stack_axes=\{pattern: \(0,\)\}"):
-    lj.export_peft(lj.lift(params, unstacked, key=jax.random.key(0)), unstacked, tmp_path / "b",
-                   module_name=_name_map(False))
+    lj.save_peft(tmp_path / "b", lj.lift(params, unstacked, key=jax.random.key(0)), unstacked,
+                 module_name=_name_map(False))
   assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
   with pytest.raises(ValueError, match="experts rule names one module"):
     lj.NameRule("x", ("a", "b"), fused_axis=0, experts=True)
   # PEFT's own target-parameter adapter: import reads it; the Hugging Face merge refuses it
   # rather than merging it as something else.
-  lj.export_peft(lp, config, tmp_path / "peft", module_name=_name_map(False))
+  lj.save_peft(tmp_path / "peft", lp, config, module_name=_name_map(False))
   with pytest.raises(ValueError, match="in_axes="):
-    lj.import_peft(tmp_path / "peft", params=params, module_name=_name_map(False))
+    lj.load_peft(tmp_path / "peft", params=params, module_name=_name_map(False))
   model.save_pretrained(tmp_path / "hf", safe_serialization=True)
   with pytest.raises(ValueError, match="target_parameters"):
     lj.merge_hf(tmp_path / "hf", tmp_path / "peft", tmp_path / "merged")

@@ -122,7 +122,7 @@ def test_peft_export_of_principal_adapters_is_refused(tmp_path):
   config = lj.LoraConfig(rank=4, alpha=8.0, targets=r"w$", init="pissa", in_axes={"w$": 1})
   lp = lj.lift(params, config, key=jax.random.key(1))
   with pytest.raises(ValueError, match=r"apply to the residual base"):
-    lj.export_peft(lp, config, tmp_path / "peft")
+    lj.save_peft(tmp_path / "peft", lp, config)
   assert not (tmp_path / "peft").exists()
 
 

@@ -26,8 +26,8 @@ from lora_jax._src import qarray
 from lora_jax._src.cli import main as cli
 
 F32 = dict(rtol=1e-4, atol=1e-5)
-KINDS = [dict(dtype="nf4", block_size=2), dict(dtype="nf4", block_size=2, double_quant=False),
-         dict(dtype="int8")]
+KINDS = [dict(kind="nf4", block_size=2), dict(kind="nf4", block_size=2, double_quant=False),
+         dict(kind="int8")]
 
 
 def _reference(lp, config, apply, x):
@@ -70,7 +70,7 @@ def test_nf4_is_bitsandbytes_nf4(shape):
                                                       ("int8", None, 8.1)])
 def test_bits_per_parameter(kind, double_quant, limit):
   params = {"w": {"kernel": jax.ShapeDtypeStruct((1024, 1024), jnp.float32)}}
-  q = lj.quantize(params, targets="kernel", dtype=kind, double_quant=double_quant)
+  q = lj.quantize(params, targets="kernel", kind=kind, double_quant=double_quant)
   s = lj.summary(q, lj.LoraConfig(rank=4))
   bits = 8 * s.quantized_bytes / s.quantized_params
   assert bits <= limit, bits
@@ -257,12 +257,12 @@ def test_quantize_errors_name_the_path():
   with pytest.raises(ValueError, match="positive even"):
     lj.quantize(params, targets=r"ok/kernel$", block_size=3)
   with pytest.raises(ValueError, match="double_quant applies to NF4"):
-    lj.quantize(params, targets=r"ok/kernel$", dtype="int8", double_quant=True)
-  with pytest.raises(ValueError, match="dtype must be one of"):
-    lj.quantize(params, targets=r"ok/kernel$", dtype="int4")
+    lj.quantize(params, targets=r"ok/kernel$", kind="int8", double_quant=True)
+  with pytest.raises(ValueError, match="kind must be one of"):
+    lj.quantize(params, targets=r"ok/kernel$", kind="int4")
   q = lj.quantize(params, targets=r"ok/kernel$")
   with pytest.raises(ValueError, match="ok/kernel: already quantized"):
-    lj.quantize(q, targets=r"kernel$", dtype="int8", block_size=16)
+    lj.quantize(q, targets=r"kernel$", kind="int8", block_size=16)
   mesh = jax.make_mesh((8,), ("model",))
   sharded = jax.device_put(jnp.ones((4, 256)), jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec(None, "model")))
@@ -382,8 +382,8 @@ def test_int8_per_channel_follows_the_lora_input_axes():
   params = model.init(jax.random.key(1), x)
   config = lj.infer_axes(model.apply, params, x, config=lj.LoraConfig(rank=4,
                                                                        targets=r"kernel$"))
-  plain = lj.quantize(params, targets=r"kernel$", dtype="int8")["params"]["kernel"]
-  q = lj.quantize(params, targets=r"kernel$", dtype="int8", config=config)["params"]["kernel"]
+  plain = lj.quantize(params, targets=r"kernel$", kind="int8")["params"]["kernel"]
+  q = lj.quantize(params, targets=r"kernel$", kind="int8", config=config)["params"]["kernel"]
   assert plain.absmax.shape == (512, 1, 32) and q.absmax.shape == (1, 4, 32)
   assert 8 * q.nbytes / q.size < 8.1 < 8 * plain.nbytes / plain.size
   w = params["params"]["kernel"]
@@ -406,7 +406,7 @@ def test_architecture_zoo_on_a_quantized_base(name, kind):
                          config=lj.LoraConfig(rank=arch.rank, targets=arch.targets))
   paths = [t.path for t in lj.plan(arch.params, config)]
   block = math.gcd(8, *(t.shape[-1] for t in lj.plan(arch.params, config)))
-  base = lj.quantize(arch.params, targets=[f"^{re.escape(p)}$" for p in paths], dtype=kind,
+  base = lj.quantize(arch.params, targets=[f"^{re.escape(p)}$" for p in paths], kind=kind,
                      block_size=block if kind == "nf4" else None,
                      config=config if kind == "int8" else None)
   lp = zoo.randomize(lj.lift(base, config, key=jax.random.key(0)))

@@ -129,12 +129,12 @@ def test_overwrite_never_replaces_what_lora_jax_did_not_write(merge_setup):
     with pytest.raises(FileExistsError, match=r"is not the output of a lora_jax merge"):
       lj.merge_checkpoint(tmp / "base", tmp / "adapters", tmp / "user_dir", overwrite=True)
     with pytest.raises(FileExistsError, match=r"not a PEFT adapter folder"):
-      lj.export_peft(lp, config, tmp / "user_dir", overwrite=True)
+      lj.save_peft(tmp / "user_dir", lp, config, overwrite=True)
     assert _tree_bytes(tmp) == before
-  lj.export_peft(lp, config, tmp / "peft")
+  lj.save_peft(tmp / "peft", lp, config)
   with pytest.raises(FileExistsError, match=r"already exists; pass overwrite=True"):
-    lj.export_peft(lp, config, tmp / "peft")
-  lj.export_peft(lp, config, tmp / "peft", overwrite=True)
+    lj.save_peft(tmp / "peft", lp, config)
+  lj.save_peft(tmp / "peft", lp, config, overwrite=True)
 
 
 def _kill_after(cmd, delay):
@@ -359,7 +359,7 @@ def test_path_collisions_are_refused(tmp_path):
   _, lp, config = _model()
   with pytest.raises(ValueError, match=r"params/out/kernel and params/dense/kernel both map to "
                      r"the PEFT tensor|params/dense/kernel and params/out/kernel both map"):
-    lj.export_peft(lp, config, tmp_path / "peft", module_name=lambda p: "same")
+    lj.save_peft(tmp_path / "peft", lp, config, module_name=lambda p: "same")
   assert not (tmp_path / "peft").exists()
 
 
@@ -424,7 +424,7 @@ def test_null_dtype_is_refused(tmp_path):
 @pytest.fixture
 def peft_dir(tmp_path):
   params, lp, config = _model()
-  lj.export_peft(lp, config, tmp_path / "peft")
+  lj.save_peft(tmp_path / "peft", lp, config)
   return params, tmp_path / "peft"
 
 
@@ -488,7 +488,7 @@ def test_unsupported_or_broken_peft_files_are_named(peft_dir, config_change, ten
   if tensor_change:
     _edit_tensors(folder, tensor_change)
   with pytest.raises(ValueError, match=message) as info:
-    lj.import_peft(folder, params=params)
+    lj.load_peft(folder, params=params)
   assert str(folder) in str(info.value)
 
 
@@ -498,7 +498,7 @@ def test_peft_config_that_is_not_json(peft_dir):
   for data in (b"", b"\xff\xfe{", b"[1, 2]", b"{\"peft_type\": "):
     (folder / "adapter_config.json").write_bytes(data)
     with pytest.raises(ValueError, match=r"adapter_config.json"):
-      lj.import_peft(folder, params=params)
+      lj.load_peft(folder, params=params)
 
 
 # --- 12: damaged metadata, fallback on resume -------------------------------------------------
@@ -526,13 +526,13 @@ def test_restore_train_state_falls_back_past_a_damaged_step(tmp_path):
   (tmp_path / "run" / "4" / "state" / "_METADATA").write_bytes(b"{")
   with pytest.warns(UserWarning, match=r"resuming from step 2; skipped newer damaged step\(s\):"
                     r"\n  - step 6: [^\n]*damaged[^\n]*\n  - step 4: "):
-    step, restored = lj.restore_train_state(tmp_path / "run", states[2])
+    step, restored = lj.load_train_state(tmp_path / "run", states[2])
   assert step == 2 and _same_arrays(restored, states[2])
   (tmp_path / "run" / "2" / "config" / "metadata").write_bytes(b"")
   with pytest.raises(ValueError, match=r"no intact checkpoint in .*run:\n  - step 6: "):
-    lj.restore_train_state(tmp_path / "run", states[2])
+    lj.load_train_state(tmp_path / "run", states[2])
   with pytest.raises(lj.CheckpointMismatch):  # another tree: an error, not a fallback
-    lj.restore_train_state(tmp_path / "run", {"other": jnp.zeros(3)})
+    lj.load_train_state(tmp_path / "run", {"other": jnp.zeros(3)})
 
 
 def test_old_checkpoints_without_checksums_load_with_a_warning(tmp_path):

@@ -348,14 +348,14 @@ def test_mixed_batches_on_transposed_weights_and_a_quantized_base():
 
 
 def test_a_stack_where_one_adapter_is_expected_is_refused_by_name(tmp_path):
-  """merge, unmerge, export_peft, summary, combine and stack_adapters take one adapter: a stack
+  """merge, unmerge, save_peft, summary, combine and stack_adapters take one adapter: a stack
   passed there is refused with the way out, never read as an empty or odd adapter tree."""
   model, x, params, named = _adapters()
   stack, config = lj.stack_adapters(named)
   lp = lj.LoraParams(params, stack)
   calls = {"merge": lambda: lj.merge(lp, config),
            "unmerge": lambda: lj.unmerge(params, stack, config),
-           "export_peft": lambda: lj.export_peft(lp, config, tmp_path / "peft"),
+           "save_peft": lambda: lj.save_peft(tmp_path / "peft", lp, config),
            "summary": lambda: lj.summary(lp, config),
            "combine": lambda: lj.combine({"s": (stack, config), "t": named["r2"]},
                                          {"s": 1.0, "t": 1.0}),

@@ -211,12 +211,12 @@ def test_resume_with_another_config_is_refused(tmp_path):
   other = lj.LoraConfig(rank=2, alpha=32.0, targets="kernel$", use_rslora=True)
   with pytest.raises(lj.CheckpointMismatch, match=r"alpha: 32.0 given, 16.0 saved[\s\S]*"
                      r"use_rslora: True given, False saved"):
-    lj.restore_train_state(tmp_path / "run", {"a": lp.adapters}, config=other)
+    lj.load_train_state(tmp_path / "run", {"a": lp.adapters}, config=other)
   with pytest.warns(UserWarning, match="another LoraConfig"):
-    step, _ = lj.restore_train_state(tmp_path / "run", {"a": lp.adapters}, config=other,
-                                     allow_config_change=True)
+    step, _ = lj.load_train_state(tmp_path / "run", {"a": lp.adapters}, config=other,
+                                  allow_config_change=True)
   assert step == 5
-  assert lj.restore_train_state(tmp_path / "run", {"a": lp.adapters}, config=config)[0] == 5
+  assert lj.load_train_state(tmp_path / "run", {"a": lp.adapters}, config=config)[0] == 5
 
 
 def test_newest_step_missing_a_file_falls_back(tmp_path):
@@ -225,7 +225,7 @@ def test_newest_step_missing_a_file_falls_back(tmp_path):
     lj.save_train_state(tmp_path / "run", step, {"a": lp.adapters}, config)
   (tmp_path / "run" / "2" / "checksums" / "metadata").unlink()
   with pytest.warns(UserWarning, match=r"resuming from step 1; skipped newer damaged step"):
-    step, _ = lj.restore_train_state(tmp_path / "run", {"a": lp.adapters}, config=config)
+    step, _ = lj.load_train_state(tmp_path / "run", {"a": lp.adapters}, config=config)
   assert step == 1
 
 
@@ -356,7 +356,7 @@ def test_non_boolean_peft_flags_are_refused(tmp_path, field, value):
   with pytest.raises(ValueError, match=f"{field} is {value!r}, not true or false"):
     merge_hf(base, adapter, tmp_path / "out")
   with pytest.raises(ValueError, match=f"{field} is {value!r}, not true or false"):
-    lj.import_peft(adapter, params={"layer": {"kernel": jnp.zeros((4, 3))}})
+    lj.load_peft(adapter, params={"layer": {"kernel": jnp.zeros((4, 3))}})
 
 
 def test_peft_shapes_are_exact(tmp_path):
@@ -502,20 +502,20 @@ def test_tied_embedding_tables_are_not_exported_as_lookup_adapters(tmp_path, tie
   if tied:
     with pytest.raises(ValueError, match=r"wte/embedding: this embedding table is also the "
                        r"model's output head"):
-      lj.export_peft(lp, config, tmp_path / "peft")
+      lj.save_peft(tmp_path / "peft", lp, config)
     assert not (tmp_path / "peft").exists()
   else:
-    lj.export_peft(lp, config, tmp_path / "peft")  # known untied: exact, no warning
-    lj.import_peft(tmp_path / "peft", params=params, head_tied=config.head_tied,
-                   in_axes=config.in_axes)  # and back, no warning
+    lj.save_peft(tmp_path / "peft", lp, config)  # known untied: exact, no warning
+    lj.load_peft(tmp_path / "peft", params=params, head_tied=config.head_tied,
+                 in_axes=config.in_axes)  # and back, no warning
     with pytest.raises(ValueError, match="applies an embedding adapter to the lookup only"):
-      lj.import_peft(tmp_path / "peft", params=params, head_tied={"wte": True},
-                     in_axes=config.in_axes)
+      lj.load_peft(tmp_path / "peft", params=params, head_tied={"wte": True},
+                   in_axes=config.in_axes)
     with pytest.warns(UserWarning, match="which PEFT applies to the lookup only"):
-      lj.import_peft(tmp_path / "peft", params=params, in_axes=config.in_axes)
+      lj.load_peft(tmp_path / "peft", params=params, in_axes=config.in_axes)
   plain = lj.LoraConfig(rank=2, targets=r"(embedding|mid/kernel)$", in_axes={"mid": 1})
   with pytest.warns(UserWarning, match="change the lookup only"):
-    lj.export_peft(lj.lift(params, plain, key=jax.random.key(0)), plain, tmp_path / "p2")
+    lj.save_peft(tmp_path / "p2", lj.lift(params, plain, key=jax.random.key(0)), plain)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -530,7 +530,7 @@ def test_peft_variants_that_change_the_math_are_refused(tmp_path, field, value, 
   with pytest.raises(ValueError, match=message):
     merge_hf(base, adapter, tmp_path / "out")
   with pytest.raises(ValueError, match=message):
-    lj.import_peft(adapter, params={"layer": {"kernel": jnp.zeros((4, 3))}})
+    lj.load_peft(adapter, params={"layer": {"kernel": jnp.zeros((4, 3))}})
 
 
 def test_two_modules_onto_one_tensor_are_refused(tmp_path):
@@ -542,7 +542,7 @@ def test_two_modules_onto_one_tensor_are_refused(tmp_path):
     merge_hf(base, adapter, tmp_path / "out", tensor_name=lambda m: "layer")
   one = _peft_folder(tmp_path / "one")  # one module, two leaves named alike
   with pytest.raises(ValueError, match=r"module_name maps several leaves to it"):
-    lj.import_peft(one, params={"layer": {"kernel": jnp.zeros((4, 3))},
+    lj.load_peft(one, params={"layer": {"kernel": jnp.zeros((4, 3))},
                                 "other": {"kernel": jnp.zeros((4, 3))}},
                    module_name=lambda path: "layer")
 
@@ -556,5 +556,5 @@ def test_an_adapter_and_a_full_weight_on_one_tensor_are_refused(tmp_path):
   with pytest.raises(ValueError, match=r"both change the base tensor 'layer.weight'"):
     merge_hf(base, adapter, tmp_path / "out")
   with pytest.raises(ValueError, match=r"both map to the leaf layer/kernel"):
-    lj.import_peft(adapter, params={"layer": {"kernel": jnp.zeros((4, 3))}},
-                   in_axes={"layer": 1})
+    lj.load_peft(adapter, params={"layer": {"kernel": jnp.zeros((4, 3))}},
+                 in_axes={"layer": 1})

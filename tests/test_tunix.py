@@ -90,7 +90,7 @@ def test_export_loads_in_peft_equal(family, tmp_path):
   lp = _randomized(lj.lift(model.params, config, key=jax.random.key(0)), jax.random.key(1))
   ours = _ours(model, config, lp)
   assert np.abs(ours - np.asarray(model.apply(model.params, jnp.asarray(TOKENS))[0])).max() > 0.1
-  out = lj.export_peft(lp, config, tmp_path / "peft", module_name=model.name_map, target=folder)
+  out = lj.save_peft(tmp_path / "peft", lp, config, module_name=model.name_map, target=folder)
   written = json.loads((out / "adapter_config.json").read_text())["target_modules"]
   assert all(m.split(".")[-1] in HF_TARGETS for m in written), written
   peft_model = peft.PeftModel.from_pretrained(_fresh_torch(name, folder), out).eval()
@@ -100,8 +100,8 @@ def test_export_loads_in_peft_equal(family, tmp_path):
   np.testing.assert_allclose(hf_tiny.torch_logits(merged, TOKENS), ours, atol=atol, rtol=0)
   _assert_same_weights(merged, ours, tmp_path / "merged")
   # ... and reads back as the same adapter (fused kernels joined over their shared A).
-  adapters, back = lj.import_peft(out, params=model.params, module_name=model.name_map,
-                                  in_axes=dict(config.in_axes))
+  adapters, back = lj.load_peft(out, params=model.params, module_name=model.name_map,
+                                in_axes=dict(config.in_axes))
   assert back.rank_pattern == ()
   np.testing.assert_allclose(_ours(model, back, lj.LoraParams(model.params, adapters)), ours,
                              atol=EXACT, rtol=0)
@@ -114,8 +114,8 @@ def test_peft_made_adapter_imports_equal(family, tmp_path):
                                 init_lora_weights=False)
   peft_model = peft.get_peft_model(_fresh_torch(name, folder), peft_config).eval()
   peft_model.save_pretrained(tmp_path / "made")
-  adapters, imported = lj.import_peft(tmp_path / "made", params=model.params,
-                                      module_name=model.name_map, in_axes=dict(config.in_axes))
+  adapters, imported = lj.load_peft(tmp_path / "made", params=model.params,
+                                    module_name=model.name_map, in_axes=dict(config.in_axes))
   ours = _ours(model, imported, lj.LoraParams(model.params, adapters))
   np.testing.assert_allclose(ours, hf_tiny.torch_logits(peft_model, TOKENS),
                              atol=ATOL.get(name, 2e-5), rtol=0)
@@ -127,7 +127,7 @@ def test_default_names_are_refused_against_the_model(family, tmp_path):
   _, folder, _, model, config = family
   lp = lj.lift(model.params, config, key=jax.random.key(0))
   with pytest.raises(ValueError, match="match nothing in the target model"):
-    lj.export_peft(lp, config, tmp_path / "peft", target=folder)
+    lj.save_peft(tmp_path / "peft", lp, config, target=folder)
   assert not (tmp_path / "peft").exists()
 
 
@@ -136,7 +136,7 @@ def test_map_without_a_rule_is_refused(tmp_path):
                      {"odd": {"kernel": {"a": jnp.ones((4, 2)), "b": jnp.ones((2, 3))}}})
   config = lj.LoraConfig(rank=2, targets=r"kernel$", in_axes={r"kernel$": (0,)})
   with pytest.raises(ValueError, match="tunix/llama3 name map gives no PyTorch module"):
-    lj.export_peft(lp, config, tmp_path / "p", module_name=lj.name_map("tunix/llama3"))
+    lj.save_peft(tmp_path / "p", lp, config, module_name=lj.name_map("tunix/llama3"))
 
 
 def test_unsupported_config_is_refused(tmp_path):
@@ -473,8 +473,8 @@ def test_scanned_layers_export_per_layer_and_restack(tmp_path):
   model = lj.load_hf(tmp_path / "model")
   config = _lora_config(model)
   lp = _randomized(lj.lift(model.params, config, key=jax.random.key(0)), jax.random.key(1))
-  lj.export_peft(lp, config, tmp_path / "layers", module_name=model.name_map,
-                 target=tmp_path / "model")
+  lj.save_peft(tmp_path / "layers", lp, config, module_name=model.name_map,
+               target=tmp_path / "model")
   # The same model with its layers stacked along a leading axis.
   layers = lp.base["layers"]
   n = len(layers)
@@ -501,17 +501,17 @@ def test_scanned_layers_export_per_layer_and_restack(tmp_path):
       lj.NameRule(r"layers/mlp/(gate_proj|up_proj|down_proj)/kernel",
                   (r"model.layers.{layer}.mlp.\1",), stacked=True)))
   with pytest.raises(ValueError, match="stacked=True"):  # default names: refused, not guessed
-    lj.export_peft(scanned, scanned_config, tmp_path / "refused")
-  lj.export_peft(scanned, scanned_config, tmp_path / "scanned", module_name=name_map,
-                 target=tmp_path / "model")
+    lj.save_peft(tmp_path / "refused", scanned, scanned_config)
+  lj.save_peft(tmp_path / "scanned", scanned, scanned_config, module_name=name_map,
+               target=tmp_path / "model")
   want = load_file(str(tmp_path / "layers" / "adapter_model.safetensors"))
   got = load_file(str(tmp_path / "scanned" / "adapter_model.safetensors"))
   assert sorted(got) == sorted(want)
   for key in want:
     np.testing.assert_array_equal(got[key], want[key])
-  back, back_config = lj.import_peft(tmp_path / "scanned", params=scanned.base,
-                                     module_name=name_map, in_axes=in_axes,
-                                     stack_axes={r"^layers/": 1})
+  back, back_config = lj.load_peft(tmp_path / "scanned", params=scanned.base,
+                                   module_name=name_map, in_axes=in_axes,
+                                   stack_axes={r"^layers/": 1})
   assert back_config.stack_axes_for("layers/mlp/up_proj/kernel") == 1
   for k in kernels:
     for x in ("a", "b"):

@@ -39,7 +39,7 @@ class Adapted(NamedTuple):
   Attributes:
     lp: the ``LoraParams`` to train (frozen base, adapters, leaves trained in full).
     config: the ``LoraConfig`` with every target's axes inferred; use it for
-      ``lj.optimizer``, ``save_adapters``, ``merge`` and ``export_peft``.
+      ``lj.optimizer``, ``save_adapters``, ``merge`` and ``save_peft``.
     apply: ``apply(lp, *args, **kwargs)``, the model's function on ``LoraParams``
       (factored), with ``lora_rng=`` for LoRA dropout.
     params_fn: the model's own function of plain parameters, ``fn(params, *args, **kwargs)``

@@ -151,7 +151,7 @@ class LoraConfig:
       uses the table as its output head (``logits = x @ E.T``: tied embeddings,
       as in GPT-2 and Gemma). ``infer_axes`` fills it in from how the model uses
       each table. The adapter then changes the lookup and the head, which PEFT's
-      embedding adapter cannot express, so ``export_peft`` refuses such a table.
+      embedding adapter cannot express, so ``save_peft`` refuses such a table.
 
   Example:
     >>> import lora_jax as lj

@@ -234,7 +234,7 @@ def merge_hf(base: str | os.PathLike[str], adapters: str | os.PathLike[str],
   Args:
     base: a Hugging Face model folder (``model.safetensors.index.json`` and its
       shards, or one ``model.safetensors``; float16, bfloat16 or float32).
-    adapters: a PEFT adapter folder (``save_pretrained`` or ``lj.export_peft``).
+    adapters: a PEFT adapter folder (``save_pretrained`` or ``lj.save_peft``).
     out: the output folder (must not exist unless ``overwrite``, and not overlap an input).
     dtype: cast floating tensors to this dtype (default: keep each tensor's);
       ``config.json``'s ``torch_dtype`` is updated to match.

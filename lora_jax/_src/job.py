@@ -18,6 +18,7 @@ import math
 import pathlib
 import sys
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -40,7 +41,7 @@ from lora_jax._src.quantize import dequantize, quantize
 from lora_jax._src.quantized_io import is_job_base, write_base
 from lora_jax._src.summary import format_table, summary
 from lora_jax._src.tasks import TASKS, TEXTCLS_PACKAGES, Task
-from lora_jax._src.train_state import restore_train_state, save_train_state
+from lora_jax._src.train_state import load_train_state, save_train_state
 from lora_jax._src.tree import leaves_with_paths, trained_leaves
 from lora_jax._src.wrap import wrap
 from lora_jax._src.yaml_io import load_yaml, short
@@ -68,7 +69,7 @@ DEFAULTS: dict[str, Any] = {
                "merged": False},  # hf task: RUN_DIR/merged, a merged Hugging Face folder
 }
 # ``quantize:`` as a mapping; targets default to the LoRA targets.
-QUANTIZE_DEFAULTS: dict[str, Any] = {"dtype": "nf4", "targets": None, "block_size": None,
+QUANTIZE_DEFAULTS: dict[str, Any] = {"kind": "nf4", "targets": None, "block_size": None,
                                      "double_quant": None}
 TASK_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {"model": {"hidden": [256, 128]},
@@ -263,12 +264,19 @@ def _quantize_config(given: Any) -> dict[str, Any] | None:
   if given is None:
     return None
   if isinstance(given, str):
-    given = {"dtype": given}
+    given = {"kind": given}
   if not isinstance(given, Mapping):
     raise ValueError(f"config key 'quantize': expected nf4, int8 or a mapping of keys "
                      f"{sorted(QUANTIZE_DEFAULTS)}, got {short(given)}.")
+  if "dtype" in given:  # the previous release's name of quantize.kind
+    if "kind" in given:
+      raise ValueError("config keys 'quantize.kind' and 'quantize.dtype' (its deprecated name) "
+                       "are both set; keep quantize.kind.")
+    warnings.warn("config key 'quantize.dtype' is deprecated and will be removed in 0.5; "
+                  "write quantize.kind (nf4 or int8).", FutureWarning, stacklevel=2)
+    given = {("kind" if k == "dtype" else k): v for k, v in given.items()}
   out = dict(QUANTIZE_DEFAULTS)
-  kinds = {"dtype": (str,), "targets": (str, list), "block_size": (int,),
+  kinds = {"kind": (str,), "targets": (str, list), "block_size": (int,),
            "double_quant": (bool,)}
   for key, value in given.items():
     if key not in QUANTIZE_DEFAULTS:
@@ -287,8 +295,8 @@ def _quantize_config(given: Any) -> dict[str, Any] | None:
       raise ValueError(f"config key 'quantize.targets': {short(pattern)} is not a regular "
                        "expression string.")
     compile_safe(pattern, "config key 'quantize.targets'")
-  if out["dtype"] not in ("nf4", "int8"):
-    raise ValueError(f"config key 'quantize.dtype': {short(out['dtype'])} is not one of "
+  if out["kind"] not in ("nf4", "int8"):
+    raise ValueError(f"config key 'quantize.kind': {short(out['kind'])} is not one of "
                      "['nf4', 'int8'].")
   return out
 
@@ -459,7 +467,7 @@ def _restore(resume: Resume, lp: Any, opt_state: Any, curve: np.ndarray, batches
              total: int) -> tuple[int, Any, Any, np.ndarray]:
   target = jax.eval_shape(lambda: _state(lp, opt_state, curve,
                                          np.zeros(_DATA_STATE_BYTES, np.uint8), resume.config))
-  found = restore_train_state(resume.directory, target, config=resume.config)
+  found = load_train_state(resume.directory, target, config=resume.config)
   if found is None:
     return 0, lp, opt_state, curve
   step, state = found
@@ -684,7 +692,7 @@ def _hf_outputs(config: dict[str, Any], lp: Any, lora_config: LoraConfig, model:
                 run_dir: pathlib.Path) -> dict[str, str]:
   """The hf task's PEFT folder (names checked against the model folder) and merged folder."""
   from lora_jax._src.hf_merge import merge_hf  # pylint: disable=import-outside-toplevel
-  from lora_jax._src.peft_format import export_peft  # pylint: disable=import-outside-toplevel
+  from lora_jax._src.peft_format import save_peft  # pylint: disable=import-outside-toplevel
 
   outputs: dict[str, str] = {}
   if not (config["export"]["peft"] or config["export"]["merged"]):
@@ -694,8 +702,8 @@ def _hf_outputs(config: dict[str, Any], lp: Any, lora_config: LoraConfig, model:
   if not _primary():
     return outputs
   peft_dir = (run_dir / "peft").absolute()
-  export_peft(host_lp, lora_config, peft_dir, module_name=model.name_map,
-              target=model.folder, overwrite=True)
+  save_peft(peft_dir, host_lp, lora_config, module_name=model.name_map,
+            target=model.folder, overwrite=True)
   outputs["peft"] = str(peft_dir)
   if config["export"]["merged"]:
     merge_hf(model.folder, peft_dir, (run_dir / "merged").absolute(), overwrite=True)
@@ -734,7 +742,7 @@ def write_events(curves: dict[str, list[float]], config: dict[str, Any],
 def _quantized_base(params: Any, settings: dict[str, Any], lora_config: LoraConfig) -> Any:
   try:
     return quantize(params, targets=settings["targets"] or lora_config.targets,
-                    dtype=settings["dtype"], block_size=settings["block_size"],
+                    kind=settings["kind"], block_size=settings["block_size"],
                     double_quant=settings["double_quant"])
   except ValueError as e:
     why = str(e).removeprefix("quantize: ")
@@ -754,9 +762,9 @@ def _report(metrics: dict[str, Any], echo: Callable[[str], None], run_dir: pathl
   lora = "LoRA"
   if "quantize" in metrics:
     q = metrics["quantize"]
-    rows.append((f"{q['dtype']} base ({q['bits_per_param']:.2f} bits/param)",
+    rows.append((f"{q['kind']} base ({q['bits_per_param']:.2f} bits/param)",
                  f"{metrics['base_quantized']:.2f}", "0", "0"))
-    lora = f"QLoRA ({q['dtype']} base)"
+    lora = f"QLoRA ({q['kind']} base)"
   rows.append((lora, f"{metrics['lora']:.2f}", f"{metrics['trainable_params']:,}",
                f"{metrics['trainable_percent']:.2f}"))
   if "full" in metrics:

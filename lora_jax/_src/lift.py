@@ -207,7 +207,7 @@ def disable(lp: LoraParams) -> LoraParams:
 def overlay(params: PyTree, trained: PyTree) -> PyTree:
   """Lays leaves trained in full over a base tree, matched by path.
 
-  ``load_adapters`` and ``import_peft`` return the leaves a run trained in full
+  ``load_adapters`` and ``load_peft`` return the leaves a run trained in full
   (``LoraConfig.trainable``: a head, biases) as a tree holding just those leaves;
   this puts them back into the full base. Given a ``LoraParams`` (as those
   functions return), it returns ``LoraParams(overlay(params, trained.base),

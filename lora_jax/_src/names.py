@@ -6,11 +6,11 @@ and the Hugging Face module(s) and parameter that leaf is (``model.layers.3.self
 ``qkv_einsum`` kernel ``(3, heads, embed, head_dim)`` is ``q_proj``, ``k_proj`` and ``v_proj``
 stacked along axis 0. LoRA on such a fused kernel (one ``A``, one ``B`` over all three) is
 exactly three adapters that share ``A``, each with its slice of ``B``; that is how
-``export_peft`` writes it, and ``import_peft`` joins PEFT's three back (block-diagonal when
+``save_peft`` writes it, and ``load_peft`` joins PEFT's three back (block-diagonal when
 their ``A`` differ).
 
-The same map serves both directions (``export_peft(module_name=...)`` and
-``import_peft(module_name=...)``), so a name that is right one way is right the other. A plain
+The same map serves both directions (``save_peft(module_name=...)`` and
+``load_peft(module_name=...)``), so a name that is right one way is right the other. A plain
 callable ``path -> module name`` still works as ``module_name``; ``parts`` turns either into
 the one form the PEFT code reads.
 

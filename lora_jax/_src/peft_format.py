@@ -98,19 +98,18 @@ def _kernel_to_torch(path: str, value: np.ndarray, ins: tuple[int, ...], conv: b
 def _split(tree: LoraParams | Mapping[str, Any]) -> tuple[Mapping[str, Any], PyTree | None]:
   if isinstance(tree, LoraParams):
     if tree.adapters is None:
-      raise ValueError("export_peft: the LoraParams has no adapters (lora_jax.disable?).")
-    refuse_stack(tree.adapters, "export_peft")
+      raise ValueError("save_peft: the LoraParams has no adapters (lora_jax.disable?).")
+    refuse_stack(tree.adapters, "save_peft")
     return tree.adapters, tree.base
-  refuse_stack(tree, "export_peft")
+  refuse_stack(tree, "save_peft")
   return tree, None
 
 
-def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
-                directory: str | os.PathLike[str], *,
-                module_name: Naming = default_module_name,
-                target: str | os.PathLike[str] | Iterable[str] | None = None,
-                conv_paths: tuple[str, ...] | None = None,
-                fan_in_fan_out: bool = False, overwrite: bool = False) -> pathlib.Path:
+def save_peft(directory: str | os.PathLike[str], adapters: LoraParams | Mapping[str, Any],
+              config: LoraConfig, *, module_name: Naming = default_module_name,
+              target: str | os.PathLike[str] | Iterable[str] | None = None,
+              conv_paths: tuple[str, ...] | None = None,
+              fan_in_fan_out: bool = False, overwrite: bool = False) -> pathlib.Path:
   """Writes adapters (and leaves trained in full) so ``peft.PeftModel.from_pretrained`` loads them.
 
   The folder is written under a staging name and moved into place when
@@ -118,16 +117,16 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
   whole new one.
 
   Args:
+    directory: output folder (created); holds ``adapter_config.json`` and
+      ``adapter_model.safetensors``.
     adapters: the ``LoraParams`` (adapters plus the base, whose ``config.trainable``
       leaves are exported too), or ``lp.adapters`` alone.
     config: the ``LoraConfig`` they were made with.
-    directory: output folder (created); holds ``adapter_config.json`` and
-      ``adapter_model.safetensors``.
     module_name: which PyTorch module each leaf is: a ``NameMap`` (``lj.name_map(...)``,
       ``ZooModel.name_map``; it splits fused kernels such as Gemma's ``qkv_einsum`` into one
       PEFT module each, sharing ``A``) or a callable ``leaf path -> module name`` (the
       parameter is named by the leaf: ``bias`` → ``bias``, anything else → ``weight``). The
-      same argument reads the adapter back in ``import_peft``.
+      same argument reads the adapter back in ``load_peft``.
     target: the model PEFT will load the adapter into: its Hugging Face folder (or its
       parameter names). Every module written must exist there, else ``ValueError``: PEFT
       itself only warns and runs the base model. Strongly advised; the ``lora-jax train``
@@ -157,11 +156,11 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
 
   if is_principal(config.init):
     raise ValueError(
-        f"export_peft: these adapters were initialized with init={config.init!r}, so they apply "
+        f"save_peft: these adapters were initialized with init={config.init!r}, so they apply "
         "to the residual base W - s·A0·B0 that lift made, not to the original weights PEFT "
         "users load; exported alone they would give wrong outputs there. Convert them first: "
         "adapters, config = lj.principal_to_lora(lp.adapters, initial_adapters, config), then "
-        "export_peft(lj.LoraParams(original_params, adapters), config, ...).")
+        "save_peft(directory, lj.LoraParams(original_params, adapters), config).")
   directory = pathlib.Path(directory).absolute()
   _output(directory, overwrite).check()
   model_names = target_names(target) if target is not None else None
@@ -278,13 +277,13 @@ def export_peft(adapters: LoraParams | Mapping[str, Any], config: LoraConfig,
     bias_mode, to_save = _export_trained(base, config, targets, module_name, conv_paths, put,
                                          errors)
   if errors:
-    raise ValueError("export_peft: cannot write this adapter in PEFT's format:\n  - "
+    raise ValueError("save_peft: cannot write this adapter in PEFT's format:\n  - "
                      + "\n  - ".join(errors))
   if model_names is not None:
-    check_names(tensors, model_names, "export_peft", target_parameters)
+    check_names(tensors, model_names, "save_peft", target_parameters)
   if unknown_tables:
     warnings.warn(
-        f"export_peft: {unknown_tables[:4]} are exported as PEFT embedding adapters, which "
+        f"save_peft: {unknown_tables[:4]} are exported as PEFT embedding adapters, which "
         "change the lookup only. If the model also uses a table as its output head (tied "
         "embeddings, as GPT-2 and Gemma do), PEFT's logits will differ from this model's. "
         "lj.infer_axes(...) records which tables are tied (config.head_tied), and then this "
@@ -596,7 +595,7 @@ def _read_config(directory: pathlib.Path, target_parameters: bool = False) -> di
       continue
     if peft_config.get(field):
       raise ValueError(f"{where}: {field} is {peft_config[field]!r}: {what} is not plain LoRA "
-                       "and import_peft does not support it; importing it as plain LoRA "
+                       "and load_peft does not support it; importing it as plain LoRA "
                        "would give other outputs.")
   init = peft_config.get("init_lora_weights")
   if isinstance(init, str) and init.lower().startswith(_RESIDUAL_INITS):
@@ -650,11 +649,11 @@ def check_tensor_names(directory: pathlib.Path, keys: Iterable[str]) -> None:
 
 def open_folder(directory: pathlib.Path, target_parameters: bool = False
                 ) -> tuple[dict[str, Any], SafetensorsFile]:
-  """The one reader of PEFT adapter folders (``import_peft`` and the Hugging Face merge):
+  """The one reader of PEFT adapter folders (``load_peft`` and the Hugging Face merge):
   the validated config (booleans as bools, ranks and alphas checked) and the checked
   safetensors file, its tensor names refused where they belong to PEFT variants that
   change the math. ``target_parameters``: accept PEFT's LoRA on bare parameters (the readers
-  that map them, ``import_peft``)."""
+  that map them, ``load_peft``)."""
   peft_config = read_config(directory, target_parameters)
   weights = SafetensorsFile(directory / WEIGHTS_FILE)
   check_tensor_names(directory, weights.names)
@@ -668,12 +667,12 @@ def read_folder(directory: pathlib.Path, target_parameters: bool = False
   return peft_config, dict(weights.items())
 
 
-def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
-                in_axes: Mapping[str, Any] | None = None,
-                stack_axes: Mapping[str, Any] | None = None,
-                module_name: Naming = default_module_name,
-                head_tied: Mapping[str, bool] | None = None
-                ) -> tuple[dict[str, Any] | LoraParams, LoraConfig]:
+def load_peft(directory: str | os.PathLike[str], *, params: PyTree,
+              in_axes: Mapping[str, Any] | None = None,
+              stack_axes: Mapping[str, Any] | None = None,
+              module_name: Naming = default_module_name,
+              head_tied: Mapping[str, bool] | None = None
+              ) -> tuple[dict[str, Any] | LoraParams, LoraConfig]:
   """Reads a PEFT LoRA adapter (``adapter_config.json`` + ``adapter_model.safetensors``).
 
   PEFT module names are matched to the paths of ``params`` through
@@ -682,16 +681,16 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
   flattened adapters are reshaped to the kernel's axes.
 
   Args:
-    directory: the folder ``peft_model.save_pretrained`` (or ``export_peft``) wrote.
+    directory: the folder ``peft_model.save_pretrained`` (or ``save_peft``) wrote.
     params: the base parameters (arrays or ``ShapeDtypeStruct``).
     in_axes: ``{regex: axes}`` as in ``LoraConfig.in_axes``, for kernels whose
       input axes the shapes alone do not settle (square kernels, kernels
       without a bias, kernels stored ``(out, in)``); kept in the returned config.
-    module_name: which PyTorch module each leaf of ``params`` is, as in ``export_peft``
+    module_name: which PyTorch module each leaf of ``params`` is, as in ``save_peft``
       (a ``NameMap``, or a callable called on every leaf of ``params``; return ``None`` for a
       leaf with no PyTorch counterpart). PEFT modules on the parts of a fused leaf (Gemma's
       ``q_proj``/``k_proj``/``v_proj`` on ``qkv_einsum``) are joined into one adapter: with
-      their shared ``A`` as ``export_peft`` writes them, else block-diagonal (rank: the sum).
+      their shared ``A`` as ``save_peft`` writes them, else block-diagonal (rank: the sum).
     head_tied: ``{regex: bool}`` as in ``LoraConfig.head_tied`` (what
       ``infer_axes`` finds): whether an embedding table is also the model's output
       head. PEFT applies an embedding adapter to the lookup only, while lora_jax
@@ -722,7 +721,7 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
       axes = stacking.stack_axes_for(path)
       if axes not in (1, (0,)):
         raise ValueError(f"{directory}: {_naming_label(module_name)} says {path} stacks layers "
-                         f"along its first axis; pass import_peft(..., stack_axes="
+                         f"along its first axis; pass load_peft(..., stack_axes="
                          f"{{{re.escape(path) + '$'!r}: 1}}) (found {axes!r}).")
       found = tuple(p.at(i) for i in range(leaf.shape[0]) for p in found)
     for part in found:
@@ -867,7 +866,7 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
   for target in plan(params, config):
     if not _layout_known(target.path, target.layout, target.shape, target.in_axes):
       errors.append(_layout_error(target.path, target.shape, target.in_axes,
-                                  "no in_axes pattern names it", "import_peft(..., in_axes="))
+                                  "no in_axes pattern names it", "load_peft(..., in_axes="))
       continue
     if target.path in joined:
       _place_pieces(target, joined[target.path], flat, errors)
@@ -877,11 +876,11 @@ def import_peft(directory: str | os.PathLike[str], *, params: PyTree,
   for path in list(trained):
     trained[path] = _torch_to_leaf(directory, path, trained[path], config, by_path, errors)
   if errors:
-    raise ValueError(f"import_peft: the adapter in {directory} does not fit params:\n  - "
+    raise ValueError(f"load_peft: the adapter in {directory} does not fit params:\n  - "
                      + "\n  - ".join(errors))
   if unknown_tables:
     warnings.warn(
-        f"import_peft: {unknown_tables[:4]} get PEFT embedding adapters, which PEFT applies to "
+        f"load_peft: {unknown_tables[:4]} get PEFT embedding adapters, which PEFT applies to "
         "the lookup only; lora_jax applies them to every use of the table, so a model that "
         "also uses a table as its output head (tied embeddings) would compute other logits "
         "than PEFT. Pass head_tied= (lj.infer_axes(...).head_tied finds it) to say which.",
@@ -955,7 +954,7 @@ def _import_experts(directory: pathlib.Path, peft_config: Mapping[str, Any],
     in_axis = axes.in_axes_for(path)
     if in_axis not in ((1,), (2,)):
       raise ValueError(f"{directory}: {key} adapts the experts parameter {module}.{param} "
-                       f"(leaf {path}); pass its input axis: import_peft(..., in_axes="
+                       f"(leaf {path}); pass its input axis: load_peft(..., in_axes="
                        f"{{{re.escape(path) + '$'!r}: (1,)}}) if the model computes x @ W[e], "
                        "(2,) for x @ W[e].T (lj.infer_axes finds it).")
     rank = int(peft_config["r"])
@@ -995,7 +994,7 @@ def _join(directory: pathlib.Path, path: str, pieces: Mapping[int, _Piece],
           rslora: bool) -> _Joined:
   """PEFT's adapters on the parts of one fused leaf as one adapter, exactly.
 
-  Parts that share ``A`` (as ``export_peft`` writes them) keep it: ``B`` is their ``B`` side by
+  Parts that share ``A`` (as ``save_peft`` writes them) keep it: ``B`` is their ``B`` side by
   side. Otherwise ``A`` is the parts' ``A`` side by side (rank: their sum) and ``B`` is block
   diagonal. A part PEFT does not adapt gets zero columns of ``B``.
   """
@@ -1151,7 +1150,7 @@ def _torch_to_leaf(directory: pathlib.Path, path: str, value: np.ndarray, config
       _, ins, layout = leaf_axes(path, shape, config, by_path)
       if not layout_is_certain(layout, shape, ins):
         errors.append(_layout_error(path, shape, ins, "no in_axes pattern names it",
-                                    "import_peft(..., in_axes="))
+                                    "load_peft(..., in_axes="))
         return value
       outs = tuple(p for p in range(len(shape)) if p not in ins)
       conv = _is_conv(path, len(shape), None) and value.ndim == len(shape) > 2

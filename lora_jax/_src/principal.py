@@ -108,7 +108,7 @@ def to_standard(adapters: Any, initial: Any, config: LoraConfig) -> tuple[Any, L
   (rank ``2r`` everywhere, every rank pattern doubled) and the returned config
   keeps each path's scale and has ``init="default"``, so they apply to the
   original base like any LoRA adapters (``merge``, ``lora-jax merge``,
-  ``export_peft``). A rank ``2r`` above a kernel's input or output size is
+  ``save_peft``). A rank ``2r`` above a kernel's input or output size is
   refused when the adapters are used, as any rank is.
 
   Args:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -101,9 +102,9 @@ def _place(q: QuantizedArray, sharding: Any) -> QuantizedArray:
       else jax.device_put(a, s) for a, s in zip(q.arrays, shardings)))
 
 
-def quantize(params: PyTree, *, targets: str | Sequence[str], dtype: str = "nf4",
+def quantize(params: PyTree, *, targets: str | Sequence[str], kind: str = "nf4",
              block_size: int | None = None, double_quant: bool | None = None,
-             config: LoraConfig | None = None) -> PyTree:
+             config: LoraConfig | None = None, dtype: str | None = None) -> PyTree:
   """Stores the leaves matched by ``targets`` as NF4 or int8 ``QuantizedArray`` values.
 
   * ``"nf4"``: QLoRA's 4-bit NormalFloat, blocks of ``block_size`` (default 64)
@@ -127,7 +128,7 @@ def quantize(params: PyTree, *, targets: str | Sequence[str], dtype: str = "nf4"
     targets: a regular expression, or several, searched in each leaf's path
       (``lora_jax.paths``); every match must be a floating-point leaf with at least
       2 axes.
-    dtype: ``"nf4"`` or ``"int8"``.
+    kind: the format, ``"nf4"`` or ``"int8"``.
     block_size: values per block along the last axis (NF4: even, default 64;
       int8: default None, per channel).
     double_quant: NF4 only; default True.
@@ -135,6 +136,8 @@ def quantize(params: PyTree, *, targets: str | Sequence[str], dtype: str = "nf4"
       scales of its targets are shared over their input axes (``lora_jax.plan``:
       a ``(in, heads, head_dim)`` kernel gets one per output channel
       ``(heads, head_dim)``), other leaves' over the second-to-last axis.
+    dtype: deprecated name of ``kind`` (``dtype`` means an array dtype everywhere else);
+      a ``DeprecationWarning``, removed in 0.5.
 
   Returns:
     A new tree, the matched leaves replaced by ``QuantizedArray`` values.
@@ -148,15 +151,22 @@ def quantize(params: PyTree, *, targets: str | Sequence[str], dtype: str = "nf4"
     >>> import jax.numpy as jnp
     >>> import lora_jax as lj
     >>> params = {"dense": {"kernel": jnp.ones((128, 64)), "bias": jnp.zeros(64)}}
-    >>> q = lj.quantize(params, targets=r"kernel$", dtype="nf4")
+    >>> q = lj.quantize(params, targets=r"kernel$", kind="nf4")
     >>> q["dense"]["kernel"]
     QuantizedArray(nf4, shape=(128, 64), dtype=float32, block 64, double_quant)
     >>> bool((lj.dequantize(q)["dense"]["kernel"] == 1).all())
     True
   """
-  if dtype not in KINDS:
-    raise ValueError(f"quantize: dtype must be one of {KINDS}, got {dtype!r}.")
-  if dtype == "nf4":
+  if dtype is not None:
+    warnings.warn("lora_jax.quantize(dtype=...) is deprecated and will be removed in 0.5; "
+                  "use kind=... ('nf4' or 'int8').", DeprecationWarning, stacklevel=2)
+    if kind != "nf4" and kind != dtype:
+      raise ValueError(f"quantize: kind={kind!r} and its deprecated name dtype={dtype!r} "
+                       "disagree; pass kind only.")
+    kind = dtype
+  if kind not in KINDS:
+    raise ValueError(f"quantize: kind must be one of {KINDS}, got {kind!r}.")
+  if kind == "nf4":
     block_size = 64 if block_size is None else block_size
     double_quant = True if double_quant is None else double_quant
     if block_size <= 0 or block_size % 2:
@@ -176,24 +186,24 @@ def quantize(params: PyTree, *, targets: str | Sequence[str], dtype: str = "nf4"
             for p in patterns if not any(re.search(p, n) for n in names)]
   chosen = {p for p in names if any(re.search(pat, p) for pat in patterns)}
   errors += [e for p, leaf in leaves if p in chosen
-             for e in [_check(p, leaf, dtype, block_size)] if e]
+             for e in [_check(p, leaf, kind, block_size)] if e]
   if errors:
     raise ValueError("quantize: cannot quantize these leaves:\n  - " + "\n  - ".join(errors))
 
   input_axes: dict[str, tuple[int, ...]] = {}
-  if config is not None and dtype == "int8" and block_size is None:
+  if config is not None and kind == "int8" and block_size is None:
     input_axes = {t.path: t.in_axes for t in plan(params, config)}
 
   def one(path: str, leaf: Any) -> Any:
     if path not in chosen:
       return leaf
-    make = functools.partial(_quantize_jit, kind=dtype, block_size=block_size,
+    make = functools.partial(_quantize_jit, kind=kind, block_size=block_size,
                              double_quant=double_quant, scale_axes=input_axes.get(path))
     explicit = explicit_sharding(leaf)
     if explicit is not None:  # blocking reshapes under explicit axes: run them with auto axes
       shaped = jax.eval_shape(make, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
       make = jax.jit(jax.sharding.auto_axes(
-          functools.partial(quantize_array, kind=dtype, block_size=block_size,
+          functools.partial(quantize_array, kind=kind, block_size=block_size,
                             double_quant=double_quant, scale_axes=input_axes.get(path)),
           out_sharding=shaped.with_arrays(_shardings(shaped, explicit))))
     made = jax.eval_shape(make, leaf) if isinstance(leaf, jax.ShapeDtypeStruct) else make(leaf)
@@ -215,7 +225,7 @@ def dequantize(tree: PyTree, dtype: Any = None) -> PyTree:
   Example:
     >>> import jax.numpy as jnp
     >>> import lora_jax as lj
-    >>> q = lj.quantize({"k": jnp.full((2, 64), 0.5)}, targets="k", dtype="int8")
+    >>> q = lj.quantize({"k": jnp.full((2, 64), 0.5)}, targets="k", kind="int8")
     >>> lj.dequantize(q, jnp.bfloat16)["k"].dtype
     dtype(bfloat16)
   """

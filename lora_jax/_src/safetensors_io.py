@@ -199,7 +199,7 @@ SINGLE = "model.safetensors"
 
 def model_tensors(base: pathlib.Path) -> tuple[list[str], dict[str, SafetensorsFile]]:
   """A Hugging Face model folder's shard files in order and a checked reader per shard: the
-  one reader of such folders (the HF merge, ``load_hf``, ``export_peft(target=)``).
+  one reader of such folders (the HF merge, ``load_hf``, ``save_peft(target=)``).
 
   Refuses a folder with both an index and ``model.safetensors``, an index that is not one,
   shards named outside the folder or missing, and tensors in two shards or not where the

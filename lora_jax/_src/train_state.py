@@ -60,7 +60,7 @@ def save_train_state(directory: str | os.PathLike[str], step: int, state: PyTree
         f"save_train_state: {directory} already holds step(s) {_span(newer)}, newer than step "
         f"{step}: another run's checkpoints, or this run restarted from scratch. Saving here "
         "would let retention delete this run's steps, and a resume would continue the other "
-        "run. Resume from them (restore_train_state), or save to a new directory.")
+        "run. Resume from them (load_train_state), or save to a new directory.")
   final = write(directory / str(step), {_STATE: state}, config, overwrite=True,
                 what="training-state checkpoint", lock=directory)
   if max_to_keep is not None:
@@ -81,9 +81,9 @@ def _config_differences(saved: LoraConfig, given: LoraConfig) -> list[str]:
           for k in sorted(set(mine) | set(theirs)) if mine.get(k) != theirs.get(k)]
 
 
-def restore_train_state(directory: str | os.PathLike[str], target: PyTree, *,
-                        config: LoraConfig | None = None, allow_config_change: bool = False
-                        ) -> tuple[int, PyTree] | None:
+def load_train_state(directory: str | os.PathLike[str], target: PyTree, *,
+                     config: LoraConfig | None = None, allow_config_change: bool = False
+                     ) -> tuple[int, PyTree] | None:
   """Restores the newest intact training state saved by ``save_train_state``.
 
   Every array is verified against its recorded checksum. A step that cannot
@@ -112,7 +112,7 @@ def restore_train_state(directory: str | os.PathLike[str], target: PyTree, *,
   Example (the resume recipe)::
 
     start, state = 0, {"adapters": lp.adapters, "opt_state": tx.init(lp)}
-    if (found := lj.restore_train_state(ckpt_dir, state, config=config)) is not None:
+    if (found := lj.load_train_state(ckpt_dir, state, config=config)) is not None:
       start, state = found
     for step in range(start, num_steps):
       ...  # train; then every k steps:
@@ -131,7 +131,7 @@ def restore_train_state(directory: str | os.PathLike[str], target: PyTree, *,
       continue
     differ = [] if config is None else _config_differences(saved, config)
     if differ:
-      message = (f"restore_train_state: step {step} in {directory} was saved with another "
+      message = (f"load_train_state: step {step} in {directory} was saved with another "
                  "LoraConfig than this run's:\n  - " + "\n  - ".join(differ))
       if not allow_config_change:
         raise CheckpointMismatch(message + "\nResuming would continue training other math. "
@@ -139,10 +139,10 @@ def restore_train_state(directory: str | os.PathLike[str], target: PyTree, *,
                                  "allow_config_change=True if the change is meant.")
       warnings.warn(message, stacklevel=2)
     if skipped:
-      warnings.warn(f"restore_train_state: resuming from step {step}; skipped newer damaged "
+      warnings.warn(f"load_train_state: resuming from step {step}; skipped newer damaged "
                     "step(s):\n  - " + "\n  - ".join(skipped), stacklevel=2)
     return step, restored[_STATE]
   if skipped:
-    raise ValueError(f"restore_train_state: no intact checkpoint in {directory}:\n  - "
+    raise ValueError(f"load_train_state: no intact checkpoint in {directory}:\n  - "
                      + "\n  - ".join(skipped))
   return None

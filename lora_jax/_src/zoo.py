@@ -212,7 +212,7 @@ class ZooModel:
     graphdef: the NNX graph definition.
     params: the ``nnx.Param`` state: what ``lift`` takes.
     rest: every other state of the model (may be empty).
-    name_map: leaves ↔ Hugging Face module names, for ``export_peft`` / ``import_peft``.
+    name_map: leaves ↔ Hugging Face module names, for ``save_peft`` / ``load_peft``.
     hf_config: the folder's ``config.json``.
     config: the Tunix ``ModelConfig``.
     folder: the folder it was loaded from.
