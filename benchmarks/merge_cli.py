@@ -139,7 +139,7 @@ def main_hf(workdir: pathlib.Path, repeats: int) -> None:
   py = sys.executable
   commands = {
       "baseline": [py, "-c", "import jax, jax.numpy as jnp, lora_jax; jnp.ones(1)"],
-      "lora-jax merge": [py, "-m", "lora_jax._src.cli", "merge", "--base",
+      "lora-jax merge": [py, "-m", "lora_jax", "merge", "--base",
                          str(workdir / "hf_base"), "--adapters", str(workdir / "hf_adapter"),
                          "--out", str(workdir / "merged")],
   }
@@ -217,7 +217,7 @@ def main():
       "copy": [py, "-c", "import sys, orbax.checkpoint as ocp; c = ocp.StandardCheckpointer(); "
                "t = c.restore(sys.argv[1]); c.save(sys.argv[2], t); c.wait_until_finished()",
                str(workdir / "base"), str(workdir / "copy")],
-      "merge": [py, "-m", "lora_jax._src.cli", "merge", "--base", str(workdir / "base"),
+      "merge": [py, "-m", "lora_jax", "merge", "--base", str(workdir / "base"),
                 "--adapters", str(workdir / "adapters"), "--out", str(workdir / "merged")],
   }
   med = medians(commands, args.repeats, [workdir / "copy", workdir / "merged"])

@@ -13,9 +13,16 @@ import pathlib
 import sys
 
 import lora_jax as lj
-from lora_jax._src.summary import format_table
 
 CONFIG = pathlib.Path(__file__).resolve().parents[1] / "configs" / "charlm_qlora.yaml"
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+  """Columns as wide as their widest cell; the first left-aligned, the others right."""
+  widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+  line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
+                             for i, (c, w) in enumerate(zip(r, widths)))
+  return "\n".join([line(header), "  ".join("-" * w for w in widths), *map(line, rows)])
 
 
 def main(overrides: list[str]) -> dict[str, dict]:
@@ -35,8 +42,7 @@ def main(overrides: list[str]) -> dict[str, dict]:
           ("QLoRA, NF4 base", f"{q['lora']:.3f}", f"{q['quantize']['base_bytes']:,}",
            f"{q['quantize']['bits_per_param']:.2f}", f"{q['seconds']:.0f}")]
   print()
-  print(format_table(("run", "test perplexity", "base bytes", "bits/param", "seconds"), rows,
-                     right_from=1))
+  print(_table(("run", "test perplexity", "base bytes", "bits/param", "seconds"), rows))
   gap = q["lora"] / full["lora"] - 1
   print(f"QLoRA vs LoRA perplexity: {100 * gap:+.2f}% (relative); the first run's time "
         "includes pretraining")

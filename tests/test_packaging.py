@@ -112,3 +112,22 @@ print("OK", metrics["lora"])
   assert out.returncode == 0, out.stderr[-3000:]
   assert "OK" in out.stdout
   assert (tmp_path / "loss.svg").exists() and (tmp_path / "adapters").is_dir()
+
+
+# Examples and benchmarks are written against the public API, as a user would write them.
+# Two exceptions, for what no user needs: the 8 fake CPU devices of the mesh example (test
+# infrastructure), and the mixed-batch benchmark, which swaps the internal per-example rule
+# for its alternatives to compare them.
+PRIVATE_ALLOWED = {"examples/mesh_lm.py": "host_devices", "benchmarks/mixed_batch.py": "stack"}
+
+
+def test_examples_and_benchmarks_use_the_public_api():
+  found = []
+  for path in sorted([*ROOT.glob("examples/*.py"), *ROOT.glob("benchmarks/*.py")]):
+    rel = path.relative_to(ROOT).as_posix()
+    for line in path.read_text().splitlines():
+      if re.search(r"lora_jax\._src", line) and not line.lstrip().startswith("#"):
+        allowed = PRIVATE_ALLOWED.get(rel)
+        if not (allowed and re.search(rf"lora_jax\._src(\.| import ){allowed}\b", line)):
+          found.append(f"{rel}: {line.strip()}")
+  assert not found, found
