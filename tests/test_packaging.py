@@ -28,10 +28,11 @@ def _imported_top_level_names(package: pathlib.Path, module_level: bool = False
   for file in package.rglob("*.py"):
     tree = ast.parse(file.read_text(), str(file))
     nodes = ast.walk(tree)
-    if module_level:
-      nodes = [n for n in ast.walk(tree) if not any(
-          isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and n in set(ast.walk(f))
-          for f in ast.walk(tree) if f is not n)]
+    if module_level:  # every node but those inside a function body
+      inside = {id(n) for f in ast.walk(tree)
+                if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                for n in ast.walk(f) if n is not f}
+      nodes = [n for n in ast.walk(tree) if id(n) not in inside]
     for node in nodes:
       if isinstance(node, ast.Import):
         found = [alias.name for alias in node.names]
