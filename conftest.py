@@ -1,6 +1,7 @@
 """Test setup: 8 fake CPU devices and strict dtype promotion, set before JAX starts."""
 
 import os
+import pathlib
 
 from lora_jax._src.host_devices import set_host_devices
 
@@ -8,6 +9,19 @@ from lora_jax._src.host_devices import set_host_devices
 # has the flags) so a lagging device thread is waited for instead of aborting the process.
 set_host_devices(8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# XLA's persistent compilation cache (JAX's own, keyed by the program, the jax/jaxlib versions,
+# the backend and the XLA flags): a later run compiles only what changed. The test processes
+# and the processes they start use separate folders, so that none reads an entry another is
+# still writing (JAX writes entries in place) or one a killed child left half written.
+# LORA_JAX_TEST_XLA_CACHE=off disables it; a path moves it (default ~/.cache/lora_jax-tests).
+_cache = os.environ.get("LORA_JAX_TEST_XLA_CACHE", "")
+if _cache != "off":
+  _root = pathlib.Path(_cache or pathlib.Path(os.environ.get(
+      "XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "lora_jax-tests")
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(_root / "xla"))
+  os.environ.setdefault("LORA_JAX_TEST_CHILD_XLA_CACHE", str(_root / "xla-children"))
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

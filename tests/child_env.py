@@ -12,4 +12,6 @@ def child_env() -> dict[str, str]:
   env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
   env["JAX_PLATFORMS"] = "cpu"
   env.pop("XLA_FLAGS", None)
+  if "LORA_JAX_TEST_CHILD_XLA_CACHE" in env:  # their own compilation cache (conftest.py)
+    env["JAX_COMPILATION_CACHE_DIR"] = env["LORA_JAX_TEST_CHILD_XLA_CACHE"]
   return env
