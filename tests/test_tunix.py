@@ -164,15 +164,15 @@ def test_stray_weight_file_is_refused(family, tmp_path):
 
 
 def test_readme_recipe_runs(family, tmp_path):
-  """The README's "Fine-tune a Hugging Face checkpoint" block, on each family's folder."""
+  """docs/huggingface.md's training-loop block, on each family's folder."""
   import pathlib
   import re
   _, folder, _, _, _ = family
-  text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+  text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "huggingface.md").read_text()
   (block,) = re.findall(r"```python tunix\n(.*?)```", text, flags=re.S)
   namespace = {"HF_FOLDER": folder, "PEFT_FOLDER": tmp_path / "peft"}
   with jax.numpy_dtype_promotion("standard"):  # optax's Adam mixes float and int32
-    exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+    exec(compile(block, "docs/huggingface.md", "exec"), namespace)  # noqa: S102
   assert (tmp_path / "peft" / "adapter_model.safetensors").is_file()
 
 
@@ -231,7 +231,7 @@ class _DigitTokenizer:
 
 @pytest.mark.parametrize("name", ["llama", "gemma3"])
 def test_tunix_sampler_runs_the_adapters_unmerged(name, tmp_path):
-  """README recipe: Tunix's own Sampler on lj.nnx_module equals it on the merged model."""
+  """docs/huggingface.md's recipe: Tunix's Sampler on lj.nnx_module equals it on the merged model."""
   from tunix.generate import sampler as tunix_sampler
   hf_tiny.save(name, tmp_path)
   model = lj.load_hf(tmp_path)
@@ -256,14 +256,14 @@ def test_tunix_sampler_runs_the_adapters_unmerged(name, tmp_path):
     np.testing.assert_array_equal(ours, merged_tokens)
   assert all(len(t) == 6 for t in tokens)
   assert any(not np.array_equal(o, b) for o, b in zip(tokens, base_tokens))
-  if name == "llama":  # the README's recipe, as written
+  if name == "llama":  # the recipe in docs/huggingface.md, as written
     import pathlib
-    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "huggingface.md").read_text()
     (block,) = re.findall(r"```python tunix-sampler\n(.*?)```", text, flags=re.S)
     namespace = {"model": model, "lp": lp, "config": config, "lj": lj,
                  "TOKENIZER": _DigitTokenizer()}
     with jax.numpy_dtype_promotion("standard"):
-      exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102
+      exec(compile(block, "docs/huggingface.md", "exec"), namespace)  # noqa: S102
     assert isinstance(namespace["module"], lj.LoraModule)
 
 
