@@ -231,7 +231,7 @@ class _DigitTokenizer:
 
 @pytest.mark.parametrize("name", ["llama", "gemma3"])
 def test_tunix_sampler_runs_the_adapters_unmerged(name, tmp_path):
-  """docs/huggingface.md's recipe: Tunix's Sampler on lj.nnx_module equals it on the merged model."""
+  """docs/huggingface.md's recipe: Tunix's Sampler on lj.nnx_module equals the merged model."""
   from tunix.generate import sampler as tunix_sampler
   hf_tiny.save(name, tmp_path)
   model = lj.load_hf(tmp_path)
