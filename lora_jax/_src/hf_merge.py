@@ -145,11 +145,10 @@ def read_updates(adapters: pathlib.Path, tensor_of: Callable[[str], str]
   trained = {}
   for key in sorted(set(tensors) - lora_keys - magnitudes):
     module, _, param = key.removeprefix(PREFIX).rpartition(".")
-    adapted = module.endswith(".base_layer") and module.removesuffix(".base_layer") in {
-        m.removeprefix(PREFIX) for m in modules}
+    wrapped = module.endswith(".base_layer")
     module = module.removesuffix(".base_layer").removesuffix(".modules_to_save")
     tensor = f"{tensor_of(module)}.{param}"
-    if adapted and param == "weight" and tensor in updates:
+    if wrapped and param == "weight" and tensor in updates:
       # PEFT saves an adapted embedding's base weight beside its factors (the default when an
       # embedding is targeted, for resized vocabularies): the update applies to that weight.
       updates[tensor] = updates[tensor]._replace(base=tensors[key])
@@ -163,6 +162,8 @@ def _merge_tensor(w: np.ndarray, update: Update, *, fan_in_fan_out: bool,
                   out_dtype: Any) -> np.ndarray:
   """The merged weight, by the one merge formula (``merge.merged_weight``): PEFT's factors in
   PyTorch's layout are read as a ``Target`` of the weight and our ``A``/``B``."""
+  if update.base is not None:  # the weight PEFT saved beside the factors replaces the base's
+    w = update.base.load().astype(w.dtype)
   f32 = lambda t: t.load().astype(np.float32)  # noqa: E731
   a, b = f32(update.a), f32(update.b)
   if update.kind == "embedding":  # weight (vocab, dim), ΔW = (B·A)ᵀ: the input is the vocab
@@ -330,8 +331,6 @@ def merge_hf(base: str | os.PathLike[str], adapters: str | os.PathLike[str],
         for leaf in group:
           original, shard = next(source)
           value = readers[shard].read(original.path)
-          if original.path in updates and updates[original.path].base is not None:
-            value = updates[original.path].base.load().astype(value.dtype)
           if original.path in updates:
             value = _merge_tensor(value, updates[original.path], fan_in_fan_out=fan,
                                   out_dtype=leaf.dtype)
