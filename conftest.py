@@ -2,8 +2,11 @@
 
 import os
 import pathlib
+import sys
 
-from lora_jax._src.host_devices import set_host_devices
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "tests"))
+
+from host_devices import set_host_devices  # noqa: E402  (tests/host_devices.py)
 
 # The 8 fake devices share 2 cores: raise XLA:CPU's 40 s collective timeout (where this XLA
 # has the flags) so a lagging device thread is waited for instead of aborting the process.

@@ -27,7 +27,7 @@ Variants, each a jitted step (loss, gradient, Adam update of what it trains):
             installed; where qwix fails on a model, the reason is printed)
   with --dora, also:
   dora-merge   DoRA (use_dora=True) by forming each weight m * V / ||V|| inside the step
-  dora         DoRA, factored (norms from the factors; see lora_jax/_src/dora.py)
+  dora         DoRA, factored (norms from the factors; see lora_jax/_src/numerics/dora.py)
   and the ratios of factored DoRA to factored LoRA.
 
 Reports medians over interleaved repeats of wall time, XLA cost-analysis FLOPs and XLA

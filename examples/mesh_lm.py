@@ -9,13 +9,11 @@ import os
 import pathlib
 import sys
 
-from lora_jax._src.host_devices import host_device_flags
-
 # Must be set before JAX starts: 8 host devices stand in for accelerators on a CPU machine.
-# They share the machine's cores, so one device can lag another by more than XLA:CPU's default
-# 40 s collective timeout on a 2-core machine; the flags raise it where this XLA has the flags.
-if "XLA_FLAGS" not in os.environ:
-  os.environ["XLA_FLAGS"] = host_device_flags(8)
+# They share the machine's cores; on a machine with few cores, one device can lag another by more
+# than XLA:CPU's default 40 s collective timeout: add
+# --xla_cpu_collective_call_terminate_timeout_seconds=1200 to XLA_FLAGS where your XLA knows it.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import lora_jax as lj  # noqa: E402
 

@@ -6,41 +6,43 @@ tasks are Flax models) and the NNX module wrapper load on first use of their nam
 
 import importlib
 
-from lora_jax._src.adapt import Adapted, adapt
-from lora_jax._src.checkpoint import CheckpointMismatch, load_adapters, save_adapters
-from lora_jax._src.checksums import ChecksumError
-from lora_jax._src.combine import combine
-from lora_jax._src.config import LoraConfig
-from lora_jax._src.deprecated import export_peft, import_peft, restore_train_state
-from lora_jax._src.factored import FallbackWarning
-from lora_jax._src.hf_merge import merge_hf
-from lora_jax._src.infer import infer_axes
-from lora_jax._src.lift import LoraParams, disable, lift, overlay
-from lora_jax._src.lineage import BaseMismatch
-from lora_jax._src.merge import merge, unmerge
-from lora_jax._src.names import NameMap, name_map
-from lora_jax._src.names import Rule as NameRule
-from lora_jax._src.optim import labels, optimizer
-from lora_jax._src.peft_format import load_peft, save_peft
-from lora_jax._src.plan import Target, plan
-from lora_jax._src.principal import to_standard as principal_to_lora
-from lora_jax._src.qarray import QuantizedArray
-from lora_jax._src.quantize import dequantize, quantize
-from lora_jax._src.quantized_io import load_quantized, save_quantized
-from lora_jax._src.sampling import generate
-from lora_jax._src.stack import AdapterStack, stack_adapters
-from lora_jax._src.streaming import merge_checkpoint
-from lora_jax._src.summary import Summary, SummaryRow, summary
-from lora_jax._src.train_state import load_train_state, save_train_state
-from lora_jax._src.tree import PyTree, paths
-from lora_jax._src.wrap import wrap
-from lora_jax._src.zoo import ZooModel, load_hf
+from lora_jax._src.adapters.combine import combine
+from lora_jax._src.adapters.lift import disable, lift, overlay
+from lora_jax._src.adapters.merge import merge, unmerge
+from lora_jax._src.adapters.optim import labels, optimizer
+from lora_jax._src.adapters.principal import to_standard as principal_to_lora
+from lora_jax._src.adapters.quantize import dequantize, quantize
+from lora_jax._src.adapters.stack import AdapterStack, stack_adapters
+from lora_jax._src.adapters.summary import Summary, SummaryRow, summary
+from lora_jax._src.cli.adapt import Adapted, adapt
+from lora_jax._src.cli.deprecated import export_peft, import_peft, restore_train_state
+from lora_jax._src.core.config import LoraConfig
+from lora_jax._src.core.params import LoraParams
+from lora_jax._src.core.plan import Target, plan
+from lora_jax._src.core.tree import PyTree, paths
+from lora_jax._src.factored.infer import infer_axes
+from lora_jax._src.factored.interpreter import FallbackWarning
+from lora_jax._src.factored.sampling import generate
+from lora_jax._src.factored.wrap import wrap
+from lora_jax._src.io.checkpoint import CheckpointMismatch, load_adapters, save_adapters
+from lora_jax._src.io.checksums import ChecksumError
+from lora_jax._src.io.hf_merge import merge_hf
+from lora_jax._src.io.lineage import BaseMismatch
+from lora_jax._src.io.names import NameMap, name_map
+from lora_jax._src.io.names import Rule as NameRule
+from lora_jax._src.io.peft_format import load_peft, save_peft
+from lora_jax._src.io.quantized_io import load_quantized, save_quantized
+from lora_jax._src.io.streaming import merge_checkpoint
+from lora_jax._src.io.train_state import load_train_state, save_train_state
+from lora_jax._src.io.zoo import ZooModel, load_hf
+from lora_jax._src.numerics.qarray import QuantizedArray
 
 __version__ = "0.4.0"
 
 # Public names whose modules import Flax's model libraries, loaded when first used.
-_LAZY = {"load_job_config": "lora_jax._src.job", "run_job": "lora_jax._src.job",
-         "LoraModule": "lora_jax._src.nnx_module", "nnx_module": "lora_jax._src.nnx_module"}
+_LAZY = {"load_job_config": "lora_jax._src.cli.job", "run_job": "lora_jax._src.cli.job",
+         "LoraModule": "lora_jax._src.factored.nnx_module",
+         "nnx_module": "lora_jax._src.factored.nnx_module"}
 
 
 def __getattr__(name: str):

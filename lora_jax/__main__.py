@@ -2,6 +2,6 @@
 
 import sys
 
-from lora_jax._src.cli import main
+from lora_jax._src.cli.main import main
 
 sys.exit(main())

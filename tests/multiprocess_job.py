@@ -15,7 +15,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from lora_jax._src.host_devices import set_host_devices  # noqa: E402
+from host_devices import set_host_devices  # noqa: E402  (beside this script)
 
 
 def _join() -> tuple[int, int]:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
-from lora_jax._src.combine import _svd
+from lora_jax._src.adapters.combine import _svd
 
 PARAMS = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (16, 24)),
                     "bias": jnp.zeros(24)},

@@ -234,7 +234,7 @@ def test_adapters_of_the_other_kind_are_refused(key, tmp_path):
 def test_streaming_merge_and_inspect(key, tmp_path, capsys):
   import orbax.checkpoint as ocp
 
-  from lora_jax._src.cli import main as cli
+  from lora_jax._src.cli.main import main as cli
 
   case = CASES["attention"]
   config = dora_config(case.config)

@@ -18,9 +18,9 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import lora_jax as lj  # noqa: E402
-from lora_jax._src import job  # noqa: E402
-from lora_jax._src.hf_merge import merge_hf  # noqa: E402
-from lora_jax._src.safetensors_io import SafetensorsError, SafetensorsFile  # noqa: E402
+from lora_jax._src.cli import job  # noqa: E402
+from lora_jax._src.io.hf_merge import merge_hf  # noqa: E402
+from lora_jax._src.io.safetensors_io import SafetensorsError, SafetensorsFile  # noqa: E402
 
 # Reads of damaged checkpoints leave orbax coroutines that fail when garbage collected
 # (orbax's clean-up, not ours), reported by pytest as unraisable: collected here.

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
-from lora_jax._src.cli import main as cli
+from lora_jax._src.cli.main import main as cli
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -156,7 +156,7 @@ def test_failures_leave_nothing_and_name_the_problem(tmp_path, monkeypatch):
                 tensor_name=lambda m: m.replace("model.", "other.", 1))
   assert not (tmp_path / "merged").exists()
   # A crash in the middle of writing: no output, no staging left behind.
-  from lora_jax._src import streaming
+  from lora_jax._src.io import streaming
 
   calls = []
   original = streaming.SafetensorsWriter.write

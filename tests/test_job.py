@@ -7,8 +7,8 @@ import jax
 import pytest
 
 import lora_jax as lj
-from lora_jax._src.cli import main as cli
-from lora_jax._src.job import run
+from lora_jax._src.cli.job import run
+from lora_jax._src.cli.main import main as cli
 
 pytestmark = [pytest.mark.slow, pytest.mark.oldest]  # whole lora-jax train jobs
 
@@ -165,7 +165,7 @@ def test_hf_task_without_the_zoo_says_what_to_install(tmp_path, monkeypatch, cap
   import json
   import sys
 
-  from lora_jax._src.cli import main
+  from lora_jax._src.cli.main import main
   for name in ("tunix", "tunix.models"):
     monkeypatch.setitem(sys.modules, name, None)  # any import of them now raises ImportError
   folder = tmp_path / "model"
@@ -181,7 +181,7 @@ def test_hf_task_without_the_zoo_says_what_to_install(tmp_path, monkeypatch, cap
 
 
 def test_previous_quantize_dtype_key_still_works():
-  from lora_jax._src.job import _quantize_config
+  from lora_jax._src.cli.job import _quantize_config
   with pytest.warns(FutureWarning, match="quantize.kind"):
     assert _quantize_config({"dtype": "int8"})["kind"] == "int8"
   with pytest.raises(ValueError, match="both set"):

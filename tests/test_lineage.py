@@ -11,8 +11,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
-from lora_jax._src import lineage
-from lora_jax._src.cli import main as cli
+from lora_jax._src.cli.main import main as cli
+from lora_jax._src.io import lineage
 
 CONFIG = lj.LoraConfig(rank=2, targets=r"kernel$")
 

@@ -11,7 +11,7 @@ import pytest
 from reference import reference_merge
 
 import lora_jax as lj
-from lora_jax._src.cli import main as cli
+from lora_jax._src.cli.main import main as cli
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ def test_mismatched_adapters_and_missing_inputs(setup, capsys):
 @pytest.mark.slow
 def test_inspect_console_script(setup):
   *_, tmp = setup
-  result = subprocess.run([sys.executable, "-m", "lora_jax._src.cli", "inspect",
+  result = subprocess.run([sys.executable, "-m", "lora_jax._src.cli.main", "inspect",
                            str(tmp / "adapters")], capture_output=True, text=True, check=True)
   assert '"rank": 4' in result.stdout
   assert "params/attn/out/kernel" in result.stdout and "(2, 8, 4)" in result.stdout

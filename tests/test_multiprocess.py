@@ -115,7 +115,7 @@ def test_train_job_runs_as_two_processes(tmp_path):
   args = ["--config", str(JOB.parent.parent / "configs" / "digits.yaml"), "--set",
           "mesh.data=2", "--set", "mesh.model=4", "--set", "pretrain.steps=8", "--set",
           "finetune.steps=8", "--set", "finetune.log_every=1", "--set", "full_finetune=false"]
-  cli = [sys.executable, "-m", "lora_jax._src.cli", "train"]
+  cli = [sys.executable, "-m", "lora_jax._src.cli.main", "train"]
 
   def env(devices, **extra):
     return {**child_env(), "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
@@ -169,7 +169,7 @@ def test_hf_job_two_processes_resume_exactly(tmp_path):
   hf_tiny.save_tokenizer(folder)
   data = tmp_path / "data.jsonl"
   data.write_text("".join(json.dumps(r) + "\n" for r in hf_tiny.records()))
-  cli = [sys.executable, "-m", "lora_jax._src.cli", "train", "--distributed"]
+  cli = [sys.executable, "-m", "lora_jax._src.cli.main", "train", "--distributed"]
 
   def start(name):
     config = {"model": {"hf": str(folder)}, "data": {"jsonl": str(data), "seq_len": 16,

@@ -289,7 +289,7 @@ def test_trained_leaves_export_to_peft_and_back(tmp_path, biases):
   config = lj.LoraConfig(rank=2, targets=targets, trainable=trainable)
   lp = lj.lift(params, config, key=jax.random.key(2))
   bump = lambda path, v: v + 0.2 if config.is_trainable(path) else v  # noqa: E731
-  from lora_jax._src.tree import map_with_paths
+  from lora_jax._src.core.tree import map_with_paths
   lp = lj.LoraParams(map_with_paths(bump, lp.base),
                      jax.tree.map(lambda a: a + 0.3, lp.adapters))
   apply = lambda p, x: FlaxHeaded().apply({"params": p}, x)  # noqa: E731
@@ -362,8 +362,8 @@ def _same_dare_masks(monkeypatch, peft_model, n_adapters):
     return merge_one(combination_type, adapters, weights, target, *rest)
 
   def bernoulli(probabilities):
-    from lora_jax._src.peft_format import default_module_name
-    from lora_jax._src.tree import adapter_paths
+    from lora_jax._src.core.tree import adapter_paths
+    from lora_jax._src.io.peft_format import default_module_name
     paths = adapter_paths(state["tree"])
     path = next(p for p in paths if state["module"].endswith("." + default_module_name(p)))
     factor, n = divmod(state["calls"], n_adapters)

@@ -3,8 +3,8 @@
 import io
 import xml.etree.ElementTree as ET
 
-from lora_jax._src.plot import loss_svg
-from lora_jax._src.progress import Progress
+from lora_jax._src.cli.plot import loss_svg
+from lora_jax._src.cli.progress import Progress
 
 
 class FakeClock:

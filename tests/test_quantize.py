@@ -22,8 +22,8 @@ import zoo
 from architectures import architectures
 
 import lora_jax as lj
-from lora_jax._src import qarray
-from lora_jax._src.cli import main as cli
+from lora_jax._src.cli.main import main as cli
+from lora_jax._src.numerics import qarray
 
 F32 = dict(rtol=1e-4, atol=1e-5)
 KINDS = [dict(kind="nf4", block_size=2), dict(kind="nf4", block_size=2, double_quant=False),

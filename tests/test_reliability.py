@@ -25,9 +25,9 @@ import pytest
 from child_env import child_env
 
 import lora_jax as lj
-from lora_jax._src import atomic
-from lora_jax._src.checkpoint import json_digest
-from lora_jax._src.cli import main as cli
+from lora_jax._src.cli.main import main as cli
+from lora_jax._src.io import atomic
+from lora_jax._src.io.checkpoint import json_digest
 
 HERE = pathlib.Path(__file__).resolve().parent
 # Reads of damaged checkpoints leave orbax coroutines that fail when garbage collected
@@ -336,7 +336,7 @@ def test_nan_training_stops_and_saves_nothing(tmp_path):
 
 
 def _run(config):
-  from lora_jax._src.job import run  # pylint: disable=import-outside-toplevel
+  from lora_jax._src.cli.job import run  # pylint: disable=import-outside-toplevel
   return run(config, echo=lambda _: None)
 
 

@@ -187,7 +187,7 @@ def test_stack_checkpoint_round_trip_and_merge_of_one(tmp_path, capsys):
   a stack (onto a target's shardings, too), and `lora-jax merge --adapter NAME` merges one."""
   import orbax.checkpoint as ocp
 
-  from lora_jax._src.cli import main as cli
+  from lora_jax._src.cli.main import main as cli
 
   model, x, params, named = _adapters()
   stack, config = lj.stack_adapters(named)

@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 
 import lora_jax as lj
-from lora_jax._src import atomic, job
-from lora_jax._src.cli import main as cli
-from lora_jax._src.hf_merge import merge_hf
-from lora_jax._src.patterns import compile_safe
-from lora_jax._src.quantized_io import is_job_base, write_base
-from lora_jax._src.safetensors_io import SafetensorsError, SafetensorsFile
-from lora_jax._src.yaml_io import load_yaml
+from lora_jax._src.cli import job
+from lora_jax._src.cli.main import main as cli
+from lora_jax._src.core.patterns import compile_safe
+from lora_jax._src.core.yaml_io import load_yaml
+from lora_jax._src.io import atomic
+from lora_jax._src.io.hf_merge import merge_hf
+from lora_jax._src.io.quantized_io import is_job_base, write_base
+from lora_jax._src.io.safetensors_io import SafetensorsError, SafetensorsFile
 
 
 def _lp(alpha=16.0, fill=None):
@@ -166,7 +167,7 @@ def test_quantized_base_codes_scales_and_record_are_verified(tmp_path):
     (other / name).write_bytes((path / name).read_bytes())
   with pytest.raises(lj.ChecksumError, match="d/kernel/absmax: its bytes changed"):
     lj.load_quantized(other)
-  from lora_jax._src.streaming import open_base  # what lora-jax merge reads it with
+  from lora_jax._src.io.streaming import open_base  # what lora-jax merge reads it with
 
   with pytest.raises(lj.ChecksumError, match="d/kernel/absmax: its bytes changed"):
     open_base(other).read(["d/kernel"])

@@ -145,7 +145,7 @@ def test_unsupported_config_is_refused(tmp_path):
   config = transformers.LlamaConfig(**dict(hf_tiny.SMALL, num_key_value_heads=2,
                                            rope_theta=500000.0))
   transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
-  from lora_jax._src import zoo
+  from lora_jax._src.io import zoo
   applied = zoo._rope_base_applied(zoo._tunix("llama3.model"), "rope_theta")
   if applied in (None, 500000.0):
     pytest.skip("this google-tunix release applies the config's rope_theta")
@@ -275,7 +275,7 @@ def _ours_on(model, config, lp, tokens):
 # --- lora-jax train on a Hugging Face folder and a JSONL file -------------------------------
 
 def test_textdata_targets_are_completions_and_assistant_turns(tmp_path):
-  from lora_jax._src import textdata
+  from lora_jax._src.cli import textdata
   hf_tiny.save_tokenizer(tmp_path)
   (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2}))
   tokenizer = textdata.Tokenizer(tmp_path)
@@ -306,7 +306,7 @@ def test_textdata_targets_are_completions_and_assistant_turns(tmp_path):
     ("{oops", "not a JSON object"),
 ])
 def test_bad_records_are_refused_with_their_line(tmp_path, line, match):
-  from lora_jax._src import textdata
+  from lora_jax._src.cli import textdata
   path = tmp_path / "data.jsonl"
   path.write_text('{"text": "fine"}\n' + line + "\n")
   with pytest.raises(ValueError, match=match) as info:
@@ -330,7 +330,7 @@ def test_train_job_on_a_hugging_face_folder(tmp_path):
   lines: list[str] = []
   config = lj.load_job_config(tmp_path / "job.yaml")
   assert config["task"] == "hf" and not config["full_finetune"]
-  from lora_jax._src.job import run
+  from lora_jax._src.cli.job import run
   metrics = run(config, echo=lines.append)
   assert metrics["lora"] < 0.7 * metrics["base"], metrics  # held-out perplexity
   run_dir = tmp_path / "run"
@@ -382,7 +382,7 @@ def test_train_job_resumes_bitwise_after_sigkill(tmp_path):
               "lora": {"rank": 4, "alpha": 8.0, "dropout": 0.1}, "export": {"peft": False},
               "run_dir": str(tmp_path / name)}
     (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
-    return [sys.executable, "-c", "import sys; from lora_jax._src.cli import main; "
+    return [sys.executable, "-c", "import sys; from lora_jax._src.cli.main import main; "
             "sys.exit(main(sys.argv[1:]))", "train", "--config", str(tmp_path / f"{name}.yaml")]
 
   subprocess.run(job("whole"), env=child_env(), check=True, capture_output=True)
@@ -418,7 +418,7 @@ def test_guessed_axes_fallback_says_to_infer_them(tmp_path):
 
 
 def test_generate_cli_with_an_adapter_stack(tmp_path, capsys):
-  from lora_jax._src.cli import main
+  from lora_jax._src.cli.main import main
   folder = tmp_path / "model"
   hf_tiny.save("qwen2", folder)
   hf_tiny.save_tokenizer(folder)
@@ -437,7 +437,7 @@ def test_generate_cli_with_an_adapter_stack(tmp_path, capsys):
   tokenizer_ids = [[1] + [ord(c) - 28 for c in p] for p in prompts]  # <s> + characters
   want = [lj.generate(model, trees[1], tokenizer_ids[:1], config=config, max_new_tokens=5),
           lj.generate(model, model.params, tokenizer_ids[1:], max_new_tokens=5)]
-  from lora_jax._src.textdata import Tokenizer
+  from lora_jax._src.cli.textdata import Tokenizer
   tokenizer = Tokenizer(folder)
   for line, prompt, tokens in zip(lines, prompts, want):
     ids = tokens[0].tolist()
@@ -490,7 +490,7 @@ def test_scanned_layers_export_per_layer_and_restack(tmp_path):
     adapters[k] = {x: np.stack([np.asarray(e[x]) for e in entry]) for x in ("a", "b")}
     ins = config.in_axes_for(f"layers/0/{k}")
     in_axes[f"^layers/{re.escape(k)}$"] = tuple(p + 1 for p in ins)
-  from lora_jax._src.tree import nest as nest_paths
+  from lora_jax._src.core.tree import nest as nest_paths
   nest = lambda flat: {"layers": nest_paths(flat)}  # noqa: E731
   scanned_config = lj.LoraConfig(rank=4, alpha=8.0, targets=r"^layers/", in_axes=in_axes,
                                  stack_axes={r"^layers/": 1})
@@ -527,7 +527,7 @@ def test_gemma3_recomputation_stays_within_each_layer(monkeypatch):
   from flax import nnx
   from tunix.models.gemma3 import model as gemma3
 
-  from lora_jax._src import recompute
+  from lora_jax._src.factored import recompute
   config = gemma3.ModelConfig(num_layers=3, embed_dim=256, hidden_dim=1024, num_heads=4,
                               head_dim=64, num_kv_heads=2, num_embed=256,
                               sliding_window_size=32, param_dtype=jnp.float32)
