@@ -111,20 +111,20 @@ def test_merge_does_not_retrace(key):
   case = CASES["dense"]
   lp = lj.lift(case.params, case.config, key=key)
   traces = []
-  original = lj._src.merge.fold
+  original = lj._src.adapters.merge.fold
 
   def counting(*args):
     traces.append(1)
     return original(*args)
 
-  lj._src.merge.fold = counting
+  lj._src.adapters.merge.fold = counting
   try:
-    lj._src.merge._merge.clear_cache()
+    lj._src.adapters.merge._merge.clear_cache()
     lj.merge(lp, case.config)
     lj.merge(zoo.randomize(lp), case.config)
     lj.merge(lp, lj.LoraConfig(**case.config.to_dict()))  # equal config: same cache entry
   finally:
-    lj._src.merge.fold = original
+    lj._src.adapters.merge.fold = original
   assert len(traces) == 1
 
 

@@ -64,7 +64,7 @@ def test_merge_from_manager_step_and_to_safetensors_and_back(setup):
 
   loaded = load_file(str(tmp / "m.safetensors"))
   assert "params/attn/query/kernel" in loaded
-  _check(lj._src.tree.nest(loaded), params, lp, config)
+  _check(lj._src.core.tree.nest(loaded), params, lp, config)
   # A safetensors base works too; cast to bfloat16 on the way.
   lj.merge_checkpoint(tmp / "m.safetensors", tmp / "adapters", tmp / "again",
                       dtype="bfloat16")
