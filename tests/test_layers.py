@@ -50,8 +50,8 @@ def _imports(path: pathlib.Path) -> list[tuple[str, int, bool]]:
 def test_every_module_sits_in_a_layer():
   loose = [p.name for p in SRC.glob("*.py") if p.name != "__init__.py"]
   assert not loose, f"modules outside a layer subpackage: {loose}"
-  assert sorted(p.name for p in SRC.iterdir() if p.is_dir() and p.name not in (
-      "data", "__pycache__")) == sorted(LAYERS)
+  assert sorted(p.name for p in SRC.iterdir()
+                if p.is_dir() and p.name != "__pycache__") == sorted(LAYERS)
 
 
 def test_imports_only_look_down():
@@ -100,3 +100,28 @@ def test_layer_docstring_names_its_modules(layer):
   missing = [p.stem for p in (SRC / layer).glob("*.py")
              if p.stem != "__init__" and f"``{p.stem}``" not in doc]
   assert not missing, f"{layer}/__init__.py does not name {missing}"
+
+
+def _entry_key_uses(path: pathlib.Path) -> list[str]:
+  """Code (not docstrings) that spells an adapter entry's keys: ``e["a"]``, ``{"b": ...}``,
+  ``"m" in e``, ``e.get("m")``."""
+  keys = {"a", "b", "m"}
+  is_key = lambda node: isinstance(node, ast.Constant) and node.value in keys  # noqa: E731
+  found = []
+  for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    hit = (isinstance(node, ast.Subscript) and is_key(node.slice)
+           or isinstance(node, ast.Dict) and any(k is not None and is_key(k) for k in node.keys)
+           or isinstance(node, ast.Compare) and is_key(node.left)
+           and isinstance(node.ops[0], (ast.In, ast.NotIn))
+           or isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+           and node.func.attr in ("get", "pop") and node.args and is_key(node.args[0]))
+    if hit:
+      found.append(f"{path.relative_to(SRC)}:{node.lineno}")
+  return found
+
+
+def test_the_adapter_schema_is_spelled_in_one_module():
+  """Only ``core/kinds.py`` names an entry's arrays; every other module asks it."""
+  found = [hit for name, path in _modules().items() if name != "core.kinds"
+           for hit in _entry_key_uses(path)]
+  assert not found, found

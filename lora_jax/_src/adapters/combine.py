@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax._src.adapters.stack import same_weights
+from lora_jax._src.core import kinds
 from lora_jax._src.core.config import LoraConfig
 from lora_jax._src.core.tree import nest
 
@@ -195,8 +196,8 @@ def combine(adapters: Mapping[str, tuple[Any, LoraConfig]], weights: Mapping[str
     out_ranks[path] = r
     stack_in = a_shape[:-1]
     dtype = adapters[names[0]][1].dtype
-    flat[path] = {"a": a.reshape(*stack_in, r).astype(dtype),
-                  "b": b.reshape(*b_shape[:n_stack], r, *b_shape[n_stack + 1:]).astype(dtype)}
+    flat[path] = kinds.entry(a.reshape(*stack_in, r).astype(dtype),
+                             b.reshape(*b_shape[:n_stack], r, *b_shape[n_stack + 1:]).astype(dtype))
   base_config = adapters[names[0]][1]
   top = max(out_ranks.values())
   pattern = {f"^{re.escape(p)}$": r for p, r in out_ranks.items() if r != top}

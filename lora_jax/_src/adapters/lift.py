@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax._src.adapters import principal
+from lora_jax._src.core import kinds
 from lora_jax._src.core.config import LoraConfig, is_principal
 from lora_jax._src.core.params import LoraParams
 from lora_jax._src.core.plan import Target, plan, sharding_specs
@@ -29,24 +30,33 @@ def concrete_sharding(leaf: Any) -> Any:
   return getattr(leaf, "sharding", None)
 
 
-def _a_values(key: jax.Array, *, target: Target, init: str, dtype: str) -> jax.Array:
-  shape = target.a_shape
-  if init == "gaussian":
+def _values(key: jax.Array, *, array: kinds.Array, target: Target, init: str,
+            dtype: str) -> jax.Array:
+  """One array of a fresh entry, as its ``Array.init`` says (``kinds.py``)."""
+  shape = array.shape(target)
+  if array.init == "zeros":
+    return jnp.zeros(shape, dtype)
+  if array.init == "lora" and init == "gaussian":
     return (jax.random.normal(key, shape, jnp.float32) / target.rank).astype(dtype)
-  # he-uniform over the input axes: variance 2 / fan_in.
-  bound = math.sqrt(6.0 / math.prod(target.in_shape))
+  if array.init == "lora":  # he-uniform over the input axes: variance 2 / fan_in
+    bound = math.sqrt(6.0 / math.prod(target.in_shape))
+  elif array.init == "fan_in":  # PyTorch's kaiming_uniform_(a=sqrt(5)) of PEFT's layout
+    bound = 1.0 / math.sqrt(math.prod(target.in_shape) if array.side == "a" else target.rank)
+  else:
+    raise ValueError(f"{target.path}: no initialization {array.init!r} for {array.name}.")
   return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
 
 
 @functools.lru_cache(maxsize=256)
 def _initializers(target: Target, init: str, dtype: str, a_sharding: Any, b_sharding: Any):
-  """Jitted makers of A and a zero B, each array made where its sharding places it: each
-  device (and so each process) computes only its own shard (JAX's partitionable threefry
-  draws the same values as a whole draw)."""
-  make_a = jax.jit(functools.partial(_a_values, target=target, init=init, dtype=dtype),
-                   out_shardings=a_sharding)
-  make_b = jax.jit(lambda: jnp.zeros(target.b_shape, dtype), out_shardings=b_sharding)
-  return make_a, make_b
+  """Jitted makers of the entry's arrays (but DoRA's ``m``), each array made where its
+  sharding places it: each device (and so each process) computes only its own shard (JAX's
+  partitionable threefry draws the same values as a whole draw)."""
+  sharding = {kinds.A.side: a_sharding, kinds.B.side: b_sharding}
+  return tuple(
+      (array.name, jax.jit(functools.partial(_values, array=array, target=target, init=init,
+                                             dtype=dtype), out_shardings=sharding[array.side]))
+      for array in kinds.of(target.kind).arrays)
 
 
 def _as_key(key: Any) -> jax.Array:
@@ -120,16 +130,22 @@ def lift(params: PyTree, config: LoraConfig, *, key: jax.Array) -> LoraParams:
                                 if isinstance(sharding, jax.sharding.Sharding) else residual)
       if a_sharding is not None:
         a, b = jax.device_put(a, a_sharding), jax.device_put(b, b_sharding)
+      made = kinds.entry(a, b)
     elif _is_abstract(leaf):
-      a = jax.ShapeDtypeStruct(target.a_shape, config.dtype, sharding=a_sharding)
-      b = jax.ShapeDtypeStruct(target.b_shape, config.dtype, sharding=b_sharding)
+      sharding = {kinds.A.side: a_sharding, kinds.B.side: b_sharding}
+      made = {x.name: jax.ShapeDtypeStruct(x.shape(target), config.dtype,
+                                           sharding=sharding[x.side])
+              for x in kinds.of(target.kind).arrays}
     else:
-      make_a, make_b = _initializers(target._replace(path=""), config.init, config.dtype,
-                                     a_sharding, b_sharding)
-      a, b = make_a(subkey), make_b()
-    flat[target.path] = {"a": a, "b": b}
+      makers = _initializers(target._replace(path=""), config.init, config.dtype,
+                             a_sharding, b_sharding)
+      # The first array draws from the leaf's key (LoRA's A, as before kinds); the others
+      # from keys folded from it.
+      made = {name: make(subkey if i == 0 else jax.random.fold_in(subkey, i))
+              for i, (name, make) in enumerate(makers)}
     if target.dora:
-      flat[target.path]["m"] = _magnitude(leaf, target, config.dtype, b_sharding)
+      made[kinds.M.name] = _magnitude(leaf, target, config.dtype, b_sharding)
+    flat[target.path] = made
   if residuals:
     params = map_with_paths(lambda p, leaf: residuals.get(p, leaf), params)
   return LoraParams(base=params, adapters=nest(flat))

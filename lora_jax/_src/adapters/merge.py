@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from lora_jax._src.adapters.stack import refuse_stack
+from lora_jax._src.core import kinds
 from lora_jax._src.core.config import LoraConfig
 from lora_jax._src.core.lowrank import adapted_weight, low_rank_delta
 from lora_jax._src.core.params import LoraParams
@@ -51,18 +52,23 @@ def check_adapters(targets: tuple[Target, ...], adapters: Mapping[str, Any] | No
   for target in targets:
     entry = lookup(adapters, target.path)
     names = set(target.entry_names)
-    if not isinstance(entry, Mapping) or not {"a", "b"} <= set(entry):
+    if not isinstance(entry, Mapping) or kinds.kind_of(entry) is None:
       errors.append(f"{target.path}: missing adapter {sorted(names)} for base shape "
                     f"{target.shape}.")
       continue
+    if kinds.kind_of(entry).name != target.kind:
+      errors.append(f"{target.path}: a {kinds.kind_of(entry).name} adapter (keys "
+                    f"{sorted(entry)}), but the config says kind={target.kind!r} (keys "
+                    f"{sorted(names)}). Use the config the adapters were made with.")
+      continue
     if set(entry) != names:
-      has = "has" if "m" in entry else "lacks"
+      has = "has" if kinds.has_magnitude(entry) else "lacks"
       errors.append(
           f"{target.path}: the adapter {has} a DoRA magnitude 'm', but the config says "
           f"use_dora={target.dora} for this path (keys {sorted(entry)}, expected "
           f"{sorted(names)}). Use the config the adapters were made with.")
       continue
-    shapes = {"a": target.a_shape, "b": target.b_shape, "m": target.m_shape}
+    shapes = kinds.shapes(target)
     for name in target.entry_names:
       found = tuple(getattr(entry[name], "shape", ()))
       if found != shapes[name]:
@@ -70,7 +76,7 @@ def check_adapters(targets: tuple[Target, ...], adapters: Mapping[str, Any] | No
             f"{target.path}/{name}: shape {found} does not fit the base leaf of shape "
             f"{target.shape}; expected {shapes[name]} (stack {target.stack_shape}, input axes "
             f"{target.in_shape}, rank {target.rank}, output axes {target.out_shape}).")
-    entries.append((target, entry["a"], entry["b"], entry.get("m")))
+    entries.append((target, *kinds.lowrank(entry)))
   if errors:
     raise ValueError(
         f"The {what} do not fit the base parameters under this LoraConfig (were they made "

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lora_jax._src.core import kinds
 from lora_jax._src.core.config import LoraConfig
 from lora_jax._src.core.params import LoraParams
 from lora_jax._src.core.tree import PyTree, leaves_with_paths, map_with_paths
@@ -139,6 +140,7 @@ def optimizer(tx: optax.GradientTransformation, config: LoraConfig, *,
   def factor_labels(lp: LoraParams) -> LoraParams:
     coarse = labels(lp, config)
     return LoraParams(coarse.base, map_with_paths(
-        lambda path, _: LORA_A if path.rsplit("/", 1)[-1] == "a" else LORA_B, lp.adapters))
+        lambda path, _: LORA_A if kinds.role(path.rsplit("/", 1)[-1]).side == "a" else LORA_B,
+        lp.adapters))
 
   return optax.multi_transform(transforms, factor_labels)

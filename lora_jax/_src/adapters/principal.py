@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from lora_jax._src.core import kinds
 from lora_jax._src.core.config import LoraConfig, is_principal
 from lora_jax._src.core.params import LoraParams
 from lora_jax._src.core.plan import Target
@@ -139,13 +140,12 @@ def to_standard(adapters: Any, initial: Any, config: LoraConfig) -> tuple[Any, L
                      "(pass the adapters lift made with this same config as `initial`).")
   flat = {}
   for p in paths:
-    (a, b), (a0, b0) = ((lookup(t, p)["a"], lookup(t, p)["b"]) for t in (trained, first))
+    (a, b, m), (a0, b0, _) = (kinds.factors(lookup(t, p)) for t in (trained, first))
     stack = config.stack_axes_for(p)
     b_rank = stack if isinstance(stack, int) else len(stack)  # B: stack + (r,) + out
-    flat[p] = {"a": jnp.concatenate([a, a0.astype(a.dtype)], axis=a.ndim - 1),
-               "b": jnp.concatenate([b, -b0.astype(b.dtype)], axis=b_rank)}
-    if "m" in lookup(trained, p):  # DoRA: V, and so the magnitude's meaning, is unchanged
-      flat[p]["m"] = lookup(trained, p)["m"]
+    # DoRA: V, and so the magnitude's meaning, is unchanged.
+    flat[p] = kinds.entry(jnp.concatenate([a, a0.astype(a.dtype)], axis=a.ndim - 1),
+                          jnp.concatenate([b, -b0.astype(b.dtype)], axis=b_rank), m)
   factor = math.sqrt(2.0) if config.use_rslora else 2.0
   standard = dataclasses.replace(
       config, init="default", rank=2 * config.rank, alpha=config.alpha * factor,

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._src.core import kinds
 from lora_jax._src.core.config import LoraConfig, is_principal
 from lora_jax._src.core.params import LoraParams
 from lora_jax._src.core.tree import adapter_paths, lookup, nest
@@ -101,9 +102,9 @@ class AdapterStack:
                     f"{sorted(set(entries) - set(ours))[:5]}, missing "
                     f"{sorted(set(ours) - set(entries))[:5]}")
     for path in sorted(set(entries) & set(ours)):
-      a_stack, rank = ours[path]["a"], ours[path]["a"].shape[-1]
+      a_stack, b_stack, _ = kinds.factors(ours[path])
+      rank = a_stack.shape[-1]
       _, _, a_shape, b_shape, n_stack, _ = entries[path]
-      b_stack = ours[path]["b"]
       if (tuple(a_shape[:-1]) != a_stack.shape[1:-1]
           or tuple(b_shape[:n_stack]) + tuple(b_shape[n_stack + 1:])
           != b_stack.shape[1:n_stack + 1] + b_stack.shape[n_stack + 2:]):
@@ -119,9 +120,10 @@ class AdapterStack:
       raise ValueError(f"AdapterStack.put: the name {label!r} is taken by another slot.")
     flat = {}
     for path, entry in ours.items():
-      a, b = _padded(entries[path], entry["a"].shape[-1])
-      flat[path] = {"a": entry["a"].at[i].set(a.astype(entry["a"].dtype)),
-                    "b": entry["b"].at[i].set(b.astype(entry["b"].dtype))}
+      a_stack, b_stack, _ = kinds.factors(entry)
+      a, b = _padded(entries[path], a_stack.shape[-1])
+      flat[path] = kinds.entry(a_stack.at[i].set(a.astype(a_stack.dtype)),
+                               b_stack.at[i].set(b.astype(b_stack.dtype)))
     return AdapterStack(nest(flat), names)
 
   def __len__(self) -> int:
@@ -166,13 +168,14 @@ def factors_of(name: str, adapters: Any, config: LoraConfig, where: str
   out = {}
   for path in adapter_paths(tree):
     entry = lookup(tree, path)
-    if "m" in entry:
+    a, b, m = kinds.factors(entry)
+    if m is not None:
       raise ValueError(f"{where}: adapter {name!r} is DoRA at {path}: a DoRA weight is "
                        "m ⊙ V / ‖V‖, not W + ΔW, so it is neither combined nor stacked as "
                        "factors. Use plain LoRA adapters here.")
     stack = config.stack_axes_for(path)
     n = stack if isinstance(stack, int) else len(stack)
-    a, b = jnp.asarray(entry["a"], jnp.float32), jnp.asarray(entry["b"], jnp.float32)
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
     s = math.prod(a.shape[:n])
     out[path] = (a.reshape(s, -1, a.shape[-1]), b.reshape(s, b.shape[n], -1), a.shape, b.shape,
                  n, config.scale_for(path))
@@ -243,8 +246,8 @@ def stack_adapters(adapters: Mapping[str, tuple[Any, LoraConfig]]
     r = max(entries[n][path][0].shape[-1] for n in names)
     ranks[path] = r
     padded = [_padded(entries[n][path], r) for n in names]
-    flat[path] = {"a": jnp.stack([a for a, _ in padded]).astype(dtype),
-                  "b": jnp.stack([b for _, b in padded]).astype(dtype)}
+    flat[path] = kinds.entry(jnp.stack([a for a, _ in padded]).astype(dtype),
+                             jnp.stack([b for _, b in padded]).astype(dtype))
   top = max(ranks.values())
   pattern = {f"^{re.escape(p)}$": r for p, r in ranks.items() if r != top}
   config = dataclasses.replace(adapters[names[0]][1], rank=top, alpha=float(top),

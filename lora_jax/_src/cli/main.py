@@ -133,8 +133,13 @@ def _inspect(args: argparse.Namespace) -> int:
     return _inspect_quantized(args.path)
 
   from lora_jax._src.adapters.stack import AdapterStack  # pylint: disable=import-outside-toplevel
+  from lora_jax._src.core import kinds  # pylint: disable=import-outside-toplevel
   from lora_jax._src.core.params import LoraParams  # pylint: disable=import-outside-toplevel
-  from lora_jax._src.core.tree import leaves_with_paths  # pylint: disable=import-outside-toplevel
+  from lora_jax._src.core.tree import (  # pylint: disable=import-outside-toplevel
+    adapter_paths,
+    leaves_with_paths,
+    lookup,
+  )
   from lora_jax._src.io.checkpoint import (  # pylint: disable=import-outside-toplevel
     load_with_lineage,
   )
@@ -147,21 +152,23 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"\na stack of {len(adapters)} adapters (leading axis of every A and B): "
           f"{', '.join(adapters.names)}")
     adapters = adapters.adapters
-  flat = dict(leaves_with_paths(adapters))
   rows, total, nbytes = [], 0, 0
-  dora = any(p.endswith("/m") for p in flat)
-  for path in natural_sorted({p.rsplit("/", 1)[0] for p in flat}):
-    parts = [flat[f"{path}/{k}"] for k in ("a", "b", "m") if f"{path}/{k}" in flat]
-    a, b = parts[:2]
-    n = sum(x.size for x in parts)
+  entries = {p: lookup(adapters, p) for p in adapter_paths(adapters)}
+  arrays = kinds.of(config.kind).arrays
+  dora = any(kinds.has_magnitude(e) for e in entries.values())
+  columns = (*arrays, *((kinds.M,) if dora else ()))
+  for path in natural_sorted(entries):
+    entry = entries[path]
+    n = sum(x.size for x in entry.values())
     total += n
-    nbytes += sum(x.nbytes for x in parts)
-    m = (str(tuple(parts[2].shape)) if len(parts) == 3 else "-",) if dora else ()
-    rows.append((path, str(a.shape[-1]), str(tuple(a.shape)), str(tuple(b.shape)), *m, f"{n:,}",
+    nbytes += sum(x.nbytes for x in entry.values())
+    shapes = [str(tuple(entry[x.name].shape)) if x.name in entry else "-" for x in columns]
+    rows.append((path, str(config.rank_for(path)), *shapes, f"{n:,}",
                  f"{config.scale_for(path):g}"))
   print()
-  print(format_table(("path", "rank", "A shape", "B shape", *(("DoRA m shape",) if dora else ()),
-                      "params", "scale"), rows, right_from=1))
+  labels = [("DoRA m" if x is kinds.M else x.name.upper() if len(x.name) == 1 else x.name)
+            + " shape" for x in columns]
+  print(format_table(("path", "rank", *labels, "params", "scale"), rows, right_from=1))
   dtypes = sorted({str(np.dtype(x.dtype)) for x in jax.tree.leaves(adapters)})
   print(f"\n{len(rows)} adapted leaves, {total:,} adapter parameters, {nbytes:,} bytes "
         f"({', '.join(dtypes)})")

@@ -13,6 +13,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._src.core import kinds
 from lora_jax._src.core.patterns import compile_safe
 from lora_jax._src.core.yaml_io import load_yaml
 
@@ -153,6 +154,8 @@ class LoraConfig:
       as in GPT-2 and Gemma). ``infer_axes`` fills it in from how the model uses
       each table. The adapter then changes the lookup and the head, which PEFT's
       embedding adapter cannot express, so ``save_peft`` refuses such a table.
+    kind: the adapter kind, one of ``kinds.KINDS``: ``"lora"`` (``A``, ``B``) by default;
+      each kind's arrays, update and PEFT names are one entry of that table.
 
   Example:
     >>> import lora_jax as lj
@@ -178,6 +181,7 @@ class LoraConfig:
   stack_axes: tuple[tuple[str, Axes], ...] | Mapping[str, Axes] = ()
   dtype: str = "float32"
   head_tied: tuple[tuple[str, bool], ...] | Mapping[str, bool] = ()
+  kind: str = "lora"
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -220,6 +224,21 @@ class LoraConfig:
           f"LoraConfig.dtype must name a floating dtype such as 'float32' or 'bfloat16', "
           f"got {self.dtype!r}.")
     set_("dtype", dtype.name)
+    self._check_kind()
+
+  def _check_kind(self) -> None:
+    if not isinstance(self.kind, str) or self.kind not in kinds.KINDS:
+      raise ValueError(f"LoraConfig.kind must be one of {sorted(kinds.KINDS)}, got "
+                       f"{self.kind!r}.")
+    kind = kinds.of(self.kind)
+    family = "principal" if is_principal(self.init) else self.init
+    if family not in kind.inits:
+      raise ValueError(f"LoraConfig.init={self.init!r} does not apply to kind={self.kind!r} "
+                       f"adapters (its initializations: {list(kind.inits)}); use "
+                       f"init={kind.inits[0]!r} or kind='lora'.")
+    if not kind.dora and (self.use_dora or any(v for _, v in self.dora_pattern)):
+      raise ValueError(f"LoraConfig.use_dora / dora_pattern: DoRA's magnitude applies to LoRA "
+                       f"adapters, not to kind={self.kind!r}; drop use_dora or use kind='lora'.")
 
   # Presets --------------------------------------------------------------------------
 

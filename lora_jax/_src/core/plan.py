@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lora_jax._src.core import kinds
 from lora_jax._src.core.config import LoraConfig
 from lora_jax._src.core.tree import PyTree, leaves_with_paths
 
@@ -34,7 +35,8 @@ class Target(NamedTuple):
   the output axes are the remaining positions. ``layout`` says where the input
   axes came from: ``"config"`` (``LoraConfig.in_axes``), ``"bias"`` (the
   sibling bias's shape) or ``"default"`` (every axis but the last). ``dora``
-  targets also have a magnitude ``m: stack + out``.
+  targets also have a magnitude ``m: stack + out``; ``kind`` names the adapter kind, whose
+  arrays ``kinds.arrays(target)`` gives.
   """
 
   path: str
@@ -46,6 +48,7 @@ class Target(NamedTuple):
   scale: float
   layout: str
   dora: bool = False
+  kind: str = "lora"
 
   @property
   def out_axes(self) -> tuple[int, ...]:
@@ -66,20 +69,20 @@ class Target(NamedTuple):
 
   @property
   def a_shape(self) -> tuple[int, ...]:
-    return self.stack_shape + self.in_shape + (self.rank,)
+    return kinds.A.shape(self)
 
   @property
   def b_shape(self) -> tuple[int, ...]:
-    return self.stack_shape + (self.rank,) + self.out_shape
+    return kinds.B.shape(self)
 
   @property
   def m_shape(self) -> tuple[int, ...]:
-    return self.stack_shape + self.out_shape
+    return kinds.M.shape(self)
 
   @property
   def entry_names(self) -> tuple[str, ...]:
-    """The keys of this target's adapter entry: ``("a", "b")``, plus ``"m"`` for DoRA."""
-    return ("a", "b", "m") if self.dora else ("a", "b")
+    """The keys of this target's adapter entry (``kinds.names``)."""
+    return kinds.names(self)
 
   @property
   def axes(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
@@ -98,8 +101,7 @@ class Target(NamedTuple):
 
   @property
   def num_adapter_params(self) -> int:
-    return (math.prod(self.a_shape) + math.prod(self.b_shape)
-            + (math.prod(self.m_shape) if self.dora else 0))
+    return kinds.size(self)
 
 
 def layout_is_certain(layout: str, shape: tuple[int, ...], ins: tuple[int, ...]) -> bool:
@@ -202,7 +204,7 @@ def plan(base: PyTree, config: LoraConfig) -> tuple[Target, ...]:
       continue
     ins, layout = found_in
     target = Target(path, shape, dtype, stack, ins, config.rank_for(path),
-                    config.scale_for(path), layout, config.dora_for(path))
+                    config.scale_for(path), layout, config.dora_for(path), config.kind)
     limit = min(math.prod(target.in_shape), math.prod(target.out_shape))
     if target.rank > limit:
       errors.append(

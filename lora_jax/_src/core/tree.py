@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 
+from lora_jax._src.core import kinds
 from lora_jax._src.numerics.qarray import is_quantized
 
 PyTree = Any
@@ -158,14 +159,12 @@ def lookup(tree: Mapping[str, Any] | None, path: str) -> Any:
 
 
 def adapter_paths(adapters: Mapping[str, Any] | None) -> list[str]:
-  """Paths of the ``{"a": A, "b": B}`` (and DoRA's ``{"a", "b", "m"}``) entries of an adapter
-  tree."""
+  """Paths of the entries (``kinds.is_entry``) of an adapter tree."""
   found: list[str] = []
 
   def visit(node: Any, prefix: str) -> None:
     if isinstance(node, Mapping):
-      if (set(node) in ({"a", "b"}, {"a", "b", "m"})
-          and not any(isinstance(v, Mapping) for v in node.values())):
+      if kinds.is_entry(node):
         found.append(prefix)
         return
       for key, child in node.items():

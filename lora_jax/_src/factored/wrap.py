@@ -12,6 +12,7 @@ import numpy as np
 
 from lora_jax._src.adapters.merge import check_adapters, fold
 from lora_jax._src.adapters.stack import AdapterStack, check_ids, one_adapter_shapes
+from lora_jax._src.core import kinds
 from lora_jax._src.core.config import LoraConfig
 from lora_jax._src.core.lowrank import LowRank
 from lora_jax._src.core.params import LoraParams
@@ -155,8 +156,7 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *, mode: str = "facto
     pairs = [] if adapters is None else check_adapters(plan(base, config), adapters)
     if stacked:
       entries = {t.path: lookup(lp.adapters.adapters, t.path) for t, *_ in pairs}
-      pairs = [(t, entries[t.path]["a"], entries[t.path]["b"], entries[t.path].get("m"))
-               for t, *_ in pairs]
+      pairs = [(t, *kinds.lowrank(entries[t.path])) for t, *_ in pairs]
     lowranks = {t.path: LowRank.from_target(t, by_path[t.path], a, b, m) for t, a, b, m in pairs}
     paths = [p for p, _ in leaves]
     ctx = Context(warned, lora_rng, config.dropout, adapter_ids=None if not stacked else

@@ -25,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lora_jax._src.adapters.stack import AdapterStack, one_adapter_shapes
+from lora_jax._src.core import kinds
 from lora_jax._src.core.config import LoraConfig
 from lora_jax._src.core.params import LoraParams
 from lora_jax._src.core.tree import PyTree, adapter_paths, leaves_with_paths, lookup, trained_leaves
@@ -202,39 +203,35 @@ def _one_of_stack(tree: Any, names: Any, where: str) -> Any:
 def check_fits_config(adapters: Any, trained: Any, config: LoraConfig, where: str) -> None:
   """Raises a ``CheckpointMismatch`` unless every adapter has the rank and layout ``config`` gives.
 
-  Every leaf must sit in an ``{"a": A, "b": B}`` pair (plus ``"m"``, shaped
-  ``stack + out``, where the config says DoRA) at a path ``config`` targets,
-  ``A.shape[-1]`` and ``B``'s rank axis must equal ``config.rank_for``, and A
-  and B must share their stack axes; every trained leaf must be one
+  Every leaf must sit in an entry of ``config.kind`` (plus DoRA's ``m`` where the config
+  says DoRA) at a path ``config`` targets, with the rank ``config.rank_for`` gives and one
+  stack, input and output shape (``kinds.shape_error``); every trained leaf must be one
   ``config.trainable`` names.
   """
   errors = []
   pairs = adapter_paths(adapters) if isinstance(adapters, Mapping) else []
   covered = {f"{p}/{n}" for p in pairs for n in lookup(adapters, p)}
-  errors += [f"{p}: not part of an {{'a', 'b'}} adapter pair"
+  errors += [f"{p}: not part of an adapter entry {kinds.describe()}"
              for p, _ in leaves_with_paths(adapters) if p not in covered]
   for path in pairs:
     entry = lookup(adapters, path)
-    a, b = entry["a"], entry["b"]
     if not config.is_target(path):
       errors.append(f"{path}: has an adapter, but the config's targets/exclude do not select it")
       continue
-    if ("m" in entry) != config.dora_for(path):
-      errors.append(f"{path}: the adapter {'has' if 'm' in entry else 'lacks'} a DoRA magnitude "
-                    f"'m', but the config says use_dora={config.dora_for(path)} here")
+    kind = kinds.kind_of(entry)
+    if kind.name != config.kind:
+      errors.append(f"{path}: a {kind.name} adapter, but the config says kind={config.kind!r}")
       continue
-    rank, stack = config.rank_for(path), config.stack_axes_for(path)
-    n_stack = stack if isinstance(stack, int) else len(stack)
-    a_shape, b_shape = tuple(np.shape(a)), tuple(np.shape(b))
-    m_shape = tuple(np.shape(entry["m"])) if "m" in entry else None
-    if (len(a_shape) < n_stack + 2 or len(b_shape) < n_stack + 2
-        or a_shape[-1] != rank or b_shape[n_stack] != rank
-        or a_shape[:n_stack] != b_shape[:n_stack]
-        or (m_shape is not None and m_shape != b_shape[:n_stack] + b_shape[n_stack + 1:])):
-      errors.append(f"{path}: A {a_shape} and B {b_shape} do not fit the config (rank {rank}, "
-                    f"{n_stack} stack axes: A = stack + in + ({rank},), "
-                    f"B = stack + ({rank},) + out"
-                    + (f"; m {m_shape} = stack + out)" if m_shape is not None else ")"))
+    if kinds.has_magnitude(entry) != config.dora_for(path):
+      errors.append(f"{path}: the adapter {'has' if kinds.has_magnitude(entry) else 'lacks'} a "
+                    f"DoRA magnitude 'm', but the config says use_dora={config.dora_for(path)} "
+                    "here")
+      continue
+    stack = config.stack_axes_for(path)
+    wrong = kinds.shape_error(entry, config.rank_for(path),
+                              stack if isinstance(stack, int) else len(stack))
+    if wrong:
+      errors.append(f"{path}: {wrong}")
   errors += [f"{p}: a trained leaf, but config.trainable does not name it"
              for p, _ in leaves_with_paths(trained) if not config.is_trainable(p)]
   if errors:

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lora_jax._src.adapters.stack import refuse_stack
+from lora_jax._src.core import kinds
 from lora_jax._src.core.config import LoraConfig, is_principal
 from lora_jax._src.core.params import LoraParams
 from lora_jax._src.core.patterns import MAX_PATH, compile_safe
@@ -182,18 +183,18 @@ def save_peft(directory: str | os.PathLike[str], adapters: LoraParams | Mapping[
   paths = adapter_paths(adapter_tree)
   unknown_tables: list[str] = []
   experts: dict[str, list[tuple[int, str, str, np.ndarray, np.ndarray]]] = {}
-  dora = {p for p in paths if "m" in lookup(adapter_tree, p)}
+  dora = {p for p in paths if kinds.has_magnitude(lookup(adapter_tree, p))}
   if dora and dora != set(paths):
     errors.append(f"DoRA adapters at {sorted(dora)[:4]} beside plain LoRA at "
                   f"{sorted(set(paths) - dora)[:4]}: PEFT's use_dora holds for every module of "
                   "an adapter. Export them as two adapters (or use one kind).")
   for path in paths:
     entry = lookup(adapter_tree, path)
-    a, b = np.asarray(entry["a"], np.float32), np.asarray(entry["b"], np.float32)
+    a, b, m = (None if x is None else np.asarray(x, np.float32) for x in kinds.factors(entry))
     target = targets.get(path)
     found = parts(module_name, path)
     if found and found[0].experts:
-      _export_experts(path, a, b, "m" in entry, target, found[0], config, errors, experts)
+      _export_experts(path, a, b, m is not None, target, found[0], config, errors, experts)
       continue
     stacked = bool(config.stack_axes_for(path)) or bool(target and target.stack_axes)
     if stacked != bool(found and found[0].stacked):
@@ -235,7 +236,6 @@ def save_peft(directory: str | os.PathLike[str], adapters: LoraParams | Mapping[
       errors.append(f"{path}: {_naming_label(module_name)} gives no PyTorch module for this "
                     "adapted leaf.")
       continue
-    m = np.asarray(entry["m"], np.float32) if "m" in entry else None
     rank = a.shape[-1]
     if stacked:  # one PEFT module per layer: A, B and m of layer i are index i of the stack
       layers = [(p.at(i), a[i], b[i], None if m is None else m[i])
@@ -802,9 +802,9 @@ def load_peft(directory: str | os.PathLike[str], *, params: PyTree,
       fused.setdefault(path, {})[part.index] = _Piece(part, key, a, b, m, int(module_rank),
                                                       float(module_alpha))
       continue
-    flat[path + "/a"], flat[path + "/b"] = a, b
+    flat[kinds.key(path, kinds.A)], flat[kinds.key(path, kinds.B)] = a, b
     if use_dora:
-      flat[path + "/m"] = m  # exact shape checked in _fit_to_target
+      flat[kinds.key(path, kinds.M)] = m  # exact shape checked in _fit_to_target
     if module_rank != rank:
       rank_pattern[f"^{re.escape(path)}$"] = int(module_rank)
     if module_alpha != alpha:
@@ -812,9 +812,9 @@ def load_peft(directory: str | os.PathLike[str], *, params: PyTree,
   for path, pieces in layered.items():
     a, b, m, module_rank, module_alpha = _restack(directory, path, pieces,
                                                   by_path[path].shape[0])
-    flat[path + "/a"], flat[path + "/b"] = a, b
+    flat[kinds.key(path, kinds.A)], flat[kinds.key(path, kinds.B)] = a, b
     if m is not None:
-      flat[path + "/m"] = m
+      flat[kinds.key(path, kinds.M)] = m
     if module_rank != rank:
       rank_pattern[f"^{re.escape(path)}$"] = module_rank
     if module_alpha != alpha:
@@ -822,7 +822,7 @@ def load_peft(directory: str | os.PathLike[str], *, params: PyTree,
   joined: dict[str, _Joined] = {}
   for path, pieces in fused.items():
     joined[path] = _join(directory, path, pieces, peft_config["use_rslora"])
-    flat[path + "/a"] = joined[path].a
+    flat[kinds.key(path, kinds.A)] = joined[path].a
     if joined[path].rank != rank:
       rank_pattern[f"^{re.escape(path)}$"] = joined[path].rank
     if joined[path].alpha != alpha:
@@ -964,7 +964,8 @@ def _import_experts(directory: pathlib.Path, peft_config: Mapping[str, Any],
                        f"are not PEFT's target-parameter factors of rank {rank} (lora_A "
                        "(r·experts, d), lora_B (d', r·experts)).")
     a, b = experts_from_peft(lora_a, lora_b, rank, in_axis[0], part.transposed)
-    flat[path + "/a"], flat[path + "/b"] = a, b  # exact shapes checked in _fit_to_target
+    # exact shapes checked in _fit_to_target
+    flat[kinds.key(path, kinds.A)], flat[kinds.key(path, kinds.B)] = a, b
     taken[key] = path
   return taken
 
@@ -1079,9 +1080,9 @@ def _place_pieces(target: Target, joined: _Joined, flat: dict[str, np.ndarray],
                       f"{piece.m.shape}, expected ({math.prod(sub)},).")
         return
       m[(slice(None),) * j + (piece.part.index,)] = piece.m.reshape(sub)
-  flat[f"{target.path}/b"] = b.reshape(joined.rank, -1)
+  flat[kinds.key(target.path, kinds.B)] = b.reshape(joined.rank, -1)
   if any(p.m is not None for p, _, _ in joined.pieces):
-    flat[f"{target.path}/m"] = m.reshape(-1)
+    flat[kinds.key(target.path, kinds.M)] = m.reshape(-1)
 
 
 def lora_pair(directory: pathlib.Path, tensors: Mapping[str, np.ndarray], key: str
@@ -1112,13 +1113,14 @@ def _fit_to_target(directory: pathlib.Path, target: Target, flat: dict[str, np.n
   r, n_in, n_out = target.rank, math.prod(target.in_shape), math.prod(target.out_shape)
   lead = target.stack_shape
   # PEFT's conv A is (r, cin, *window), read as (*window, cin, r); a Linear's is 2-D per layer.
-  conv = flat[f"{target.path}/a"].ndim > 2 + len(lead) and not _is_embedding(target.path)
-  for name, want in (("a", target.a_shape), ("b", target.b_shape)):
-    value = flat[f"{target.path}/{name}"]
+  conv = (flat[kinds.key(target.path, kinds.A)].ndim > 2 + len(lead)
+          and not _is_embedding(target.path))
+  for array, want in ((kinds.A, target.a_shape), (kinds.B, target.b_shape)):
+    value = flat[kinds.key(target.path, array)]
     matrix = value.ndim == 2 + len(lead)  # per layer PEFT's 2-D (transposed) tensors
-    expected = lead + ((n_in, r) if name == "a" else (r, n_out)) if matrix else want
+    expected = lead + ((n_in, r) if array is kinds.A else (r, n_out)) if matrix else want
     if value.shape != expected:
-      torch_name = "lora_A" if name == "a" else "lora_B"
+      torch_name = "lora_A" if array is kinds.A else "lora_B"
       found = value.shape[len(lead):][::-1] if matrix else value.shape
       errors.append(
           f"{target.path}: PEFT's {torch_name} has shape {found}, expected "
@@ -1126,16 +1128,16 @@ def _fit_to_target(directory: pathlib.Path, target: Target, flat: dict[str, np.n
           f"{target.shape} (input axes {target.in_shape}, output axes {target.out_shape}, "
           f"rank {r}{', per layer' if lead else ''}).")
       return
-    flat[f"{target.path}/{name}"] = value.reshape(want)
+    flat[kinds.key(target.path, array)] = value.reshape(want)
   if target.dora:
-    m = flat[f"{target.path}/m"]
+    m = flat[kinds.key(target.path, kinds.M)]
     want_m = (1, n_out, *(1,) * (len(target.a_shape) - 2)) if conv else lead + (n_out,)
     if tuple(m.shape) != want_m:
       errors.append(f"{target.path}: PEFT's lora_magnitude_vector has shape {tuple(m.shape)}, "
                     f"expected {want_m} (one value per output unit: {n_out}, output axes "
                     f"{target.out_shape}).")
       return
-    flat[f"{target.path}/m"] = m.reshape(target.m_shape)
+    flat[kinds.key(target.path, kinds.M)] = m.reshape(target.m_shape)
 
 
 def _torch_to_leaf(directory: pathlib.Path, path: str, value: np.ndarray, config: LoraConfig,

@@ -1,0 +1,239 @@
+"""Adapter kinds as data: the arrays an adapted path holds, their shapes, initialization,
+update and PEFT names, one table entry per kind.
+
+Every adapted path of an adapter tree ends in one entry, a dict of arrays. This module is the
+one place that names them; the transforms, checkpoints, PEFT I/O, merges, stacks and reports
+read and build entries through it. Each array lies on one *side* of the weight, which fixes
+its shape and sharding and how PEFT stores it:
+
+* side ``"a"``: shape ``stack + in + (rank,)``, sharded like the weight's input axes; PEFT
+  stores it transposed, ``(rank, in)``;
+* side ``"b"``: shape ``stack + (rank,) + out``, sharded like the output axes; PEFT stores
+  ``(out, rank)``;
+* side ``"m"``: shape ``stack + out`` (DoRA's magnitude), PEFT's ``lora_magnitude_vector``.
+
+Every kind's update is ``scale * A' @ B'`` for factors it forms from its arrays
+(``Kind.factors``), so the factored interpreter, ``merge`` and the streaming merge run every
+kind through LoRA's product and formula (``lowrank.adapted_weight``); with ``m`` the adapted
+weight is DoRA's ``m ⊙ V / ‖V‖``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+
+class Geometry(Protocol):
+  """What an entry's shapes depend on (``plan.Target`` has these)."""
+
+  stack_shape: tuple[int, ...]
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  rank: int
+  dora: bool
+  kind: str
+
+
+_SHAPES: dict[str, Callable[[Geometry], tuple[int, ...]]] = {
+    "a": lambda t: (*t.stack_shape, *t.in_shape, t.rank),
+    "b": lambda t: (*t.stack_shape, t.rank, *t.out_shape),
+    "m": lambda t: (*t.stack_shape, *t.out_shape),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Array:
+  """One array of an entry.
+
+  Attributes:
+    name: its key in the entry.
+    side: ``"a"``, ``"b"`` or ``"m"`` (see the module docstring).
+    init: how ``lift`` fills it: ``"lora"`` (``LoraConfig.init``: he-uniform over the input
+      axes, or normal with std ``1/r``), ``"zeros"``, ``"fan_in"`` (uniform in
+      ``±1/sqrt(fan_in)``, fan-in the input size on side a and the rank on side b: PyTorch's
+      ``kaiming_uniform_(a=sqrt(5))`` of PEFT's layout), or ``"norm"`` (``‖W‖`` over the
+      input axes, DoRA's magnitude).
+    peft: the tensor's name after the module in PEFT's ``adapter_model.safetensors``.
+  """
+
+  name: str
+  side: str
+  init: str
+  peft: str
+
+  def shape(self, target: Geometry) -> tuple[int, ...]:
+    return _SHAPES[self.side](target)
+
+  def rank_axis(self, n_stack: int) -> int | None:
+    """The position of the rank axis (after ``n_stack`` stack axes), None on side m."""
+    return {"a": -1, "b": n_stack, "m": None}[self.side]
+
+
+@dataclasses.dataclass(frozen=True)
+class Kind:
+  """One adapter kind.
+
+  Attributes:
+    name: ``LoraConfig.kind``.
+    arrays: the entry's arrays, in order.
+    factors: ``(A', B')`` with the update ``scale * A' @ B'`` (side a and side b shaped),
+      from the entry's arrays; differentiable, so gradients reach every array.
+    peft_type: PEFT's ``peft_type`` and its config fields: rank and alpha names.
+    inits: the ``LoraConfig.init`` values it supports.
+    dora: whether it takes DoRA's magnitude.
+    lora_like: whether its arrays are LoRA's own ``A`` and ``B`` (combining, stacks,
+      PiSSA's conversion, fused and expert PEFT modules work on those).
+    doc: one line for the README's table.
+  """
+
+  name: str
+  arrays: tuple[Array, ...]
+  factors: Callable[[Mapping[str, Any]], tuple[Any, Any]]
+  peft_type: str
+  peft_rank: str
+  peft_alpha: str
+  inits: tuple[str, ...]
+  dora: bool
+  lora_like: bool
+  doc: str
+
+  def names(self) -> tuple[str, ...]:
+    return tuple(x.name for x in self.arrays)
+
+
+A = Array("a", "a", "lora", "lora_A.weight")
+B = Array("b", "b", "zeros", "lora_B.weight")
+M = Array("m", "m", "norm", "lora_magnitude_vector")
+
+LORA = Kind("lora", (A, B), lambda e: (e[A.name], e[B.name]), "LORA", "r", "lora_alpha",
+            inits=("default", "gaussian", "principal"), dora=True, lora_like=True,
+            doc="LoRA: ΔW = s·A·B")
+
+KINDS: dict[str, Kind] = {k.name: k for k in (LORA,)}
+
+
+def of(kind: str) -> Kind:
+  """The kind named ``kind``; a ``ValueError`` naming the kinds for any other name."""
+  if kind not in KINDS:
+    raise ValueError(f"unknown adapter kind {kind!r}; the kinds are {sorted(KINDS)}.")
+  return KINDS[kind]
+
+
+def arrays(target: Geometry) -> tuple[Array, ...]:
+  """The arrays of ``target``'s entry, in order (DoRA's ``m`` last)."""
+  own = of(target.kind).arrays
+  return (*own, M) if target.dora else own
+
+
+def names(target: Geometry) -> tuple[str, ...]:
+  """The keys of ``target``'s entry."""
+  return tuple(x.name for x in arrays(target))
+
+
+def shapes(target: Geometry) -> dict[str, tuple[int, ...]]:
+  """The shape of each array of ``target``'s entry, by key."""
+  return {x.name: x.shape(target) for x in arrays(target)}
+
+
+def size(target: Geometry) -> int:
+  """The number of adapter parameters of ``target``'s entry."""
+  return sum(math.prod(shape) for shape in shapes(target).values())
+
+
+def kind_of(entry: Mapping[str, Any]) -> Kind | None:
+  """The kind whose arrays (plus, for DoRA kinds, ``m``) are exactly ``entry``'s keys."""
+  keys = set(entry)
+  for kind in KINDS.values():
+    own = set(kind.names())
+    if keys == own or (kind.dora and keys == own | {M.name}):
+      return kind
+  return None
+
+
+def is_entry(node: Any) -> bool:
+  """Whether ``node`` is one entry (a dict of exactly a kind's keys, holding no dicts)."""
+  return (isinstance(node, Mapping) and not any(isinstance(v, Mapping) for v in node.values())
+          and kind_of(node) is not None)
+
+
+def has_magnitude(entry: Mapping[str, Any]) -> bool:
+  """Whether ``entry`` carries DoRA's magnitude."""
+  return M.name in entry
+
+
+def lowrank(entry: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+  """``(A', B', m)``: the factors of any entry's update ``scale * A' @ B'`` and DoRA's ``m``
+  (None without DoRA). What execution and merging use."""
+  kind = kind_of(entry)
+  if kind is None:
+    raise ValueError(f"not an adapter entry: keys {sorted(entry)}; expected {describe()}.")
+  a, b = kind.factors(entry)
+  return a, b, entry.get(M.name)
+
+
+def factors(entry: Mapping[str, Any], where: str = "") -> tuple[Any, Any, Any]:
+  """``(A, B, m)`` of a LoRA entry, ``m`` None without DoRA: for the operations on LoRA's own
+  factors (combining, stacks, PiSSA's conversion). Another kind is refused."""
+  kind = kind_of(entry)
+  if kind is None or not kind.lora_like:
+    found = "no kind" if kind is None else f"a {kind.name} adapter"
+    raise ValueError(f"{where or 'this operation'} works on LoRA's A and B; the entry with keys "
+                     f"{sorted(entry)} is {found}. Use LoRA adapters (LoraConfig(kind='lora')) "
+                     "here, or merge the adapter first (lj.merge).")
+  return entry[A.name], entry[B.name], entry.get(M.name)
+
+
+def entry(a: Any, b: Any, m: Any = None) -> dict[str, Any]:
+  """The LoRA entry holding ``A``, ``B`` and, when given, DoRA's ``m``."""
+  made = {A.name: a, B.name: b}
+  if m is not None:
+    made[M.name] = m
+  return made
+
+
+def role(name: str) -> Array:
+  """The array an entry key names, in any kind; a ``KeyError`` for any other key."""
+  return {x.name: x for kind in KINDS.values() for x in (*kind.arrays, M)}[name]
+
+
+def key(path: str, array: Array) -> str:
+  """The flat path of one array of the entry at ``path`` (``"<path>/<name>"``)."""
+  return f"{path}/{array.name}"
+
+
+def describe() -> str:
+  """The entry schemas in words, for error messages."""
+  kinds = "; ".join(f"{k.name}: {sorted(k.names())}" for k in KINDS.values())
+  return f"one kind's arrays ({kinds}; plus {M.name!r}, the magnitude, for DoRA)"
+
+
+def shape_error(entry: Mapping[str, Any], rank: int, n_stack: int) -> str | None:
+  """What is wrong with an entry's shapes for ``rank`` and ``n_stack`` stack axes when the
+  weight is not at hand (a checkpoint's config alone), or None: every array's rank axis is
+  ``rank``, all share the stack shape, side-a arrays share their input shape and side-b
+  arrays (and ``m``) their output shape."""
+  kind = kind_of(entry)
+  if kind is None:
+    return f"keys {sorted(entry)} are not {describe()}"
+  stacks, ins, outs = set(), set(), set()
+  for array in (*kind.arrays, *((M,) if has_magnitude(entry) else ())):
+    shape = tuple(getattr(entry[array.name], "shape", ()))
+    axis = array.rank_axis(n_stack)
+    if len(shape) < n_stack + (1 if axis is None else 2) or (
+        axis is not None and shape[axis] != rank):
+      break
+    stacks.add(shape[:n_stack])
+    if array.side == "a":
+      ins.add(shape[n_stack:-1])
+    else:
+      outs.add(shape[n_stack + (array.side == "b"):])
+  else:
+    if len(stacks) == 1 and len(ins) <= 1 and len(outs) <= 1:
+      return None
+  found = ", ".join(f"{x.name} {tuple(getattr(entry[x.name], 'shape', ()))}"
+                    for x in (*kind.arrays, M) if x.name in entry)
+  return (f"{found} do not fit the config (rank {rank}, {n_stack} stack axes: side a = stack "
+          f"+ in + ({rank},), side b = stack + ({rank},) + out, m = stack + out)")
