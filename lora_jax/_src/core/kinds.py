@@ -81,7 +81,10 @@ class Kind:
     arrays: the entry's arrays, in order.
     factors: ``(A', B')`` with the update ``scale * A' @ B'`` (side a and side b shaped),
       from the entry's arrays; differentiable, so gradients reach every array.
-    peft_type: PEFT's ``peft_type`` and its config fields: rank and alpha names.
+    peft_type: PEFT's ``peft_type``; ``peft_rank`` and ``peft_alpha`` name its rank and
+      alpha fields.
+    peft_fields: the kind's own PEFT config fields, from what the export knows: ``dropout``,
+      ``use_rslora``, ``use_dora``, ``target_parameters``, ``bias`` and ``fan_in_fan_out``.
     inits: the ``LoraConfig.init`` values it supports.
     dora: whether it takes DoRA's magnitude.
     lora_like: whether its arrays are LoRA's own ``A`` and ``B`` (combining, stacks,
@@ -95,6 +98,7 @@ class Kind:
   peft_type: str
   peft_rank: str
   peft_alpha: str
+  peft_fields: Callable[[Mapping[str, Any]], dict[str, Any]]
   inits: tuple[str, ...]
   dora: bool
   lora_like: bool
@@ -108,9 +112,17 @@ A = Array("a", "a", "lora", "lora_A.weight")
 B = Array("b", "b", "zeros", "lora_B.weight")
 M = Array("m", "m", "norm", "lora_magnitude_vector")
 
+
+def _lora_fields(known: Mapping[str, Any]) -> dict[str, Any]:
+  return {"lora_dropout": known.get("dropout", 0.0), "use_rslora": known.get("use_rslora"),
+          "use_dora": known.get("use_dora"), "target_parameters": known.get("target_parameters"),
+          "bias": known.get("bias", "none"), "fan_in_fan_out": known.get("fan_in_fan_out"),
+          "init_lora_weights": True}
+
+
 LORA = Kind("lora", (A, B), lambda e: (e[A.name], e[B.name]), "LORA", "r", "lora_alpha",
-            inits=("default", "gaussian", "principal"), dora=True, lora_like=True,
-            doc="LoRA: ΔW = s·A·B")
+            _lora_fields, inits=("default", "gaussian", "principal"), dora=True,
+            lora_like=True, doc="LoRA: ΔW = s·A·B")
 
 KINDS: dict[str, Kind] = {k.name: k for k in (LORA,)}
 

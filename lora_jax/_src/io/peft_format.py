@@ -188,12 +188,19 @@ def save_peft(directory: str | os.PathLike[str], adapters: LoraParams | Mapping[
     errors.append(f"DoRA adapters at {sorted(dora)[:4]} beside plain LoRA at "
                   f"{sorted(set(paths) - dora)[:4]}: PEFT's use_dora holds for every module of "
                   "an adapter. Export them as two adapters (or use one kind).")
+  kind = kinds.of(config.kind)
   for path in paths:
-    entry = lookup(adapter_tree, path)
-    a, b, m = (None if x is None else np.asarray(x, np.float32) for x in kinds.factors(entry))
+    entry = {name: np.asarray(x, np.float32) for name, x in lookup(adapter_tree, path).items()}
     target = targets.get(path)
     found = parts(module_name, path)
+    if not kind.lora_like:
+      refused = _refused_for_kind(kind, path, found, conv_paths,
+                                  entry[kind.arrays[0].name].ndim)
+      if refused:
+        errors.append(refused)
+        continue
     if found and found[0].experts:
+      a, b, m = kinds.factors(entry, "save_peft")
       _export_experts(path, a, b, m is not None, target, found[0], config, errors, experts)
       continue
     stacked = bool(config.stack_axes_for(path)) or bool(target and target.stack_axes)
@@ -214,6 +221,7 @@ def save_peft(directory: str | os.PathLike[str], adapters: LoraParams | Mapping[
              if target is not None
              else _is_embedding(path) or config.in_axes_for(path) is not None)
     if not known:
+      a, b = (entry[x.name] for x in kind.arrays[:2])  # one array of each side
       guessed = target.in_axes if target is not None else tuple(range(a.ndim - 1))
       shape = target.shape if target is not None else (*a.shape[:-1], *b.shape[1:])
       why = "no LoraConfig.in_axes pattern names it" + (
@@ -236,14 +244,13 @@ def save_peft(directory: str | os.PathLike[str], adapters: LoraParams | Mapping[
       errors.append(f"{path}: {_naming_label(module_name)} gives no PyTorch module for this "
                     "adapted leaf.")
       continue
-    rank = a.shape[-1]
-    if stacked:  # one PEFT module per layer: A, B and m of layer i are index i of the stack
-      layers = [(p.at(i), a[i], b[i], None if m is None else m[i])
-                for i in range(a.shape[0]) for p in found]
+    rank = config.rank_for(path)
+    if stacked:  # one PEFT module per layer: each array's layer i is index i of the stack
+      layers = [(p.at(i), {name: x[i] for name, x in entry.items()})
+                for i in range(len(next(iter(entry.values())))) for p in found]
     else:
-      layers = [(p, a, b, m) for p in found]
-    for part, a, b, m in layers:
-      b_part, m_part = b, m
+      layers = [(p, entry) for p in found]
+    for part, arrays in layers:
       if part.count > 1:
         if target is None:
           errors.append(f"{path}: a fused kernel ({part.count} PyTorch modules); pass the "
@@ -255,11 +262,16 @@ def save_peft(directory: str | os.PathLike[str], adapters: LoraParams | Mapping[
                         f"{part.count} modules, but that is not an output axis of size "
                         f"{part.count} (output axes {outs}, shape {target.shape}).")
           break
-        b_part = np.take(b, part.index, axis=1 + outs.index(part.axis))
-        m_part = None if m is None else np.take(m, part.index, axis=outs.index(part.axis))
+        # Each module's update is its columns of the update: the output axis of side b
+        # (after the rank) and of the magnitude; side a is shared.
+        arrays = {name: x if kinds.role(name).side == "a" else np.take(
+            x, part.index, axis=outs.index(part.axis) + (kinds.role(name).side == "b"))
+                  for name, x in arrays.items()}
       modules[part.module] = (rank, config.alpha_for(path))
-      _put_pair(PREFIX + part.module, path, a, b_part, m_part, rank,
-                conv=not _is_embedding(path) and _is_conv(path, a.ndim, conv_paths), put=put)
+      a_ndim = arrays[kind.arrays[0].name].ndim  # every kind's first array is on side a
+      conv = not _is_embedding(path) and _is_conv(path, a_ndim, conv_paths)
+      _put_entry(PREFIX + part.module, path, arrays, rank, window=a_ndim - 2 if conv else None,
+                 put=put)
 
   for module, params in experts.items():  # PEFT nests a module's k-th of n parameters
     params.sort()                          # under (n - 1 - k) base_layer levels
@@ -276,6 +288,9 @@ def save_peft(directory: str | os.PathLike[str], adapters: LoraParams | Mapping[
   if base is not None:
     bias_mode, to_save = _export_trained(base, config, targets, module_name, conv_paths, put,
                                          errors)
+  if bias_mode != "none" and "bias" not in kind.peft_fields({"bias": bias_mode}):
+    errors.append(f"trained biases (bias={bias_mode!r}): PEFT's {kind.peft_type} config has no "
+                  "bias option; train no biases with this kind, or use kind='lora'.")
   if errors:
     raise ValueError("save_peft: cannot write this adapter in PEFT's format:\n  - "
                      + "\n  - ".join(errors))
@@ -290,14 +305,15 @@ def save_peft(directory: str | os.PathLike[str], adapters: LoraParams | Mapping[
         "export refuses a tied one and exports an untied one without this warning; or set "
         "LoraConfig(head_tied={pattern: False}) yourself.", stacklevel=2)
   peft_config = {
-      "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
-      "r": config.rank, "lora_alpha": config.alpha,
-      # PEFT refuses dropout on target parameters; it changes training only, not the adapter.
-      "lora_dropout": 0.0 if target_parameters else config.dropout,
-      "use_rslora": config.use_rslora, "use_dora": bool(dora),
-      "target_modules": sorted(modules), "target_parameters": target_parameters or None,
-      "bias": bias_mode,
-      "fan_in_fan_out": fan_in_fan_out, "init_lora_weights": True, "inference_mode": True,
+      "peft_type": kind.peft_type, "task_type": None, "base_model_name_or_path": None,
+      kind.peft_rank: config.rank, kind.peft_alpha: config.alpha,
+      **kind.peft_fields({
+          # PEFT refuses dropout on target parameters; it changes training only.
+          "dropout": 0.0 if target_parameters else config.dropout,
+          "use_rslora": config.use_rslora, "use_dora": bool(dora),
+          "target_parameters": target_parameters or None, "bias": bias_mode,
+          "fan_in_fan_out": fan_in_fan_out}),
+      "target_modules": sorted(modules), "inference_mode": True,
       "modules_to_save": to_save or None,
       "rank_pattern": {re.escape(n): r for n, (r, _) in modules.items() if r != config.rank},
       "alpha_pattern": {re.escape(n): al for n, (_, al) in modules.items()
@@ -380,22 +396,41 @@ def _naming_label(naming: Naming) -> str:
           else "module_name")
 
 
-def _put_pair(key: str, path: str, a: np.ndarray, b: np.ndarray, m: np.ndarray | None,
-              rank: int, *, conv: bool, put: Callable[[str, np.ndarray, str], None]) -> None:
-  """One PEFT module's tensors from our ``A`` ``(*in, r)``, ``B`` ``(r, *out)`` and ``m``."""
-  if _is_embedding(path):
-    put(key + ".lora_embedding_A", a.reshape(-1, rank).T, path)
-    put(key + ".lora_embedding_B", b.reshape(rank, -1).T, path)
-  elif conv:  # A (*window, cin, r) -> (r, cin, *window)
-    window = a.ndim - 2
-    put(key + ".lora_A.weight", np.transpose(a, (a.ndim - 1, a.ndim - 2, *range(window))), path)
-    put(key + ".lora_B.weight", b.T.reshape(b.shape[1], rank, *(1,) * window), path)
-  else:
-    put(key + ".lora_A.weight", a.reshape(-1, rank).T, path)
-    put(key + ".lora_B.weight", b.reshape(rank, -1).T, path)
-  if m is not None:  # PEFT keeps a conv's magnitude as (1, cout, 1, ...)
-    m = m.reshape(-1)
-    put(key + MAGNITUDE, m.reshape(1, -1, *(1,) * (a.ndim - 2)) if conv else m, path)
+def _put_entry(key: str, path: str, arrays: Mapping[str, np.ndarray], rank: int, *,
+               window: int | None, put: Callable[[str, np.ndarray, str], None]) -> None:
+  """One PEFT module's tensors from an entry's arrays (side a ``(*in, r)``, side b
+  ``(r, *out)``, DoRA's ``m``), named by the kinds table; ``window``: a convolution's number
+  of window axes (None for other kernels)."""
+  conv = window is not None
+  for name, x in arrays.items():
+    array = kinds.role(name)
+    if array.side == "m":  # PEFT keeps a conv's magnitude as (1, cout, 1, ...)
+      m = x.reshape(-1)
+      put(f"{key}.{array.peft}", m.reshape(1, -1, *(1,) * window) if conv else m, path)
+    elif _is_embedding(path):  # LoRA's own names for an embedding (lora_like kinds only)
+      put(f"{key}.lora_embedding_{array.name.upper()}",
+          x.reshape(-1, rank).T if array.side == "a" else x.reshape(rank, -1).T, path)
+    elif conv and array.side == "a":  # A (*window, cin, r) -> (r, cin, *window)
+      put(f"{key}.{array.peft}", np.transpose(x, (x.ndim - 1, x.ndim - 2, *range(x.ndim - 2))),
+          path)
+    elif conv:
+      put(f"{key}.{array.peft}", x.T.reshape(x.shape[1], rank, *(1,) * window), path)
+    else:
+      put(f"{key}.{array.peft}",
+          x.reshape(-1, rank).T if array.side == "a" else x.reshape(rank, -1).T, path)
+
+
+def _refused_for_kind(kind: kinds.Kind, path: str, found: Any,
+                      conv_paths: tuple[str, ...] | None, a_ndim: int) -> str | None:
+  """Why an adapter of a kind other than LoRA cannot be written for ``path``, or None: such
+  kinds are written for Linear modules (no embeddings, convolutions or experts)."""
+  conv = _is_conv(path, a_ndim, conv_paths)
+  if _is_embedding(path) or conv or (found and found[0].experts):
+    what = ("an embedding table" if _is_embedding(path) else "a convolution kernel" if conv
+            else "an experts parameter")
+    return (f"{path}: {what} with a {kind.name} adapter; lora_jax writes {kind.name} adapters "
+            "for Linear modules only. Exclude it from the targets, or use kind='lora'.")
+  return None
 
 
 def target_names(target: str | os.PathLike[str] | Iterable[str]) -> frozenset[str]:
@@ -574,7 +609,8 @@ def _positive(where: str, field: str, value: Any, integer: bool) -> Any:
   return int(value) if integer else float(value)
 
 
-def _read_config(directory: pathlib.Path, target_parameters: bool = False) -> dict[str, Any]:
+def _read_config(directory: pathlib.Path, target_parameters: bool = False,
+                 any_kind: bool = False) -> dict[str, Any]:
   where = directory / CONFIG_FILE
   try:
     peft_config = json.loads(where.read_text(encoding="utf-8"))
@@ -583,9 +619,12 @@ def _read_config(directory: pathlib.Path, target_parameters: bool = False) -> di
                      f"{str(e).splitlines()[0][:200]}).") from None
   if not isinstance(peft_config, dict):
     raise ValueError(f"{where}: expected a JSON object, found {type(peft_config).__name__}.")
-  if peft_config.get("peft_type") != "LORA":
-    raise ValueError(f"{where}: peft_type is {peft_config.get('peft_type')!r}, only LORA "
-                     "adapters can be imported.")
+  known = {k.peft_type: k for k in kinds.KINDS.values()} if any_kind else {"LORA": kinds.LORA}
+  kind = known.get(peft_config.get("peft_type"))
+  if kind is None:
+    raise ValueError(f"{where}: peft_type is {peft_config.get('peft_type')!r}; only "
+                     f"{sorted(known)} adapters can be read here.")
+  peft_config["kind"] = kind.name
   for field, what in _UNSUPPORTED.items():
     if field == "target_parameters" and target_parameters:
       value = peft_config.get(field) or []
@@ -604,7 +643,7 @@ def _read_config(directory: pathlib.Path, target_parameters: bool = False) -> di
                      "model, so merged into or loaded onto the original it gives other outputs. "
                      "Convert it to plain LoRA with PEFT (save_pretrained(..., "
                      "path_initial_model_for_weight_conversion=...)), then import that.")
-  for field in ("r", "lora_alpha"):
+  for field in (kind.peft_rank, kind.peft_alpha):
     if field not in peft_config:
       raise ValueError(f"{where}: the required field {field!r} is missing.")
   for field in _BOOLEANS:  # PEFT reads any truthy value as true; only true/false are clear
@@ -614,9 +653,11 @@ def _read_config(directory: pathlib.Path, target_parameters: bool = False) -> di
                        f"as {bool(value)} (any non-empty value counts as true), which is "
                        "unlikely to be what was meant; write true or false.")
     peft_config[field] = bool(value)
-  peft_config["r"] = _positive(str(where), "r", peft_config["r"], integer=True)
-  peft_config["lora_alpha"] = _positive(str(where), "lora_alpha", peft_config["lora_alpha"],
-                                        integer=False)
+  # The rank and alpha, under whatever names the kind gives them, as "r" and "lora_alpha".
+  peft_config["r"] = _positive(str(where), kind.peft_rank, peft_config[kind.peft_rank],
+                               integer=True)
+  peft_config["lora_alpha"] = _positive(str(where), kind.peft_alpha,
+                                        peft_config[kind.peft_alpha], integer=False)
   for field, integer in (("rank_pattern", True), ("alpha_pattern", False)):
     pattern = peft_config.get(field) or {}
     if not isinstance(pattern, dict):
@@ -629,13 +670,15 @@ def _read_config(directory: pathlib.Path, target_parameters: bool = False) -> di
   return peft_config
 
 
-def read_config(directory: pathlib.Path, target_parameters: bool = False) -> dict[str, Any]:
-  """The validated ``adapter_config.json`` of a PEFT folder that has both of its files."""
+def read_config(directory: pathlib.Path, target_parameters: bool = False,
+                any_kind: bool = False) -> dict[str, Any]:
+  """The validated ``adapter_config.json`` of a PEFT folder that has both of its files;
+  ``any_kind``: every kind of ``kinds.KINDS`` (its name under ``"kind"``), else LoRA only."""
   for name in (CONFIG_FILE, WEIGHTS_FILE):
     if not (directory / name).is_file():
       raise FileNotFoundError(f"No PEFT adapter in {directory}: {name} is missing (expected "
                               f"{CONFIG_FILE} and {WEIGHTS_FILE}, as save_pretrained writes).")
-  return _read_config(directory, target_parameters)
+  return _read_config(directory, target_parameters, any_kind)
 
 
 def check_tensor_names(directory: pathlib.Path, keys: Iterable[str]) -> None:
@@ -647,23 +690,23 @@ def check_tensor_names(directory: pathlib.Path, keys: Iterable[str]) -> None:
                          "lora_jax does not support.")
 
 
-def open_folder(directory: pathlib.Path, target_parameters: bool = False
-                ) -> tuple[dict[str, Any], SafetensorsFile]:
+def open_folder(directory: pathlib.Path, target_parameters: bool = False,
+                any_kind: bool = False) -> tuple[dict[str, Any], SafetensorsFile]:
   """The one reader of PEFT adapter folders (``load_peft`` and the Hugging Face merge):
   the validated config (booleans as bools, ranks and alphas checked) and the checked
   safetensors file, its tensor names refused where they belong to PEFT variants that
   change the math. ``target_parameters``: accept PEFT's LoRA on bare parameters (the readers
   that map them, ``load_peft``)."""
-  peft_config = read_config(directory, target_parameters)
+  peft_config = read_config(directory, target_parameters, any_kind)
   weights = SafetensorsFile(directory / WEIGHTS_FILE)
   check_tensor_names(directory, weights.names)
   return peft_config, weights
 
 
-def read_folder(directory: pathlib.Path, target_parameters: bool = False
-                ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+def read_folder(directory: pathlib.Path, target_parameters: bool = False,
+                any_kind: bool = False) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
   """The validated config and every tensor of a PEFT adapter folder."""
-  peft_config, weights = open_folder(directory, target_parameters)
+  peft_config, weights = open_folder(directory, target_parameters, any_kind)
   return peft_config, dict(weights.items())
 
 
@@ -708,7 +751,8 @@ def load_peft(directory: str | os.PathLike[str], *, params: PyTree,
       does not fit ``params``, or a kernel whose input axes are not known.
   """
   directory = pathlib.Path(directory)
-  peft_config, tensors = read_folder(directory, target_parameters=True)
+  peft_config, tensors = read_folder(directory, target_parameters=True, any_kind=True)
+  kind = kinds.of(peft_config["kind"])
   rank, alpha = int(peft_config["r"]), float(peft_config["lora_alpha"])
   # Module name -> {torch param name: (leaf path, its part)} for the given tree.
   resolved: dict[str, dict[str, tuple[str, Part]]] = {}
@@ -760,11 +804,12 @@ def load_peft(directory: str | os.PathLike[str], *, params: PyTree,
   fused: dict[str, dict[int, _Piece]] = {}
   layered: dict[str, dict[int, _Piece]] = {}
   use_dora = peft_config["use_dora"]
-  lora_keys = {k for k in tensors if LORA_SUFFIX.search(k)}
+  suffix = _suffix(kind)
+  lora_keys = {k for k in tensors if suffix.search(k)}
   magnitudes = {k for k in tensors if k.endswith(MAGNITUDE)}
-  modules = {LORA_SUFFIX.sub("", k) for k in lora_keys}
-  experts = _import_experts(directory, peft_config, tensors, modules, resolved, in_axes, claim,
-                            flat)
+  modules = {suffix.sub("", k) for k in lora_keys}
+  experts = (_import_experts(directory, peft_config, tensors, modules, resolved, in_axes, claim,
+                             flat) if kind.lora_like else {})
   modules -= set(experts)
   stray = sorted(k for k in magnitudes if not use_dora or k.removesuffix(MAGNITUDE) not in modules)
   if stray:
@@ -773,48 +818,45 @@ def load_peft(directory: str | os.PathLike[str], *, params: PyTree,
                         f"{CONFIG_FILE} does not set use_dora."))
   for key in sorted(modules):
     name = key[len(PREFIX):] if key.startswith(PREFIX) else key
-    a_t, b_t = lora_pair(directory, tensors, key)
     if use_dora and key + MAGNITUDE not in tensors:
       raise ValueError(f"{directory / WEIGHTS_FILE}: {key}{MAGNITUDE} is missing; "
                        f"{CONFIG_FILE} sets use_dora, so every module needs its magnitude.")
-    if key + ".lora_embedding_A" in tensors:
-      a, b = a_t.T, b_t.T
-    elif a_t.ndim > 2:  # conv: (r, cin, *window) -> (*window, cin, r); B (cout, r, 1, ...)
-      a = np.transpose(a_t, (*range(2, a_t.ndim), 1, 0))
-      b = b_t.reshape(b_t.shape[0], b_t.shape[1]).T
-    else:
-      a, b = a_t.T, b_t.T
+    arrays = (_lora_arrays(directory, tensors, key) if kind.lora_like
+              else _kind_arrays(directory, kind, tensors, key))
+    if use_dora:
+      arrays[kinds.M.name] = tensors[key + MAGNITUDE]
     module_rank = pattern_value(peft_config["rank_pattern"], name)
     module_rank = rank if module_rank is None else module_rank
     module_alpha = pattern_value(peft_config["alpha_pattern"], name)
     module_alpha = alpha if module_alpha is None else module_alpha
-    if a.shape[-1] != module_rank:
-      raise ValueError(f"{key}: lora_A has rank {a.shape[-1]} but the config gives {module_rank}.")
+    found_rank = arrays[kind.arrays[0].name].shape[-1]  # the first array is on side a
+    if found_rank != module_rank:
+      raise ValueError(f"{key}: {kind.arrays[0].peft.split('.')[0]} has rank {found_rank} but "
+                       f"the config gives {module_rank}.")
     path, part = leaf_path(key, name, "weight")
     claim(path if part.count == 1 and part.layer is None
           else f"{path} (part {part.index}, layer {part.layer})", key)
-    m = tensors[key + MAGNITUDE] if use_dora else None
+    piece = _Piece(part, key, arrays, int(module_rank), float(module_alpha))
     if part.layer is not None:
-      layered.setdefault(path, {})[part.layer] = _Piece(part, key, a, b, m, int(module_rank),
-                                                        float(module_alpha))
+      layered.setdefault(path, {})[part.layer] = piece
       continue
     if part.count > 1:
-      fused.setdefault(path, {})[part.index] = _Piece(part, key, a, b, m, int(module_rank),
-                                                      float(module_alpha))
+      if not kind.lora_like:
+        raise ValueError(f"{directory}: {key} is one of {part.count} PEFT modules fused in "
+                         f"{path}; {kind.name} adapters of fused kernels cannot be joined into "
+                         "one adapter. Map each module to its own leaf (a name map without "
+                         "the fused rule).")
+      fused.setdefault(path, {})[part.index] = piece
       continue
-    flat[kinds.key(path, kinds.A)], flat[kinds.key(path, kinds.B)] = a, b
-    if use_dora:
-      flat[kinds.key(path, kinds.M)] = m  # exact shape checked in _fit_to_target
+    flat.update((kinds.key(path, kinds.role(n)), x) for n, x in arrays.items())
     if module_rank != rank:
       rank_pattern[f"^{re.escape(path)}$"] = int(module_rank)
     if module_alpha != alpha:
       alpha_pattern[f"^{re.escape(path)}$"] = float(module_alpha)
   for path, pieces in layered.items():
-    a, b, m, module_rank, module_alpha = _restack(directory, path, pieces,
-                                                  by_path[path].shape[0])
-    flat[kinds.key(path, kinds.A)], flat[kinds.key(path, kinds.B)] = a, b
-    if m is not None:
-      flat[kinds.key(path, kinds.M)] = m
+    arrays, module_rank, module_alpha = _restack(directory, path, pieces,
+                                                 by_path[path].shape[0])
+    flat.update((kinds.key(path, kinds.role(n)), x) for n, x in arrays.items())
     if module_rank != rank:
       rank_pattern[f"^{re.escape(path)}$"] = module_rank
     if module_alpha != alpha:
@@ -841,14 +883,18 @@ def load_peft(directory: str | os.PathLike[str], *, params: PyTree,
     trained[path] = tensors[key]
   paths = sorted({p.rsplit("/", 1)[0] for p in flat})
   if not paths:
-    raise ValueError(f"{directory / WEIGHTS_FILE}: no lora_A / lora_B tensors found.")
+    raise ValueError(f"{directory / WEIGHTS_FILE}: no {' / '.join(x.peft for x in kind.arrays)} "
+                     "tensors found.")
   try:
     config = LoraConfig(rank=rank, alpha=alpha,
                         targets=tuple(f"^{re.escape(p)}$" for p in paths),
                         rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                         use_rslora=peft_config["use_rslora"],
-                        use_dora=use_dora,
-                        dropout=peft_config.get("lora_dropout") or 0.0,
+                        use_dora=use_dora, kind=kind.name,
+                        # Other kinds' dropouts (LoHa's rank and module dropout) drop other
+                        # things than the adapter's input; they change training only.
+                        dropout=(peft_config.get("lora_dropout") or 0.0) if kind.lora_like
+                        else 0.0,
                         in_axes=in_axes or (),
                         stack_axes={**dict(stack_axes or {}),
                                     **{f"^{re.escape(p)}$": (0,) for p in experts.values()}},
@@ -972,14 +1018,18 @@ def _import_experts(directory: pathlib.Path, peft_config: Mapping[str, Any],
 
 @dataclasses.dataclass(frozen=True)
 class _Piece:
-  """One PEFT module's adapter on a part of a fused leaf (``a`` ``(in, r)``, ``b`` ``(r, out)``)."""
+  """One PEFT module's adapter on a part (or a layer) of a leaf: its entry's arrays in our
+  layout (side a ``(in, r)``, side b ``(r, out)``)."""
   part: Part
   key: str
-  a: np.ndarray
-  b: np.ndarray
-  m: np.ndarray | None
+  arrays: dict[str, np.ndarray]
   rank: int
   alpha: float
+
+  # A LoRA piece's factors (fused leaves join LoRA pieces only).
+  a = property(lambda self: self.arrays[kinds.A.name])
+  b = property(lambda self: self.arrays[kinds.B.name])
+  m = property(lambda self: self.arrays.get(kinds.M.name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1023,29 +1073,27 @@ def _join(directory: pathlib.Path, path: str, pieces: Mapping[int, _Piece],
 
 
 def _restack(directory: pathlib.Path, path: str, pieces: Mapping[int, _Piece], layers: int
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int, float]:
-  """PEFT's per-layer modules of one stacked leaf as its stacked ``A`` ``(L, in, r)``,
-  ``B`` ``(L, r, out)`` (and DoRA ``m`` ``(L, out)``); a layer without a module gets zeros."""
+             ) -> tuple[dict[str, np.ndarray], int, float]:
+  """PEFT's per-layer modules of one stacked leaf as its stacked arrays (each array with a
+  leading layer axis: ``A`` ``(L, in, r)``, ``B`` ``(L, r, out)``, DoRA ``m`` ``(L, out)``); a
+  layer without a module gets zeros, which is no update for every kind."""
   ordered = [pieces[i] for i in sorted(pieces)]
   first = ordered[0]
   odd = [p.key for p in ordered if (p.rank, p.alpha) != (first.rank, first.alpha)
-         or p.a.shape != first.a.shape or p.b.shape != first.b.shape]
+         or {n: x.shape for n, x in p.arrays.items()}
+         != {n: x.shape for n, x in first.arrays.items()}]
   if odd:
     raise ValueError(f"{directory}: the layers of the stacked leaf {path} have different "
                      f"ranks, alphas or shapes ({first.key} and {odd[0]}); one stacked adapter "
                      "has one rank and alpha.")
-  dora = first.m is not None
-  if dora and len(ordered) != layers:
+  if first.m is not None and len(ordered) != layers:
     raise ValueError(f"{directory}: DoRA adapters on {len(ordered)} of the {layers} layers of "
                      f"{path}; DoRA needs every layer's magnitude.")
-  a = np.zeros((layers, *first.a.shape), np.float32)
-  b = np.zeros((layers, *first.b.shape), np.float32)
-  m = np.zeros((layers, *first.m.shape), np.float32) if dora else None
+  stacked = {n: np.zeros((layers, *x.shape), np.float32) for n, x in first.arrays.items()}
   for piece in ordered:
-    a[piece.part.layer], b[piece.part.layer] = piece.a, piece.b
-    if dora:
-      m[piece.part.layer] = piece.m
-  return a, b, m, first.rank, first.alpha
+    for n, x in piece.arrays.items():
+      stacked[n][piece.part.layer] = x
+  return stacked, first.rank, first.alpha
 
 
 def _place_pieces(target: Target, joined: _Joined, flat: dict[str, np.ndarray],
@@ -1085,6 +1133,50 @@ def _place_pieces(target: Target, joined: _Joined, flat: dict[str, np.ndarray],
     flat[kinds.key(target.path, kinds.M)] = m.reshape(-1)
 
 
+def _suffix(kind: kinds.Kind) -> re.Pattern[str]:
+  """The tensor-name ending of a kind's module tensors (LoRA's include its embedding names)."""
+  if kind.lora_like:
+    return LORA_SUFFIX
+  return re.compile(r"\.(" + "|".join(re.escape(x.peft) for x in kind.arrays) + ")$")
+
+
+def _lora_arrays(directory: pathlib.Path, tensors: Mapping[str, np.ndarray], key: str
+                 ) -> dict[str, np.ndarray]:
+  """A LoRA module's ``A`` and ``B`` in our layout (Linear, Conv or Embedding)."""
+  a_t, b_t = lora_pair(directory, tensors, key)
+  if key + ".lora_embedding_A" in tensors:
+    a, b = a_t.T, b_t.T
+  elif a_t.ndim > 2:  # conv: (r, cin, *window) -> (*window, cin, r); B (cout, r, 1, ...)
+    a = np.transpose(a_t, (*range(2, a_t.ndim), 1, 0))
+    b = b_t.reshape(b_t.shape[0], b_t.shape[1]).T
+  else:
+    a, b = a_t.T, b_t.T
+  return kinds.entry(a, b)
+
+
+def _kind_arrays(directory: pathlib.Path, kind: kinds.Kind, tensors: Mapping[str, np.ndarray],
+                 key: str) -> dict[str, np.ndarray]:
+  """A Linear module's arrays of another kind, in our layout: PEFT's side-a ``(r, in)`` and
+  side-b ``(out, r)`` tensors transposed, with one rank, input and output size checked."""
+  where = directory / WEIGHTS_FILE
+  missing = [f"{key}.{x.peft}" for x in kind.arrays if f"{key}.{x.peft}" not in tensors]
+  if missing:
+    raise ValueError(f"{where}: {missing[0]} is missing; every {kind.peft_type} module needs "
+                     f"{', '.join(x.peft for x in kind.arrays)}.")
+  found = {x.name: tensors[f"{key}.{x.peft}"] for x in kind.arrays}
+  sides = {x.name: x.side for x in kind.arrays}
+  ranks = {v.shape[0] if sides[n] == "a" else v.shape[-1] for n, v in found.items()}
+  ins = {v.shape[1] for n, v in found.items() if sides[n] == "a" and v.ndim == 2}
+  outs = {v.shape[0] for n, v in found.items() if sides[n] == "b" and v.ndim == 2}
+  if any(v.ndim != 2 for v in found.values()) or len(ranks) != 1 or len(ins) != 1 or len(
+      outs) != 1:
+    shapes = ", ".join(f"{x.peft} {found[x.name].shape}" for x in kind.arrays)
+    raise ValueError(f"{where}: {key}: {shapes} are not one Linear module's {kind.peft_type} "
+                     "tensors (side a (r, in), side b (out, r), one r, in and out); lora_jax "
+                     f"reads {kind.name} adapters of Linear modules only.")
+  return {n: v.T for n, v in found.items()}
+
+
 def lora_pair(directory: pathlib.Path, tensors: Mapping[str, np.ndarray], key: str
           ) -> tuple[np.ndarray, np.ndarray]:
   """The (A, B) tensors of one module, with PEFT's ranks of dimensions checked."""
@@ -1113,14 +1205,16 @@ def _fit_to_target(directory: pathlib.Path, target: Target, flat: dict[str, np.n
   r, n_in, n_out = target.rank, math.prod(target.in_shape), math.prod(target.out_shape)
   lead = target.stack_shape
   # PEFT's conv A is (r, cin, *window), read as (*window, cin, r); a Linear's is 2-D per layer.
-  conv = (flat[kinds.key(target.path, kinds.A)].ndim > 2 + len(lead)
+  own = kinds.of(target.kind).arrays
+  conv = (flat[kinds.key(target.path, own[0])].ndim > 2 + len(lead)
           and not _is_embedding(target.path))
-  for array, want in ((kinds.A, target.a_shape), (kinds.B, target.b_shape)):
+  for array in own:
+    want = array.shape(target)
     value = flat[kinds.key(target.path, array)]
     matrix = value.ndim == 2 + len(lead)  # per layer PEFT's 2-D (transposed) tensors
-    expected = lead + ((n_in, r) if array is kinds.A else (r, n_out)) if matrix else want
+    expected = lead + ((n_in, r) if array.side == "a" else (r, n_out)) if matrix else want
     if value.shape != expected:
-      torch_name = "lora_A" if array is kinds.A else "lora_B"
+      torch_name = array.peft.split(".")[0]
       found = value.shape[len(lead):][::-1] if matrix else value.shape
       errors.append(
           f"{target.path}: PEFT's {torch_name} has shape {found}, expected "
