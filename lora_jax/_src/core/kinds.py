@@ -80,7 +80,8 @@ class Kind:
     name: ``LoraConfig.kind``.
     arrays: the entry's arrays, in order.
     factors: ``(A', B')`` with the update ``scale * A' @ B'`` (side a and side b shaped),
-      from the entry's arrays; differentiable, so gradients reach every array.
+      from the entry's arrays and the number of stack axes; differentiable, so gradients
+      reach every array.
     peft_type: PEFT's ``peft_type``; ``peft_rank`` and ``peft_alpha`` name its rank and
       alpha fields.
     peft_fields: the kind's own PEFT config fields, from what the export knows: ``dropout``,
@@ -94,7 +95,7 @@ class Kind:
 
   name: str
   arrays: tuple[Array, ...]
-  factors: Callable[[Mapping[str, Any]], tuple[Any, Any]]
+  factors: Callable[[Mapping[str, Any], int], tuple[Any, Any]]
   peft_type: str
   peft_rank: str
   peft_alpha: str
@@ -120,7 +121,7 @@ def _lora_fields(known: Mapping[str, Any]) -> dict[str, Any]:
           "init_lora_weights": True}
 
 
-LORA = Kind("lora", (A, B), lambda e: (e[A.name], e[B.name]), "LORA", "r", "lora_alpha",
+LORA = Kind("lora", (A, B), lambda e, n_stack: (e[A.name], e[B.name]), "LORA", "r", "lora_alpha",
             _lora_fields, inits=("default", "gaussian", "principal"), dora=True,
             lora_like=True, doc="LoRA: ΔW = s·A·B")
 
@@ -176,13 +177,14 @@ def has_magnitude(entry: Mapping[str, Any]) -> bool:
   return M.name in entry
 
 
-def lowrank(entry: Mapping[str, Any]) -> tuple[Any, Any, Any]:
+def lowrank(entry: Mapping[str, Any], n_stack: int) -> tuple[Any, Any, Any]:
   """``(A', B', m)``: the factors of any entry's update ``scale * A' @ B'`` and DoRA's ``m``
-  (None without DoRA). What execution and merging use."""
+  (None without DoRA), for arrays with ``n_stack`` leading stack axes. What execution and
+  merging use."""
   kind = kind_of(entry)
   if kind is None:
     raise ValueError(f"not an adapter entry: keys {sorted(entry)}; expected {describe()}.")
-  a, b = kind.factors(entry)
+  a, b = kind.factors(entry, n_stack)
   return a, b, entry.get(M.name)
 
 

@@ -288,6 +288,10 @@ def save_peft(directory: str | os.PathLike[str], adapters: LoraParams | Mapping[
   if base is not None:
     bias_mode, to_save = _export_trained(base, config, targets, module_name, conv_paths, put,
                                          errors)
+  if config.use_rslora and "use_rslora" not in kind.peft_fields({}):
+    errors.append(f"use_rslora: PEFT's {kind.peft_type} config has no rank-stabilized scale "
+                  "(alpha / sqrt(r)); PEFT would scale by alpha / r. Export adapters trained "
+                  "without use_rslora.")
   if bias_mode != "none" and "bias" not in kind.peft_fields({"bias": bias_mode}):
     errors.append(f"trained biases (bias={bias_mode!r}): PEFT's {kind.peft_type} config has no "
                   "bias option; train no biases with this kind, or use kind='lora'.")
