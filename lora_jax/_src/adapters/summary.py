@@ -41,7 +41,9 @@ def format_table(header: tuple[str, ...], rows: list[tuple[str, ...]], right_fro
 
 
 class SummaryRow(NamedTuple):
-  """One adapted leaf; ``m_shape`` is DoRA's magnitude shape, or None for plain LoRA."""
+  """One adapted leaf. ``a_shape`` and ``b_shape`` are the shapes of its side-a and side-b
+  arrays (LoRA's ``A`` and ``B``; every array of a kind lies on one of these sides, see
+  ``kinds.py``), ``arrays`` the entry's keys, ``m_shape`` DoRA's magnitude shape or None."""
 
   path: str
   base_shape: tuple[int, ...]
@@ -50,6 +52,8 @@ class SummaryRow(NamedTuple):
   b_shape: tuple[int, ...]
   adapter_params: int
   m_shape: tuple[int, ...] | None = None
+  kind: str = "lora"
+  arrays: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,9 +87,12 @@ class Summary:
 
   def __str__(self) -> str:
     dora = any(r.m_shape is not None for r in self.rows)
-    header = ("path", "base shape", "rank", "A shape", "B shape",
+    lora = all(r.kind == "lora" for r in self.rows)
+    header = ("path", "base shape", "rank", *(() if lora else ("kind", "arrays")),
+              "A shape" if lora else "side a", "B shape" if lora else "side b",
               *(("DoRA m shape",) if dora else ()), "params")
-    body = [(r.path, str(r.base_shape), str(r.rank), str(r.a_shape), str(r.b_shape),
+    body = [(r.path, str(r.base_shape), str(r.rank),
+             *(() if lora else (r.kind, ", ".join(r.arrays))), str(r.a_shape), str(r.b_shape),
              *((str(r.m_shape) if r.m_shape is not None else "-",) if dora else ()),
              f"{r.adapter_params:,}") for r in self.rows]
     lines = [format_table(header, body), ""]
@@ -132,7 +139,7 @@ def summary(lp: LoraParams | PyTree, config: LoraConfig) -> Summary:
   base = lp.base if isinstance(lp, LoraParams) else lp
   targets = plan(base, config)
   rows = tuple(SummaryRow(t.path, t.shape, t.rank, t.a_shape, t.b_shape, t.num_adapter_params,
-                          t.m_shape if t.dora else None)
+                          t.m_shape if t.dora else None, t.kind, t.entry_names)
                for t in sorted(targets, key=lambda t: natural_key(t.path)))
   leaves = leaves_with_paths(base)
   base_params = sum(_size(leaf) for _, leaf in leaves)
