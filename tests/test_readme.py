@@ -12,7 +12,8 @@ import lora_jax as lj
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The pages' blocks continue the README's training loop (its `lj`, `config`, `lp`, ...), in
 # this order; blocks tagged otherwise (```python tunix) run in tests/test_tunix.py.
-PAGES = ["README.md", "docs/api.md", "docs/variants.md", "docs/adapters.md", "docs/factored.md",
+PAGES = ["README.md", "docs/api.md", "docs/variants.md", "docs/kinds.md", "docs/adapters.md",
+         "docs/factored.md",
          "docs/benchmarks.md", "docs/qlora.md", "docs/jobs.md", "docs/checkpoints.md",
          "docs/merging.md", "docs/peft.md", "docs/axes.md", "docs/configuration.md",
          "docs/multihost.md", "docs/guarantees.md", "docs/tests.md", "docs/huggingface.md"]

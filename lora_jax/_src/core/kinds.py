@@ -25,6 +25,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+import jax.numpy as jnp
+
 
 class Geometry(Protocol):
   """What an entry's shapes depend on (``plan.Target`` has these)."""
@@ -125,7 +127,38 @@ LORA = Kind("lora", (A, B), lambda e, n_stack: (e[A.name], e[B.name]), "LORA", "
             _lora_fields, inits=("default", "gaussian", "principal"), dora=True,
             lora_like=True, doc="LoRA: ΔW = s·A·B")
 
-KINDS: dict[str, Kind] = {k.name: k for k in (LORA,)}
+
+
+def _khatri_rao(a1: Any, a2: Any, b1: Any, b2: Any, n_stack: int) -> tuple[Any, Any]:
+  """Factors of rank r² of ``(a1·b1) ⊙ (a2·b2)``: ``A'[…, i, (k, l)] = a1[…, i, k]·a2[…, i, l]``
+  and ``B'[…, (k, l), o] = b1[…, k, o]·b2[…, l, o]``, since the Hadamard product of two
+  sums over k and over l is one sum over the pairs (k, l). In float32, returned in the
+  arrays' dtype."""
+  f32 = jnp.float32
+  r = a1.shape[-1]
+  a = (a1.astype(f32)[..., :, None] * a2.astype(f32)[..., None, :]).reshape(*a1.shape[:-1], r * r)
+  lead, out = b1.shape[:n_stack], b1.shape[n_stack + 1:]
+  b1_, b2_ = (x.astype(f32).reshape(*lead, r, 1, -1) for x in (b1, b2))
+  b2_ = b2_.reshape(*lead, 1, r, -1)
+  b = (b1_ * b2_).reshape(*lead, r * r, *out)
+  return a.astype(a1.dtype), b.astype(b1.dtype)
+
+
+A1 = Array("a1", "a", "fan_in", "hada_w1_b")
+B1 = Array("b1", "b", "fan_in", "hada_w1_a")
+A2 = Array("a2", "a", "zeros", "hada_w2_b")
+B2 = Array("b2", "b", "fan_in", "hada_w2_a")
+
+LOHA = Kind(
+    "loha", (A1, B1, A2, B2),
+    lambda e, n_stack: _khatri_rao(e[A1.name], e[A2.name], e[B1.name], e[B2.name], n_stack),
+    "LOHA", "r", "alpha",
+    lambda known: {"rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False,
+                   "init_weights": True},
+    inits=("default",), dora=False, lora_like=False,
+    doc="LoHa: ΔW = s·(A₁B₁) ⊙ (A₂B₂), run as rank-r² factors")
+
+KINDS: dict[str, Kind] = {k.name: k for k in (LORA, LOHA)}
 
 
 def of(kind: str) -> Kind:

@@ -1,0 +1,122 @@
+"""Each adapter kind against the real peft package: exported adapters load in PEFT with equal
+outputs (applied and after merge_and_unload), and PEFT-made adapters load here with PEFT's
+outputs (factored and merged)."""
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lora_jax as lj
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+pytestmark = pytest.mark.slow  # the real peft and torch
+
+# kind -> (PEFT config class, its alpha field), for PEFT-made adapters.
+PEFT_CONFIGS = {"lora": (peft.LoraConfig, "lora_alpha"), "loha": (peft.LoHaConfig, "alpha")}
+PEFT_RANDOM_INIT = {"lora": {"init_lora_weights": False}, "loha": {"init_weights": False}}
+
+
+class FlaxMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.gelu(nn.Dense(24)(x))
+    return nn.Dense(6)(h)
+
+
+class TorchMLP(torch.nn.Module):
+  def __init__(self):
+    super().__init__()
+    self.Dense_0 = torch.nn.Linear(10, 24)
+    self.Dense_1 = torch.nn.Linear(24, 6)
+
+  def forward(self, x):
+    return self.Dense_1(torch.nn.functional.gelu(self.Dense_0(x), approximate="tanh"))
+
+
+def _models():
+  x = jax.random.normal(jax.random.key(0), (5, 10))
+  params = jax.jit(FlaxMLP().init)(jax.random.key(1), x)
+  torch_model = TorchMLP()
+  state = {}
+  for path, value in zip(lj.paths(params), jax.tree.leaves(params)):
+    name, leaf = path.split("/")[1:3]
+    value = np.asarray(value)
+    state[f"{name}.{'bias' if leaf == 'bias' else 'weight'}"] = value if leaf == "bias" \
+        else value.T
+  torch_model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()})
+  return params, x, torch_model.eval(), torch.from_numpy(np.array(x))
+
+
+@pytest.mark.parametrize("kind", sorted(PEFT_CONFIGS))
+def test_export_loads_in_peft_with_equal_outputs(tmp_path, kind):
+  params, x, torch_model, x_torch = _models()
+  config = lj.LoraConfig(rank=3, alpha=5.0, kind=kind, rank_pattern={"Dense_1": 2},
+                         alpha_pattern={"Dense_1": 4.0})
+  lp = lj.lift(params, config, key=jax.random.key(2))
+  keys = iter(jax.random.split(jax.random.key(3), 64))
+  lp = lj.LoraParams(lp.base, jax.tree.map(
+      lambda a: a + 0.3 * jax.random.normal(next(keys), a.shape), lp.adapters))
+  expected = np.asarray(lj.wrap(FlaxMLP().apply, config)(lp, x))
+  lj.save_peft(tmp_path / "peft", lp, config)
+  written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+  assert written["peft_type"] == kind.upper() and written["r"] == 3
+  peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "peft")).eval()
+  with torch.no_grad():
+    got = peft_model(x_torch).numpy()
+    with peft_model.disable_adapter():
+      base = peft_model(x_torch).numpy()
+    merged = peft_model.merge_and_unload()(x_torch).numpy()
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(merged, expected, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(base, FlaxMLP().apply(params, x), rtol=1e-4, atol=1e-4)
+  assert not np.allclose(got, base, atol=1e-2)  # the adapters did change the output
+
+
+@pytest.mark.parametrize("kind", sorted(PEFT_CONFIGS))
+def test_import_peft_made_adapter_gives_peft_outputs(tmp_path, kind):
+  params, x, torch_model, x_torch = _models()
+  make, alpha_field = PEFT_CONFIGS[kind]
+  torch.manual_seed(0)
+  peft_config = make(r=4, **{alpha_field: 8}, target_modules=["Dense_0", "Dense_1"],
+                     rank_pattern={"Dense_1": 2}, alpha_pattern={"Dense_0": 5},
+                     **PEFT_RANDOM_INIT[kind])
+  peft_model = peft.get_peft_model(torch_model, peft_config).eval()
+  with torch.no_grad():
+    expected = peft_model(x_torch).numpy()
+  peft_model.save_pretrained(str(tmp_path / "made_by_peft"))
+  adapters, config = lj.load_peft(tmp_path / "made_by_peft", params=params)
+  assert config.kind == kind and config.rank == 4 and config.alpha == 8.0
+  lp = lj.LoraParams(params, adapters)
+  for mode in ("factored", "merge"):
+    got = lj.wrap(FlaxMLP().apply, config, mode=mode)(lp, x)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+  with torch.no_grad():
+    merged = peft_model.merge_and_unload()(x_torch).numpy()
+  np.testing.assert_allclose(FlaxMLP().apply(lj.merge(lp, config), x), merged, rtol=1e-4,
+                             atol=1e-4)
+  # Exported again, PEFT reads back the same adapter.
+  lj.save_peft(tmp_path / "again", lp, config)
+  again = peft.PeftModel.from_pretrained(_models()[2], str(tmp_path / "again")).eval()
+  with torch.no_grad():
+    np.testing.assert_allclose(again(x_torch).numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_other_kinds_refuse_what_peft_cannot_hold(tmp_path):
+  ids = jnp.zeros((2, 3), jnp.int32)
+  params = {"Embed_0": {"embedding": jnp.ones((20, 8))}}
+  config = lj.LoraConfig(rank=2, kind="loha", targets="embedding")
+  lp = lj.lift(params, config, key=jax.random.key(0))
+  with pytest.raises(ValueError, match="an embedding table with a loha adapter"):
+    lj.save_peft(tmp_path / "p", lp, config)
+  del ids
+  with pytest.raises(ValueError, match="no rank-stabilized scale"):
+    params, *_ = _models()
+    rs = lj.LoraConfig(rank=2, kind="loha", use_rslora=True)
+    lj.save_peft(tmp_path / "q", lj.lift(params, rs, key=jax.random.key(0)), rs)
+  assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()
