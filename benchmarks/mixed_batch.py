@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from train_step import RANK, SEQ, TARGETS, VOCAB, DecoderLM
 
 import lora_jax as lj
-from lora_jax._src.adapters import stack as stack_module
+import lora_jax._src.adapters.stack as stack_module
 
 BATCH = 64
 
