@@ -41,7 +41,7 @@ def _values(key: jax.Array, *, array: kinds.Array, target: Target, init: str,
   if array.init == "lora":  # he-uniform over the input axes: variance 2 / fan_in
     bound = math.sqrt(6.0 / math.prod(target.in_shape))
   elif array.init == "fan_in":  # PyTorch's kaiming_uniform_(a=sqrt(5)) of PEFT's layout
-    bound = 1.0 / math.sqrt(math.prod(target.in_shape) if array.side == "a" else target.rank)
+    bound = 1.0 / math.sqrt(array.rows(target))
   else:
     raise ValueError(f"{target.path}: no initialization {array.init!r} for {array.name}.")
   return jax.random.uniform(key, shape, jnp.float32, -bound, bound).astype(dtype)
@@ -52,11 +52,20 @@ def _initializers(target: Target, init: str, dtype: str, a_sharding: Any, b_shar
   """Jitted makers of the entry's arrays (but DoRA's ``m``), each array made where its
   sharding places it: each device (and so each process) computes only its own shard (JAX's
   partitionable threefry draws the same values as a whole draw)."""
-  sharding = {kinds.A.side: a_sharding, kinds.B.side: b_sharding}
   return tuple(
       (array.name, jax.jit(functools.partial(_values, array=array, target=target, init=init,
-                                             dtype=dtype), out_shardings=sharding[array.side]))
+                                             dtype=dtype),
+                           out_shardings=_sharding(array, a_sharding, b_sharding)))
       for array in kinds.of(target.kind).arrays)
+
+
+def _sharding(array: kinds.Array, a_sharding: Any, b_sharding: Any) -> Any:
+  """An array over the weight's axes is sharded like them (side a like the input axes, side b
+  like the output axes); an array with its own dims (a Kronecker factor) is replicated."""
+  if not array.follows_weight or a_sharding is None:
+    return None if a_sharding is None else jax.sharding.NamedSharding(
+        a_sharding.mesh, jax.sharding.PartitionSpec())
+  return {kinds.A.side: a_sharding, kinds.B.side: b_sharding}[array.side]
 
 
 def _as_key(key: Any) -> jax.Array:
@@ -132,9 +141,8 @@ def lift(params: PyTree, config: LoraConfig, *, key: jax.Array) -> LoraParams:
         a, b = jax.device_put(a, a_sharding), jax.device_put(b, b_sharding)
       made = kinds.entry(a, b)
     elif _is_abstract(leaf):
-      sharding = {kinds.A.side: a_sharding, kinds.B.side: b_sharding}
       made = {x.name: jax.ShapeDtypeStruct(x.shape(target), config.dtype,
-                                           sharding=sharding[x.side])
+                                           sharding=_sharding(x, a_sharding, b_sharding))
               for x in kinds.of(target.kind).arrays}
     else:
       makers = _initializers(target._replace(path=""), config.init, config.dtype,

@@ -76,7 +76,7 @@ def check_adapters(targets: tuple[Target, ...], adapters: Mapping[str, Any] | No
             f"{target.path}/{name}: shape {found} does not fit the base leaf of shape "
             f"{target.shape}; expected {shapes[name]} (stack {target.stack_shape}, input axes "
             f"{target.in_shape}, rank {target.rank}, output axes {target.out_shape}).")
-    entries.append((target, *kinds.lowrank(entry, len(target.stack_axes))))
+    entries.append((target, *kinds.lowrank(entry, target)))
   if errors:
     raise ValueError(
         f"The {what} do not fit the base parameters under this LoraConfig (were they made "

@@ -140,7 +140,8 @@ def optimizer(tx: optax.GradientTransformation, config: LoraConfig, *,
   def factor_labels(lp: LoraParams) -> LoraParams:
     coarse = labels(lp, config)
     return LoraParams(coarse.base, map_with_paths(
-        lambda path, _: LORA_A if kinds.role(path.rsplit("/", 1)[-1]).side == "a" else LORA_B,
+        lambda path, _: LORA_A if kinds.role(path.rsplit("/", 1)[-1], config.kind).side == "a"
+        else LORA_B,
         lp.adapters))
 
   return optax.multi_transform(transforms, factor_labels)

@@ -10,7 +10,10 @@ its shape and sharding and how PEFT stores it:
   stores it transposed, ``(rank, in)``;
 * side ``"b"``: shape ``stack + (rank,) + out``, sharded like the output axes; PEFT stores
   ``(out, rank)``;
-* side ``"m"``: shape ``stack + out`` (DoRA's magnitude), PEFT's ``lora_magnitude_vector``.
+* side ``"m"``: shape ``stack + out`` (DoRA's magnitude), PEFT's ``lora_magnitude_vector``;
+* an array with its own per-layer ``dims`` (a Kronecker factor of LoKr) is shaped
+  ``stack + dims``, replicated, and stored by PEFT transposed; its side (``"a"``: rank last,
+  ``"b"``: rank first, ``"k"``: no rank axis) says where its rank axis is.
 
 Every kind's update is ``scale * A' @ B'`` for factors it forms from its arrays
 (``Kind.factors``), so the factored interpreter, ``merge`` and the streaming merge run every
@@ -52,26 +55,42 @@ class Array:
 
   Attributes:
     name: its key in the entry.
-    side: ``"a"``, ``"b"`` or ``"m"`` (see the module docstring).
+    side: ``"a"``, ``"b"``, ``"m"`` or ``"k"`` (see the module docstring).
     init: how ``lift`` fills it: ``"lora"`` (``LoraConfig.init``: he-uniform over the input
       axes, or normal with std ``1/r``), ``"zeros"``, ``"fan_in"`` (uniform in
-      ``±1/sqrt(fan_in)``, fan-in the input size on side a and the rank on side b: PyTorch's
-      ``kaiming_uniform_(a=sqrt(5))`` of PEFT's layout), or ``"norm"`` (``‖W‖`` over the
-      input axes, DoRA's magnitude).
+      ``±1/sqrt(rows)``, ``rows`` the first size of its per-layer 2-D view: PyTorch's
+      ``kaiming_uniform_(a=sqrt(5))`` of PEFT's transposed tensor), or ``"norm"`` (``‖W‖``
+      over the input axes, DoRA's magnitude).
     peft: the tensor's name after the module in PEFT's ``adapter_model.safetensors``.
+    dims: its per-layer 2-D shape, for an array not laid out over the weight's own axes;
+      None for the side's shape.
   """
 
   name: str
   side: str
   init: str
   peft: str
+  dims: Callable[[Geometry], tuple[int, int]] | None = None
 
   def shape(self, target: Geometry) -> tuple[int, ...]:
+    if self.dims is not None:
+      return (*target.stack_shape, *self.dims(target))
     return _SHAPES[self.side](target)
 
+  def rows(self, target: Geometry) -> int:
+    """The first size of the per-layer 2-D view (input size on side a, rank on side b)."""
+    if self.dims is not None:
+      return self.dims(target)[0]
+    return math.prod(target.in_shape) if self.side == "a" else target.rank
+
+  @property
+  def follows_weight(self) -> bool:
+    """Whether it lies over the weight's own axes (and so is sharded like them)."""
+    return self.dims is None
+
   def rank_axis(self, n_stack: int) -> int | None:
-    """The position of the rank axis (after ``n_stack`` stack axes), None on side m."""
-    return {"a": -1, "b": n_stack, "m": None}[self.side]
+    """The position of the rank axis (after ``n_stack`` stack axes), None without one."""
+    return {"a": -1, "b": n_stack}.get(self.side)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +100,8 @@ class Kind:
   Attributes:
     name: ``LoraConfig.kind``.
     arrays: the entry's arrays, in order.
-    factors: ``(A', B')`` with the update ``scale * A' @ B'`` (side a and side b shaped),
-      from the entry's arrays and the number of stack axes; differentiable, so gradients
+    factors: ``(A', B')`` with the update ``scale * A' @ B'`` (side a and side b shaped,
+      of any rank), from the entry's arrays and the target; differentiable, so gradients
       reach every array.
     peft_type: PEFT's ``peft_type``; ``peft_rank`` and ``peft_alpha`` name its rank and
       alpha fields.
@@ -93,11 +112,12 @@ class Kind:
     lora_like: whether its arrays are LoRA's own ``A`` and ``B`` (combining, stacks,
       PiSSA's conversion, fused and expert PEFT modules work on those).
     doc: one line for the README's table.
+    peft_refuses: why a target has no PEFT module of this kind's layout, or None.
   """
 
   name: str
   arrays: tuple[Array, ...]
-  factors: Callable[[Mapping[str, Any], int], tuple[Any, Any]]
+  factors: Callable[[Mapping[str, Any], Geometry], tuple[Any, Any]]
   peft_type: str
   peft_rank: str
   peft_alpha: str
@@ -106,6 +126,7 @@ class Kind:
   dora: bool
   lora_like: bool
   doc: str
+  peft_refuses: Callable[[Geometry], str | None] = lambda target: None
 
   def names(self) -> tuple[str, ...]:
     return tuple(x.name for x in self.arrays)
@@ -123,18 +144,18 @@ def _lora_fields(known: Mapping[str, Any]) -> dict[str, Any]:
           "init_lora_weights": True}
 
 
-LORA = Kind("lora", (A, B), lambda e, n_stack: (e[A.name], e[B.name]), "LORA", "r", "lora_alpha",
+LORA = Kind("lora", (A, B), lambda e, target: (e[A.name], e[B.name]), "LORA", "r", "lora_alpha",
             _lora_fields, inits=("default", "gaussian", "principal"), dora=True,
             lora_like=True, doc="LoRA: ΔW = s·A·B")
 
 
 
-def _khatri_rao(a1: Any, a2: Any, b1: Any, b2: Any, n_stack: int) -> tuple[Any, Any]:
+def _khatri_rao(a1: Any, a2: Any, b1: Any, b2: Any, target: Geometry) -> tuple[Any, Any]:
   """Factors of rank r² of ``(a1·b1) ⊙ (a2·b2)``: ``A'[…, i, (k, l)] = a1[…, i, k]·a2[…, i, l]``
   and ``B'[…, (k, l), o] = b1[…, k, o]·b2[…, l, o]``, since the Hadamard product of two
   sums over k and over l is one sum over the pairs (k, l). In float32, returned in the
   arrays' dtype."""
-  f32 = jnp.float32
+  f32, n_stack = jnp.float32, len(target.stack_shape)
   r = a1.shape[-1]
   a = (a1.astype(f32)[..., :, None] * a2.astype(f32)[..., None, :]).reshape(*a1.shape[:-1], r * r)
   lead, out = b1.shape[:n_stack], b1.shape[n_stack + 1:]
@@ -151,12 +172,14 @@ B2 = Array("b2", "b", "fan_in", "hada_w2_a")
 
 LOHA = Kind(
     "loha", (A1, B1, A2, B2),
-    lambda e, n_stack: _khatri_rao(e[A1.name], e[A2.name], e[B1.name], e[B2.name], n_stack),
+    lambda e, target: _khatri_rao(e[A1.name], e[A2.name], e[B1.name], e[B2.name], target),
     "LOHA", "r", "alpha",
     lambda known: {"rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False,
                    "init_weights": True},
     inits=("default",), dora=False, lora_like=False,
     doc="LoHa: ΔW = s·(A₁B₁) ⊙ (A₂B₂), run as rank-r² factors")
+
+
 
 KINDS: dict[str, Kind] = {k.name: k for k in (LORA, LOHA)}
 
@@ -210,14 +233,13 @@ def has_magnitude(entry: Mapping[str, Any]) -> bool:
   return M.name in entry
 
 
-def lowrank(entry: Mapping[str, Any], n_stack: int) -> tuple[Any, Any, Any]:
+def lowrank(entry: Mapping[str, Any], target: Geometry) -> tuple[Any, Any, Any]:
   """``(A', B', m)``: the factors of any entry's update ``scale * A' @ B'`` and DoRA's ``m``
-  (None without DoRA), for arrays with ``n_stack`` leading stack axes. What execution and
-  merging use."""
+  (None without DoRA), for ``target``'s geometry. What execution and merging use."""
   kind = kind_of(entry)
   if kind is None:
     raise ValueError(f"not an adapter entry: keys {sorted(entry)}; expected {describe()}.")
-  a, b = kind.factors(entry, n_stack)
+  a, b = kind.factors(entry, target)
   return a, b, entry.get(M.name)
 
 
@@ -241,9 +263,11 @@ def entry(a: Any, b: Any, m: Any = None) -> dict[str, Any]:
   return made
 
 
-def role(name: str) -> Array:
-  """The array an entry key names, in any kind; a ``KeyError`` for any other key."""
-  return {x.name: x for kind in KINDS.values() for x in (*kind.arrays, M)}[name]
+def role(name: str, kind: Kind | str) -> Array:
+  """The array ``kind``'s entry key ``name`` holds (DoRA's ``m`` too); a ``KeyError`` for any
+  other key. Two kinds may use one key for different arrays."""
+  kind = of(kind) if isinstance(kind, str) else kind
+  return {x.name: x for x in (*kind.arrays, *((M,) if kind.dora else ()))}[name]
 
 
 def key(path: str, array: Array) -> str:
@@ -273,7 +297,10 @@ def shape_error(entry: Mapping[str, Any], rank: int, n_stack: int) -> str | None
         axis is not None and shape[axis] != rank):
       break
     stacks.add(shape[:n_stack])
-    if array.side == "a":
+    if not array.follows_weight:  # its own dims: only its rank axis and stack are known
+      if len(shape) != n_stack + 2:
+        break
+    elif array.side == "a":
       ins.add(shape[n_stack:-1])
     else:
       outs.add(shape[n_stack + (array.side == "b"):])

@@ -156,8 +156,8 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *, mode: str = "facto
     pairs = [] if adapters is None else check_adapters(plan(base, config), adapters)
     if stacked:
       entries = {t.path: lookup(lp.adapters.adapters, t.path) for t, *_ in pairs}
-      # A stack's arrays have the adapter axis before the weight's stack axes.
-      pairs = [(t, *kinds.lowrank(entries[t.path], 1 + len(t.stack_axes))) for t, *_ in pairs]
+      # A stack (of LoRA adapters, whose factors are their arrays) keeps its adapter axis.
+      pairs = [(t, *kinds.lowrank(entries[t.path], t)) for t, *_ in pairs]
     lowranks = {t.path: LowRank.from_target(t, by_path[t.path], a, b, m) for t, a, b, m in pairs}
     paths = [p for p, _ in leaves]
     ctx = Context(warned, lora_rng, config.dropout, adapter_ids=None if not stacked else

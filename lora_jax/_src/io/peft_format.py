@@ -194,7 +194,7 @@ def save_peft(directory: str | os.PathLike[str], adapters: LoraParams | Mapping[
     target = targets.get(path)
     found = parts(module_name, path)
     if not kind.lora_like:
-      refused = _refused_for_kind(kind, path, found, conv_paths,
+      refused = _refused_for_kind(kind, path, found, target, conv_paths,
                                   entry[kind.arrays[0].name].ndim)
       if refused:
         errors.append(refused)
@@ -264,14 +264,14 @@ def save_peft(directory: str | os.PathLike[str], adapters: LoraParams | Mapping[
           break
         # Each module's update is its columns of the update: the output axis of side b
         # (after the rank) and of the magnitude; side a is shared.
-        arrays = {name: x if kinds.role(name).side == "a" else np.take(
-            x, part.index, axis=outs.index(part.axis) + (kinds.role(name).side == "b"))
+        arrays = {name: x if kinds.role(name, kind).side == "a" else np.take(
+            x, part.index, axis=outs.index(part.axis) + (kinds.role(name, kind).side == "b"))
                   for name, x in arrays.items()}
       modules[part.module] = (rank, config.alpha_for(path))
       a_ndim = arrays[kind.arrays[0].name].ndim  # every kind's first array is on side a
       conv = not _is_embedding(path) and _is_conv(path, a_ndim, conv_paths)
-      _put_entry(PREFIX + part.module, path, arrays, rank, window=a_ndim - 2 if conv else None,
-                 put=put)
+      _put_entry(PREFIX + part.module, path, kind, arrays, rank,
+                 window=a_ndim - 2 if conv else None, put=put)
 
   for module, params in experts.items():  # PEFT nests a module's k-th of n parameters
     params.sort()                          # under (n - 1 - k) base_layer levels
@@ -400,17 +400,20 @@ def _naming_label(naming: Naming) -> str:
           else "module_name")
 
 
-def _put_entry(key: str, path: str, arrays: Mapping[str, np.ndarray], rank: int, *,
-               window: int | None, put: Callable[[str, np.ndarray, str], None]) -> None:
+def _put_entry(key: str, path: str, kind: kinds.Kind, arrays: Mapping[str, np.ndarray],
+               rank: int, *, window: int | None, put: Callable[[str, np.ndarray, str], None]
+               ) -> None:
   """One PEFT module's tensors from an entry's arrays (side a ``(*in, r)``, side b
   ``(r, *out)``, DoRA's ``m``), named by the kinds table; ``window``: a convolution's number
   of window axes (None for other kernels)."""
   conv = window is not None
   for name, x in arrays.items():
-    array = kinds.role(name)
+    array = kinds.role(name, kind)
     if array.side == "m":  # PEFT keeps a conv's magnitude as (1, cout, 1, ...)
       m = x.reshape(-1)
       put(f"{key}.{array.peft}", m.reshape(1, -1, *(1,) * window) if conv else m, path)
+    elif not array.follows_weight:  # its own 2-D per-layer dims: stored transposed
+      put(f"{key}.{array.peft}", x.T, path)
     elif _is_embedding(path):  # LoRA's own names for an embedding (lora_like kinds only)
       put(f"{key}.lora_embedding_{array.name.upper()}",
           x.reshape(-1, rank).T if array.side == "a" else x.reshape(rank, -1).T, path)
@@ -424,11 +427,23 @@ def _put_entry(key: str, path: str, arrays: Mapping[str, np.ndarray], rank: int,
           x.reshape(-1, rank).T if array.side == "a" else x.reshape(rank, -1).T, path)
 
 
-def _refused_for_kind(kind: kinds.Kind, path: str, found: Any,
+def _refused_for_kind(kind: kinds.Kind, path: str, found: Any, target: Target | None,
                       conv_paths: tuple[str, ...] | None, a_ndim: int) -> str | None:
   """Why an adapter of a kind other than LoRA cannot be written for ``path``, or None: such
-  kinds are written for Linear modules (no embeddings, convolutions or experts)."""
+  kinds are written for Linear modules (no embeddings, convolutions or experts); a kind with
+  arrays of their own dims needs the base (``target``) and no fused modules, and the kind may
+  refuse a target PEFT lays out otherwise (``Kind.peft_refuses``)."""
   conv = _is_conv(path, a_ndim, conv_paths)
+  own_dims = not all(x.follows_weight for x in kind.arrays)
+  if own_dims and target is None:
+    return (f"{path}: {kind.name} adapters' shapes depend on the kernel's; pass the LoraParams "
+            "(not lp.adapters).")
+  if own_dims and found and len(found) > 1 and not found[0].stacked:
+    return (f"{path}: a fused kernel ({len(found)} PyTorch modules); a {kind.name} adapter of "
+            "the whole kernel is not one adapter per module. Map the kernel to one module.")
+  refused = kind.peft_refuses(target) if target is not None else None
+  if refused:
+    return f"{path}: {refused} (PEFT's {kind.peft_type} layout)."
   if _is_embedding(path) or conv or (found and found[0].experts):
     what = ("an embedding table" if _is_embedding(path) else "a convolution kernel" if conv
             else "an experts parameter")
@@ -852,7 +867,7 @@ def load_peft(directory: str | os.PathLike[str], *, params: PyTree,
                          "the fused rule).")
       fused.setdefault(path, {})[part.index] = piece
       continue
-    flat.update((kinds.key(path, kinds.role(n)), x) for n, x in arrays.items())
+    flat.update((kinds.key(path, kinds.role(n, kind)), x) for n, x in arrays.items())
     if module_rank != rank:
       rank_pattern[f"^{re.escape(path)}$"] = int(module_rank)
     if module_alpha != alpha:
@@ -860,7 +875,7 @@ def load_peft(directory: str | os.PathLike[str], *, params: PyTree,
   for path, pieces in layered.items():
     arrays, module_rank, module_alpha = _restack(directory, path, pieces,
                                                  by_path[path].shape[0])
-    flat.update((kinds.key(path, kinds.role(n)), x) for n, x in arrays.items())
+    flat.update((kinds.key(path, kinds.role(n, kind)), x) for n, x in arrays.items())
     if module_rank != rank:
       rank_pattern[f"^{re.escape(path)}$"] = module_rank
     if module_alpha != alpha:
@@ -1168,12 +1183,15 @@ def _kind_arrays(directory: pathlib.Path, kind: kinds.Kind, tensors: Mapping[str
     raise ValueError(f"{where}: {missing[0]} is missing; every {kind.peft_type} module needs "
                      f"{', '.join(x.peft for x in kind.arrays)}.")
   found = {x.name: tensors[f"{key}.{x.peft}"] for x in kind.arrays}
-  sides = {x.name: x.side for x in kind.arrays}
-  ranks = {v.shape[0] if sides[n] == "a" else v.shape[-1] for n, v in found.items()}
-  ins = {v.shape[1] for n, v in found.items() if sides[n] == "a" and v.ndim == 2}
-  outs = {v.shape[0] for n, v in found.items() if sides[n] == "b" and v.ndim == 2}
-  if any(v.ndim != 2 for v in found.values()) or len(ranks) != 1 or len(ins) != 1 or len(
-      outs) != 1:
+  by_name = {x.name: x for x in kind.arrays}
+  ranks = {v.shape[0] if by_name[n].side == "a" else v.shape[-1] for n, v in found.items()
+           if by_name[n].side in ("a", "b")}
+  ins = {v.shape[1] for n, v in found.items()
+         if by_name[n].side == "a" and by_name[n].follows_weight and v.ndim == 2}
+  outs = {v.shape[0] for n, v in found.items()
+          if by_name[n].side == "b" and by_name[n].follows_weight and v.ndim == 2}
+  if any(v.ndim != 2 for v in found.values()) or len(ranks) != 1 or len(ins) > 1 or len(
+      outs) > 1:
     shapes = ", ".join(f"{x.peft} {found[x.name].shape}" for x in kind.arrays)
     raise ValueError(f"{where}: {key}: {shapes} are not one Linear module's {kind.peft_type} "
                      "tensors (side a (r, in), side b (out, r), one r, in and out); lora_jax "
@@ -1216,7 +1234,8 @@ def _fit_to_target(directory: pathlib.Path, target: Target, flat: dict[str, np.n
     want = array.shape(target)
     value = flat[kinds.key(target.path, array)]
     matrix = value.ndim == 2 + len(lead)  # per layer PEFT's 2-D (transposed) tensors
-    expected = lead + ((n_in, r) if array.side == "a" else (r, n_out)) if matrix else want
+    expected = (want if not array.follows_weight or not matrix
+                else lead + ((n_in, r) if array.side == "a" else (r, n_out)))
     if value.shape != expected:
       torch_name = array.peft.split(".")[0]
       found = value.shape[len(lead):][::-1] if matrix else value.shape
