@@ -27,9 +27,13 @@ def _loha(e):
   return (e["a1"] @ e["b1"]) * (e["a2"] @ e["b2"])
 
 
+def _lokr(e):
+  return jnp.kron(e["w1"], e["a2"] @ e["b2"])
+
+
 # ΔW / scale in the weight's (in, out) layout for one unstacked 2-D entry.
-REFERENCE = {"lora": _lora, "loha": _loha}
-KEYS = {"lora": {"a", "b"}, "loha": {"a1", "b1", "a2", "b2"}}
+REFERENCE = {"lora": _lora, "loha": _loha, "lokr": _lokr}
+KEYS = {"lora": {"a", "b"}, "loha": {"a1", "b1", "a2", "b2"}, "lokr": {"w1", "a2", "b2"}}
 KINDS = sorted(REFERENCE)
 
 

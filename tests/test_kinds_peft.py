@@ -18,8 +18,13 @@ peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.slow  # the real peft and torch
 
 # kind -> (PEFT config class, its alpha field), for PEFT-made adapters.
-PEFT_CONFIGS = {"lora": (peft.LoraConfig, "lora_alpha"), "loha": (peft.LoHaConfig, "alpha")}
-PEFT_RANDOM_INIT = {"lora": {"init_lora_weights": False}, "loha": {"init_weights": False}}
+PEFT_CONFIGS = {"lora": (peft.LoraConfig, "lora_alpha"), "loha": (peft.LoHaConfig, "alpha"),
+                "lokr": (peft.LoKrConfig, "alpha")}
+PEFT_RANDOM_INIT = {"lora": {"init_lora_weights": False}, "loha": {"init_weights": False},
+                    "lokr": {"init_weights": False}}
+# (rank, Dense_1's rank): LoKr's ranks stay below half its second Kronecker factor, where
+# PEFT stores lokr_w2 as two factors.
+RANKS = {"lora": (4, 2), "loha": (4, 2), "lokr": (2, 1)}
 
 
 class FlaxMLP(nn.Module):
@@ -56,7 +61,8 @@ def _models():
 @pytest.mark.parametrize("kind", sorted(PEFT_CONFIGS))
 def test_export_loads_in_peft_with_equal_outputs(tmp_path, kind):
   params, x, torch_model, x_torch = _models()
-  config = lj.LoraConfig(rank=3, alpha=5.0, kind=kind, rank_pattern={"Dense_1": 2},
+  rank, last = RANKS[kind]
+  config = lj.LoraConfig(rank=rank, alpha=5.0, kind=kind, rank_pattern={"Dense_1": last},
                          alpha_pattern={"Dense_1": 4.0})
   lp = lj.lift(params, config, key=jax.random.key(2))
   keys = iter(jax.random.split(jax.random.key(3), 64))
@@ -65,7 +71,7 @@ def test_export_loads_in_peft_with_equal_outputs(tmp_path, kind):
   expected = np.asarray(lj.wrap(FlaxMLP().apply, config)(lp, x))
   lj.save_peft(tmp_path / "peft", lp, config)
   written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-  assert written["peft_type"] == kind.upper() and written["r"] == 3
+  assert written["peft_type"] == kind.upper() and written["r"] == rank
   peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "peft")).eval()
   with torch.no_grad():
     got = peft_model(x_torch).numpy()
@@ -83,15 +89,16 @@ def test_import_peft_made_adapter_gives_peft_outputs(tmp_path, kind):
   params, x, torch_model, x_torch = _models()
   make, alpha_field = PEFT_CONFIGS[kind]
   torch.manual_seed(0)
-  peft_config = make(r=4, **{alpha_field: 8}, target_modules=["Dense_0", "Dense_1"],
-                     rank_pattern={"Dense_1": 2}, alpha_pattern={"Dense_0": 5},
+  rank, last = RANKS[kind]
+  peft_config = make(r=rank, **{alpha_field: 8}, target_modules=["Dense_0", "Dense_1"],
+                     rank_pattern={"Dense_1": last}, alpha_pattern={"Dense_0": 5},
                      **PEFT_RANDOM_INIT[kind])
   peft_model = peft.get_peft_model(torch_model, peft_config).eval()
   with torch.no_grad():
     expected = peft_model(x_torch).numpy()
   peft_model.save_pretrained(str(tmp_path / "made_by_peft"))
   adapters, config = lj.load_peft(tmp_path / "made_by_peft", params=params)
-  assert config.kind == kind and config.rank == 4 and config.alpha == 8.0
+  assert config.kind == kind and config.rank == rank and config.alpha == 8.0
   lp = lj.LoraParams(params, adapters)
   for mode in ("factored", "merge"):
     got = lj.wrap(FlaxMLP().apply, config, mode=mode)(lp, x)
@@ -119,4 +126,8 @@ def test_other_kinds_refuse_what_peft_cannot_hold(tmp_path):
     params, *_ = _models()
     rs = lj.LoraConfig(rank=2, kind="loha", use_rslora=True)
     lj.save_peft(tmp_path / "q", lj.lift(params, rs, key=jax.random.key(0)), rs)
-  assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()
+  with pytest.raises(ValueError, match="PEFT stores a full lokr_w2"):
+    params, *_ = _models()
+    big = lj.LoraConfig(rank=3, kind="lokr")
+    lj.save_peft(tmp_path / "r", lj.lift(params, big, key=jax.random.key(0)), big)
+  assert not any((tmp_path / n).exists() for n in "pqr")

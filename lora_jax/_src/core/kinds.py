@@ -181,7 +181,76 @@ LOHA = Kind(
 
 
 
-KINDS: dict[str, Kind] = {k.name: k for k in (LORA, LOHA)}
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+  """``(m, n)``, ``m ≤ n``, ``m·n = dimension``: PEFT's LoKr split of a size (the divisor pair
+  nearest the square root, or ``factor`` and ``dimension / factor``), so that a LoKr adapter
+  made here has the shapes PEFT makes for the same module."""
+  if factor > 0 and dimension % factor == 0:
+    return factor, dimension // factor
+  factor = dimension if factor == -1 else factor
+  m, n = 1, dimension
+  while m < n:
+    new_m = m + 1
+    while dimension % new_m:
+      new_m += 1
+    new_n = dimension // new_m
+    if new_m + new_n > m + n or new_m > factor:
+      break
+    m, n = new_m, new_n
+  return min(m, n), max(m, n)
+
+
+def _lokr_dims(target: Geometry) -> tuple[tuple[int, int], tuple[int, int]]:
+  """``((in_m, in_n), (out_l, out_k))``: the Kronecker split of the input and output sizes."""
+  return (factorization(math.prod(target.in_shape)), factorization(math.prod(target.out_shape)))
+
+
+def _kronecker(w1: Any, a2: Any, b2: Any, target: Geometry) -> tuple[Any, Any]:
+  """Factors of ``ΔW = W₁ ⊗ (a2·b2)`` (the weight's ``(in, out)`` view, ``W₁`` ``(in_m,
+  out_l)``): by the mixed-product rule ``(P·Q) ⊗ (a·b) = (P ⊗ a)·(Q ⊗ b)`` with ``W₁ = I·W₁``
+  (rank ``in_m·r``) or ``W₁·I`` (rank ``out_l·r``), whichever is smaller. In float32,
+  returned in the arrays' dtype."""
+  f32, lead = jnp.float32, w1.shape[:-2]
+  (in_m, in_n), (out_l, out_k) = _lokr_dims(target)
+  r = a2.shape[-1]
+  w1_, a2_, b2_ = w1.astype(f32), a2.astype(f32), b2.astype(f32)
+  if in_m <= out_l:  # A' = I ⊗ a2, B' = W₁ ⊗ b2
+    eye = jnp.eye(in_m, dtype=f32)
+    a = jnp.einsum("mp,...nr->...mnpr", eye, a2_).reshape(*lead, in_m * in_n, in_m * r)
+    b = jnp.einsum("...pl,...rk->...prlk", w1_, b2_).reshape(*lead, in_m * r, out_l * out_k)
+  else:  # A' = W₁ ⊗ a2, B' = I ⊗ b2
+    eye = jnp.eye(out_l, dtype=f32)
+    a = jnp.einsum("...ml,...nr->...mnlr", w1_, a2_).reshape(*lead, in_m * in_n, out_l * r)
+    b = jnp.einsum("lp,...rk->...lrpk", eye, b2_).reshape(*lead, out_l * r, out_l * out_k)
+  a = a.reshape(*lead, *target.in_shape, a.shape[-1])
+  b = b.reshape(*lead, b.shape[-2], *target.out_shape)
+  return a.astype(a2.dtype), b.astype(b2.dtype)
+
+
+def _lokr_peft_refuses(target: Geometry) -> str | None:
+  (_, in_n), (_, out_k) = _lokr_dims(target)
+  if target.rank >= max(out_k, in_n) / 2:
+    return (f"rank {target.rank} is at least half of the second Kronecker factor's size "
+            f"{max(out_k, in_n)}, where PEFT stores a full lokr_w2 instead of lokr_w2_a and "
+            f"lokr_w2_b; use a rank below {max(out_k, in_n) / 2:g} for this module")
+  return None
+
+
+W1 = Array("w1", "k", "zeros", "lokr_w1", dims=lambda t: (_lokr_dims(t)[0][0], _lokr_dims(t)[1][0]))
+KA2 = Array("a2", "a", "fan_in", "lokr_w2_b", dims=lambda t: (_lokr_dims(t)[0][1], t.rank))
+KB2 = Array("b2", "b", "fan_in", "lokr_w2_a", dims=lambda t: (t.rank, _lokr_dims(t)[1][1]))
+
+LOKR = Kind(
+    "lokr", (KA2, KB2, W1),
+    lambda e, target: _kronecker(e[W1.name], e[KA2.name], e[KB2.name], target),
+    "LOKR", "r", "alpha",
+    lambda known: {"rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False,
+                   "decompose_both": False, "decompose_factor": -1,
+                   "rank_dropout_scale": False, "init_weights": True},
+    inits=("default",), dora=False, lora_like=False,
+    doc="LoKr: ΔW = s·W₁ ⊗ (A₂B₂)", peft_refuses=_lokr_peft_refuses)
+
+KINDS: dict[str, Kind] = {k.name: k for k in (LORA, LOHA, LOKR)}
 
 
 def of(kind: str) -> Kind:
