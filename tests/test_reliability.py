@@ -369,11 +369,11 @@ def test_load_checks_the_config_against_the_arrays(tmp_path):
   path = lj.save_adapters(tmp_path / "ckpt", lp.adapters, config)
   stored = path / "config" / "metadata"
   saved = json.loads(stored.read_text())
-  for change, message in [({"rank": 2}, r"params/dense/kernel: A \(16, 4\) and B \(4, 8\) do not "
+  for change, message in [({"rank": 2}, r"params/dense/kernel: a \(16, 4\), b \(4, 8\) do not "
                            r"fit the config \(rank 2"),
                           ({"targets": ["dense/kernel$"]}, r"params/out/kernel: has an adapter, "
                            r"but the config's targets/exclude do not select it"),
-                          ({"rank_pattern": {"out": 8}}, r"params/out/kernel: A \(8, 4\)")]:
+                          ({"rank_pattern": {"out": 8}}, r"params/out/kernel: a \(8, 4\)")]:
     stored.write_text(json.dumps({**saved, **change}))
     with pytest.raises(lj.ChecksumError, match=r"config: its content changed"):
       lj.load_adapters(path)  # the config is covered by the checksum record
