@@ -28,13 +28,12 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.extend import core as jcore
 
 from lora_jax._src.core.config import LoraConfig
 from lora_jax._src.core.tree import PyTree, leaves_with_paths
 from lora_jax._src.factored.recompute import CALL_BODIES
+from lora_jax._src.factored.walk import walk
 
-_DropVar = getattr(jcore, "DropVar", None) or jax.core.DropVar
 _SAME_AXES = frozenset({"convert_element_type", "copy", "copy_p", "sharding_constraint",
                         "reduce_precision", "optimization_barrier", "pvary", "mesh_cast"})
 
@@ -83,23 +82,13 @@ class _Walker:
       self.uses[track.path].append(use)
 
   def walk(self, jaxpr: Any, tracks: list[_Track | None]) -> list[_Track | None]:
-    env: dict[Any, _Track] = {}
-    for var, track in zip(jaxpr.invars, tracks):
-      if track is not None:
-        env[var] = track
+    """Follows the leaves' axes through ``jaxpr`` (``walk.walk``, with tracks as values)."""
+    def step(position: int, eqn: Any, invals: list[Any], read: Any) -> list[Any] | None:
+      ins = [v if isinstance(v, _Track) else None for v in invals]  # literals follow nothing
+      return self.rule(eqn, ins) if any(t is not None for t in ins) else None
 
-    def get(v: Any) -> _Track | None:
-      return None if isinstance(v, jcore.Literal) else env.get(v)
-
-    for eqn in jaxpr.eqns:
-      ins = [get(v) for v in eqn.invars]
-      if not any(t is not None for t in ins):
-        continue
-      outs = self.rule(eqn, ins)
-      for var, track in zip(eqn.outvars, outs):
-        if track is not None and not isinstance(var, _DropVar):
-          env[var] = track
-    return [get(v) for v in jaxpr.outvars]
+    outs = walk(jaxpr, (), tracks, step, missing=None)
+    return [v if isinstance(v, _Track) else None for v in outs]
 
   def rule(self, eqn: Any, ins: list[_Track | None]) -> list[_Track | None]:
     name, params = eqn.primitive.name, eqn.params

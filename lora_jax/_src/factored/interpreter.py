@@ -1,11 +1,11 @@
 """Factored execution: run any function of the parameters with adapted weights kept low rank.
 
-The function is traced to a jaxpr once per outer trace, then evaluated with each
-adapted weight bound to a ``LowRank`` value. Primitives that consume a
-``LowRank`` stay factored where the math allows (``dot_general``, convolution,
-embedding ``gather``, ``transpose``, dtype conversion) and pass it through
-nested calls (``jit``, ``closed_call``, custom derivatives, ``remat``, ``scan``,
-``cond``, ``while``). Any other use materializes ``W + scale * A @ B`` for that
+The function is traced to a jaxpr once per outer trace, then evaluated (``walk.py``) with
+each adapted weight bound to a ``LowRank`` value. Each primitive that may consume one has a
+``Rule`` in ``RULES``: it stays factored where the math allows (``dot_general``,
+convolution, embedding ``gather``, ``ragged_dot``, ``transpose``, dtype conversion) and passes
+the value through nested calls (``jit``, ``closed_call``, custom derivatives, ``remat``,
+``scan``, ``cond``, ``while``). Any other use materializes ``W + scale * A @ B`` for that
 use only, with one ``FallbackWarning`` per (primitive, path). The interpreter
 also records which values were computed by elementwise equations, so an
 adapted product whose input is one of them can recompute that input in the
@@ -29,17 +29,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.extend import core as jcore
 
 from lora_jax._src.adapters import stack
 from lora_jax._src.core import lowrank as lr_ops
 from lora_jax._src.core.lowrank import LowRank
 from lora_jax._src.factored import experts, recompute
+from lora_jax._src.factored.walk import walk
 from lora_jax._src.numerics import dequantized
 from lora_jax._src.numerics.qarray import QuantizedArray, is_quantized
-
-# jax.extend.core has DropVar from JAX 0.8 on; JAX 0.7 keeps it in jax.core only.
-_DropVar = getattr(jcore, "DropVar", None) or jax.core.DropVar
 
 
 class FallbackWarning(UserWarning):
@@ -58,8 +55,9 @@ class Context:
   rng: jax.Array | None = None
   rate: float = 0.0
   uses: int = 0
-  # A dropout mask drawn outside a dequantized use (see _dequantized_eqn), returned once.
-  preset_mask: Any = None
+  # The dropout mask of the one adapted product of an equation run inside a quantized
+  # base's decoding (see _dequantized_eqn), drawn outside it; None: draw from rng.
+  mask: Any = None
   # Per adapted path, how the function used it: "in" (x @ W), "out" (x @ W.T) or the
   # primitive's name; read by wrap to catch a kernel whose input axes were guessed wrong.
   seen: dict[str, set[str]] = dataclasses.field(default_factory=dict)
@@ -81,11 +79,15 @@ class Context:
   def record(self, lr: LowRank, use: str) -> None:
     self.seen.setdefault(lr.path, set()).add(use)
 
+  def with_mask(self, mask: Any) -> Context:
+    """This context for the rule of one equation whose adapter-branch mask was drawn already
+    (and whose mixed batch, if any, was handled)."""
+    return Context(self.warned, None, self.rate, seen=self.seen, mask=mask)
+
   def dropout_mask(self, x: jax.Array) -> jax.Array | None:
     """A fresh inverted-dropout mask for one adapter-branch input, or None when off."""
-    if self.preset_mask is not None:
-      mask, self.preset_mask = self.preset_mask, None
-      return mask
+    if self.mask is not None:
+      return self.mask
     if self.rng is None or self.rate == 0.0:
       return None
     key = jax.random.fold_in(self.rng, self.uses)
@@ -128,29 +130,19 @@ def _bind(eqn: Any, invals: Sequence[Any]) -> list[Any]:
 
 def interpret(jaxpr: Any, consts: Sequence[Any], args: Sequence[Any], ctx: Context) -> list[Any]:
   """Evaluates ``jaxpr`` where some inputs may be ``LowRank``; outputs may be too."""
-  env: dict[Any, Any] = {}
-
-  def read(v: Any) -> Any:
-    return v.val if isinstance(v, jcore.Literal) else env[v]
-
-  for var, val in zip(jaxpr.constvars, consts):
-    env[var] = val
-  for var, val in zip(jaxpr.invars, args):
-    env[var] = val
   producers: dict[Any, tuple[int, Any]] = {}  # computed by cheap equations: (position, eqn)
-  for position, eqn in enumerate(jaxpr.eqns):
-    invals = [read(v) for v in eqn.invars]
+
+  def step(position: int, eqn: Any, invals: list[Any], read: Callable[[Any], Any]
+           ) -> list[Any]:
     if any(isinstance(v, _STRUCTURED) for v in invals):
-      outs = _lowrank_eqn(eqn, invals, ctx,
+      return _lowrank_eqn(eqn, invals, ctx,
                           lambda var, flops: _recompute(var, producers, read, flops))
-    else:
-      outs = _bind(eqn, invals)
-      if recompute.cheap(eqn):
-        producers.update((var, (position, eqn)) for var in eqn.outvars)
-    for var, val in zip(eqn.outvars, outs):
-      if not isinstance(var, _DropVar):
-        env[var] = val
-  return [read(v) for v in jaxpr.outvars]
+    outs = _bind(eqn, invals)
+    if recompute.cheap(eqn):
+      producers.update((var, (position, eqn)) for var in eqn.outvars)
+    return outs
+
+  return walk(jaxpr, consts, args, step)
 
 
 def _recompute(var: Any, producers: dict[Any, tuple[int, Any]], read: Callable[[Any], Any],
@@ -179,9 +171,6 @@ def _fallback(eqn: Any, invals: Sequence[Any], ctx: Context, reason: str) -> lis
 
 
 _STRUCTURED = (LowRank, QuantizedArray)
-# Primitives that pass a quantized weight on without computing with it.
-_STRUCTURAL = ("transpose", "convert_element_type", "sharding_constraint", "copy", "copy_p",
-               "remat", "remat2", "checkpoint", "scan", "cond", "while", *recompute.CALL_BODIES)
 
 
 def _quantized(v: Any) -> QuantizedArray | None:
@@ -255,7 +244,7 @@ def _dequantized_eqn(eqn: Any, invals: list[Any], ctx: Context,
         rebuilt.append(v if a is None else a)
     if not any(isinstance(v, LowRank) for v in rebuilt):
       return _bind(eqn, rebuilt)
-    inner = Context(ctx.warned, None, ctx.rate, seen=ctx.seen, preset_mask=preset)
+    inner = ctx.with_mask(preset)
     x_var = None if cone is None else eqn.invars[adapted[0]]
     return _lowrank_eqn(eqn, rebuilt, inner, lambda var, flops: (
         (cone[0], leaves) if cone is not None and var is x_var else None))
@@ -292,92 +281,136 @@ def _mixed_dot(eqn: Any, invals: list[Any], ctx: Context) -> jax.Array:
   return out if rhs else jnp.transpose(out, [*range(n_x, n_x + n_w), *range(n_x)])
 
 
-def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context,
-                 recompute_of: Callable[[Any, float], Any]) -> list[Any]:
-  name, params = eqn.primitive.name, eqn.params
-  if ctx.adapter_ids is not None and name not in _STRUCTURAL:  # mixed batches: x @ W only
-    if name == "dot_general" and any(isinstance(v, LowRank) for v in invals):
-      return [_mixed_dot(eqn, invals, ctx)]
-    for v in invals:
-      ctx.refuse_mixed(v, name)
-  if name not in _STRUCTURAL and any(_quantized(v) is not None for v in invals):
-    return _dequantized_eqn(eqn, invals, ctx, recompute_of)
-  if name == "transpose" and isinstance(invals[0], QuantizedArray):
-    return [invals[0].transpose(tuple(params["permutation"]))]
-  if name in ("convert_element_type", "sharding_constraint", "copy", "copy_p") and isinstance(
-      invals[0], QuantizedArray):
-    q = invals[0]
-    if name != "convert_element_type":
-      return [q]
-    if jnp.issubdtype(params["new_dtype"], jnp.floating):
-      return [q.astype(params["new_dtype"])]
-    return _bind(eqn, [q.dequantize()])
+RecomputeOf = Callable[[Any, float], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """How one primitive runs when an input is an adapted (``LowRank``) or quantized weight.
+
+  ``passes_through``: the primitive moves or restructures its inputs without computing with
+  them (a transpose, a cast, a call, a loop), so a quantized base and a mixed batch's weight
+  go through it as values; any other use computes with the weight.
+  """
+
+  apply: Callable[[Any, list[Any], Context, RecomputeOf], list[Any]]
+  passes_through: bool = False
+
+
+def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context, recompute_of: RecomputeOf
+                 ) -> list[Any]:
+  """Runs one equation with a structured input by its rule in ``RULES``, or forms the weight.
+
+  A use that computes with a weight (a rule that does not pass it through, or no rule) takes
+  a mixed batch's per-example update (``x @ W`` only) and decodes a quantized base inside the
+  use (``dequantized.py``); the rule itself then sees float weights.
+  """
+  name = eqn.primitive.name
+  rule = RULES.get(name)
+  if rule is None or not rule.passes_through:
+    if ctx.adapter_ids is not None:  # mixed batches: x @ W only
+      if name == "dot_general" and any(isinstance(v, LowRank) for v in invals):
+        return [_mixed_dot(eqn, invals, ctx)]
+      for v in invals:
+        ctx.refuse_mixed(v, name)
+    if any(_quantized(v) is not None for v in invals):
+      return _dequantized_eqn(eqn, invals, ctx, recompute_of)
+  if rule is None:
+    return _fallback(eqn, invals, ctx, "no factored rule for this primitive")
+  return rule.apply(eqn, invals, ctx, recompute_of)
+
+
+def _dot_general(eqn: Any, invals: list[Any], ctx: Context, recompute_of: RecomputeOf
+                 ) -> list[Any]:
+  params = eqn.params
+  x, w = invals
+  if isinstance(x, LowRank) and isinstance(w, LowRank):
+    return _fallback(eqn, invals, ctx, "both operands are adapted weights")
+  rhs = isinstance(w, LowRank)
+  lr, x = (w, x) if rhs else (x, w)
+  ctx.record(lr, lr_ops.contracted_side(lr, params, rhs) or "dot_general")
+  mask = ctx.dropout_mask(x)
+  contracted = math.prod(x.shape[d] for d in params["dimension_numbers"][0][0 if rhs else 1])
+  flops = 2.0 * math.prod(eqn.outvars[0].aval.shape) * contracted
   # Rules accumulate in float32 or wider and round once to the original result's dtype.
   out_dtype = eqn.outvars[0].aval.dtype
-  if name == "dot_general":
-    x, w = invals
-    if isinstance(x, LowRank) and isinstance(w, LowRank):
-      return _fallback(eqn, invals, ctx, "both operands are adapted weights")
-    rhs = isinstance(w, LowRank)
-    lr, x = (w, x) if rhs else (x, w)
-    ctx.record(lr, lr_ops.contracted_side(lr, params, rhs) or name)
-    mask = ctx.dropout_mask(x)
-    contracted = math.prod(x.shape[d] for d in params["dimension_numbers"][0][0 if rhs else 1])
-    flops = 2.0 * math.prod(eqn.outvars[0].aval.shape) * contracted
-    out = lr_ops.dot_general_apply(x, lr, rhs, params, mask, out_dtype,
-                                   recompute_of(eqn.invars[0 if rhs else 1], flops))
-    if out is None:
-      out = experts.batched_dot_apply(x, lr, rhs, params, mask, out_dtype)
-    if out is None:
-      return _fallback(eqn, invals, ctx, "the contraction is neither over all input axes nor "
-                       "over all output axes of the weight, or uses batch dimensions")
-    return [out]
-  if name in ("conv_general_dilated", "gather"):
-    _record_uses(invals, ctx, name)
-  if name == "conv_general_dilated":
-    x, w = invals
-    if isinstance(w, LowRank) and not isinstance(x, LowRank):
-      out = lr_ops.conv_apply(x, w, params, ctx.dropout_mask(x), out_dtype)
-      if out is not None:
-        return [out]
-    return _fallback(eqn, invals, ctx, "only an ungrouped convolution whose kernel's last axis "
-                     "is its output-feature axis stays factored")
-  if name == "gather" and isinstance(invals[0], LowRank) and not isinstance(invals[1], LowRank):
-    out = lr_ops.gather_apply(invals[0], invals[1], params)
+  out = lr_ops.dot_general_apply(x, lr, rhs, params, mask, out_dtype,
+                                 recompute_of(eqn.invars[0 if rhs else 1], flops))
+  if out is None:
+    out = experts.batched_dot_apply(x, lr, rhs, params, mask, out_dtype)
+  if out is None:
+    return _fallback(eqn, invals, ctx, "the contraction is neither over all input axes nor "
+                     "over all output axes of the weight, or uses batch dimensions")
+  return [out]
+
+
+def _conv(eqn: Any, invals: list[Any], ctx: Context, recompute_of: RecomputeOf) -> list[Any]:
+  _record_uses(invals, ctx, eqn.primitive.name)
+  x, w = invals
+  if isinstance(w, LowRank) and not isinstance(x, LowRank):
+    out = lr_ops.conv_apply(x, w, eqn.params, ctx.dropout_mask(x), eqn.outvars[0].aval.dtype)
     if out is not None:
       return [out]
-    return _fallback(eqn, invals, ctx, "only row lookups over the input axes stay factored")
-  if name in ("ragged_dot_general", "ragged_dot"):
-    x, w, group_sizes = invals[:3]
-    if isinstance(w, LowRank) and not isinstance(x, LowRank) and len(invals) == 3:
-      ctx.record(w, "in")
-      flops = 2.0 * math.prod(eqn.outvars[0].aval.shape) * x.shape[-1]
-      out = experts.ragged_dot_apply(x, w, group_sizes, params, ctx.dropout_mask(x), out_dtype,
-                                     recompute_of(eqn.invars[0], flops))
-      if out is not None:
-        return [out]
-    return _fallback(eqn, invals, ctx, "only ragged_dot(x, W[groups, in, out]) over the "
-                     "weight's stacked group axis stays factored")
-  if name == "transpose":
-    return [lr_ops.transpose_apply(invals[0], tuple(params["permutation"]))]
-  if name in ("convert_element_type", "sharding_constraint", "copy", "copy_p"):
-    (lr,) = invals
-    if is_quantized(lr.w):
-      return [lr.replace(w=lr.w.astype(params["new_dtype"]) if name == "convert_element_type"
-                         else lr.w)]
-    return [lr.replace(w=eqn.primitive.bind(lr.w, **params))]
-  if recompute.CALL_BODIES.get(name) in params:
-    inner = params[recompute.CALL_BODIES[name]]
-    return interpret(inner.jaxpr, inner.consts, invals, ctx)
-  if name in ("remat", "remat2", "checkpoint"):
-    return _remat(eqn, invals, ctx)
-  if name == "scan":
-    return _scan(eqn, invals, ctx)
-  if name == "cond":
-    return _cond(eqn, invals, ctx)
-  if name == "while":
-    return _while(eqn, invals, ctx)
-  return _fallback(eqn, invals, ctx, "no factored rule for this primitive")
+  return _fallback(eqn, invals, ctx, "only an ungrouped convolution whose kernel's last axis "
+                   "is its output-feature axis stays factored")
+
+
+def _gather(eqn: Any, invals: list[Any], ctx: Context, recompute_of: RecomputeOf) -> list[Any]:
+  _record_uses(invals, ctx, eqn.primitive.name)
+  if isinstance(invals[0], LowRank) and not isinstance(invals[1], LowRank):
+    out = lr_ops.gather_apply(invals[0], invals[1], eqn.params)
+    if out is not None:
+      return [out]
+  return _fallback(eqn, invals, ctx, "only row lookups over the input axes stay factored")
+
+
+def _ragged_dot(eqn: Any, invals: list[Any], ctx: Context, recompute_of: RecomputeOf
+                ) -> list[Any]:
+  x, w, group_sizes = invals[:3]
+  if isinstance(w, LowRank) and not isinstance(x, LowRank) and len(invals) == 3:
+    ctx.record(w, "in")
+    flops = 2.0 * math.prod(eqn.outvars[0].aval.shape) * x.shape[-1]
+    out = experts.ragged_dot_apply(x, w, group_sizes, eqn.params, ctx.dropout_mask(x),
+                                   eqn.outvars[0].aval.dtype,
+                                   recompute_of(eqn.invars[0], flops))
+    if out is not None:
+      return [out]
+  return _fallback(eqn, invals, ctx, "only ragged_dot(x, W[groups, in, out]) over the "
+                   "weight's stacked group axis stays factored")
+
+
+def _transpose(eqn: Any, invals: list[Any], ctx: Context, recompute_of: RecomputeOf
+               ) -> list[Any]:
+  (value,) = invals
+  permutation = tuple(eqn.params["permutation"])
+  if isinstance(value, QuantizedArray):
+    return [value.transpose(permutation)]
+  return [lr_ops.transpose_apply(value, permutation)]
+
+
+def _structural(eqn: Any, invals: list[Any], ctx: Context, recompute_of: RecomputeOf
+                ) -> list[Any]:
+  """A dtype conversion, sharding constraint or copy: recorded on the weight it moves."""
+  name, params = eqn.primitive.name, eqn.params
+  (value,) = invals
+  cast = name == "convert_element_type"
+  if isinstance(value, QuantizedArray):
+    if not cast:
+      return [value]
+    if jnp.issubdtype(params["new_dtype"], jnp.floating):
+      return [value.astype(params["new_dtype"])]
+    return _bind(eqn, [value.dequantize()])
+  if is_quantized(value.w):
+    return [value.replace(w=value.w.astype(params["new_dtype"]) if cast else value.w)]
+  return [value.replace(w=eqn.primitive.bind(value.w, **params))]
+
+
+def _call(eqn: Any, invals: list[Any], ctx: Context, recompute_of: RecomputeOf) -> list[Any]:
+  body = recompute.CALL_BODIES[eqn.primitive.name]
+  if body not in eqn.params:
+    return _fallback(eqn, invals, ctx, "no factored rule for this primitive")
+  inner = eqn.params[body]
+  return interpret(inner.jaxpr, inner.consts, invals, ctx)
 
 
 def _flatten(values: Sequence[Any]) -> tuple[list[Any], Callable[[Sequence[Any]], list[Any]]]:
@@ -479,6 +512,28 @@ def _while(eqn: Any, invals: list[Any], ctx: Context) -> list[Any]:
     return _materialized(outs, ctx, "while", "a loop body returned the weight")
 
   return list(lax.while_loop(cond_fn, body_fn, init))
+
+
+def _control(run: Callable[[Any, list[Any], Context], list[Any]]) -> Rule:
+  return Rule(lambda eqn, invals, ctx, recompute_of: run(eqn, invals, ctx), passes_through=True)
+
+
+# One rule per primitive; any other primitive forms the weight for that use (FallbackWarning).
+RULES: dict[str, Rule] = {
+    "dot_general": Rule(_dot_general),
+    "conv_general_dilated": Rule(_conv),
+    "gather": Rule(_gather),
+    "ragged_dot_general": Rule(_ragged_dot),
+    "ragged_dot": Rule(_ragged_dot),
+    "transpose": Rule(_transpose, passes_through=True),
+    **{name: Rule(_structural, passes_through=True)
+       for name in ("convert_element_type", "sharding_constraint", "copy", "copy_p")},
+    **{name: _control(_remat) for name in ("remat", "remat2", "checkpoint")},
+    "scan": _control(_scan),
+    "cond": _control(_cond),
+    "while": _control(_while),
+    **{name: Rule(_call, passes_through=True) for name in recompute.CALL_BODIES},
+}
 
 
 def _is_dynamic(leaf: Any) -> bool:
