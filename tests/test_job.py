@@ -10,7 +10,7 @@ import lora_jax as lj
 from lora_jax._src.cli.job import run
 from lora_jax._src.cli.main import main as cli
 
-pytestmark = [pytest.mark.slow, pytest.mark.oldest]  # whole lora-jax train jobs
+pytestmark = pytest.mark.slow  # whole lora-jax train jobs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TINY_LM = ["model.d_model=16", "model.heads=2", "model.mlp=32", "model.max_len=16",
@@ -20,10 +20,11 @@ TINY = ["pretrain.steps=3", "finetune.steps=3", "pretrain.batch_size=8",
 
 
 @pytest.mark.parametrize("name, extra", [
-    ("digits", []), ("digits_nnx", []), ("textcls", TINY_LM), ("charlm", TINY_LM),
+    pytest.param("digits", [], marks=pytest.mark.oldest), ("digits_nnx", []),
+    ("textcls", TINY_LM), ("charlm", TINY_LM),
     ("digits", ["finetune.lora_plus_ratio=16", "finetune.freeze_a=true"]),
     ("digits", ["lora.init=pissa"]), ("digits", ["lora.use_dora=true"]),
-    ("charlm_scan", TINY_LM), ("charlm_mesh", TINY_LM)])
+    ("charlm_scan", TINY_LM), pytest.param("charlm_mesh", TINY_LM, marks=pytest.mark.oldest)])
 def test_example_configs_run_tiny(tmp_path, name, extra, capsys):
   config = lj.load_job_config(ROOT / "configs" / f"{name}.yaml",
                               [*TINY, *extra, f"run_dir={tmp_path}"])

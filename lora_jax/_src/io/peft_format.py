@@ -639,7 +639,8 @@ def _read_config(directory: pathlib.Path, target_parameters: bool = False,
   if not isinstance(peft_config, dict):
     raise ValueError(f"{where}: expected a JSON object, found {type(peft_config).__name__}.")
   known = {k.peft_type: k for k in kinds.KINDS.values()} if any_kind else {"LORA": kinds.LORA}
-  kind = known.get(peft_config.get("peft_type"))
+  peft_type = peft_config.get("peft_type")
+  kind = known.get(peft_type) if isinstance(peft_type, str) else None
   if kind is None:
     raise ValueError(f"{where}: peft_type is {peft_config.get('peft_type')!r}; only "
                      f"{sorted(known)} adapters can be read here.")
