@@ -52,12 +52,13 @@ def check_adapters(targets: tuple[Target, ...], adapters: Mapping[str, Any] | No
   for target in targets:
     entry = lookup(adapters, target.path)
     names = set(target.entry_names)
-    if not isinstance(entry, Mapping) or kinds.kind_of(entry) is None:
+    kind = kinds.kind_of(entry) if isinstance(entry, Mapping) else None
+    if kind is None:
       errors.append(f"{target.path}: missing adapter {sorted(names)} for base shape "
                     f"{target.shape}.")
       continue
-    if kinds.kind_of(entry).name != target.kind:
-      errors.append(f"{target.path}: a {kinds.kind_of(entry).name} adapter (keys "
+    if kind.name != target.kind:
+      errors.append(f"{target.path}: a {kind.name} adapter (keys "
                     f"{sorted(entry)}), but the config says kind={target.kind!r} (keys "
                     f"{sorted(names)}). Use the config the adapters were made with.")
       continue

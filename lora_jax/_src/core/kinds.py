@@ -159,8 +159,8 @@ def _khatri_rao(a1: Any, a2: Any, b1: Any, b2: Any, target: Geometry) -> tuple[A
   r = a1.shape[-1]
   a = (a1.astype(f32)[..., :, None] * a2.astype(f32)[..., None, :]).reshape(*a1.shape[:-1], r * r)
   lead, out = b1.shape[:n_stack], b1.shape[n_stack + 1:]
-  b1_, b2_ = (x.astype(f32).reshape(*lead, r, 1, -1) for x in (b1, b2))
-  b2_ = b2_.reshape(*lead, 1, r, -1)
+  b1_ = b1.astype(f32).reshape(*lead, r, 1, -1)  # k, (l), o
+  b2_ = b2.astype(f32).reshape(*lead, 1, r, -1)  # (k), l, o
   b = (b1_ * b2_).reshape(*lead, r * r, *out)
   return a.astype(a1.dtype), b.astype(b1.dtype)
 
