@@ -34,6 +34,8 @@ def _values(key: jax.Array, *, array: kinds.Array, target: Target, init: str,
             dtype: str) -> jax.Array:
   """One array of a fresh entry, as its ``Array.init`` says (``kinds.py``)."""
   shape = array.shape(target)
+  if not isinstance(array.init, str):  # a constant (VeRA's d_initial)
+    return jnp.full(shape, array.init, dtype)
   if array.init == "zeros":
     return jnp.zeros(shape, dtype)
   if array.init == "lora" and init == "gaussian":
@@ -55,17 +57,29 @@ def _initializers(target: Target, init: str, dtype: str, a_sharding: Any, b_shar
   return tuple(
       (array.name, jax.jit(functools.partial(_values, array=array, target=target, init=init,
                                              dtype=dtype),
-                           out_shardings=_sharding(array, a_sharding, b_sharding)))
+                           out_shardings=_sharding(array, target, a_sharding, b_sharding)))
       for array in kinds.of(target.kind).arrays)
 
 
-def _sharding(array: kinds.Array, a_sharding: Any, b_sharding: Any) -> Any:
+def _sharding(array: kinds.Array, target: Target, a_sharding: Any, b_sharding: Any) -> Any:
   """An array over the weight's axes is sharded like them (side a like the input axes, side b
-  like the output axes); an array with its own dims (a Kronecker factor) is replicated."""
+  and m like the output axes); an array with its own dims (a Kronecker factor) is replicated."""
   if not array.follows_weight or a_sharding is None:
     return None if a_sharding is None else jax.sharding.NamedSharding(
         a_sharding.mesh, jax.sharding.PartitionSpec())
+  if array.side == "m":
+    return _out_sharding(b_sharding, target)
   return {kinds.A.side: a_sharding, kinds.B.side: b_sharding}[array.side]
+
+
+def _out_sharding(b_sharding: Any, target: Target) -> Any:
+  """The sharding of a ``stack + out`` array: side b's without its rank axis."""
+  if b_sharding is None:
+    return None
+  spec = tuple(b_sharding.spec)
+  rank_axis = len(target.stack_axes)
+  return jax.sharding.NamedSharding(
+      b_sharding.mesh, jax.sharding.PartitionSpec(*spec[:rank_axis], *spec[rank_axis + 1:]))
 
 
 def _as_key(key: Any) -> jax.Array:
@@ -142,7 +156,8 @@ def lift(params: PyTree, config: LoraConfig, *, key: jax.Array) -> LoraParams:
       made = kinds.entry(a, b)
     elif _is_abstract(leaf):
       made = {x.name: jax.ShapeDtypeStruct(x.shape(target), config.dtype,
-                                           sharding=_sharding(x, a_sharding, b_sharding))
+                                           sharding=_sharding(x, target, a_sharding,
+                                                              b_sharding))
               for x in kinds.of(target.kind).arrays}
     else:
       makers = _initializers(target._replace(path=""), config.init, config.dtype,
@@ -156,7 +171,38 @@ def lift(params: PyTree, config: LoraConfig, *, key: jax.Array) -> LoraParams:
     flat[target.path] = made
   if residuals:
     params = map_with_paths(lambda p, leaf: residuals.get(p, leaf), params)
-  return LoraParams(base=params, adapters=nest(flat))
+  adapters = nest(flat)
+  kind = kinds.of(config.kind)
+  if kind.shared and targets:
+    adapters = kinds.with_shared(adapters, kind, _shared(
+        kind, targets, jax.random.fold_in(key, _SHARED_STREAM), config.dtype,
+        [leaves[t.path] for t in targets]))
+  return LoraParams(base=params, adapters=adapters)
+
+
+_SHARED_STREAM = 0x5EED  # the shared arrays draw from the lift key folded with this
+
+
+def _shared(kind: kinds.Kind, targets: tuple[Target, ...], key: jax.Array, dtype: str,
+            leaves: list[Any]) -> dict[str, Any]:
+  """A kind's shared arrays (``kinds.Shared``): uniform in ``±sqrt(6 / rows)``, replicated on
+  the targets' mesh; ``ShapeDtypeStruct`` when the targets are abstract."""
+  shapes = kinds.shared_shapes(kind, targets)
+  meshes = [s.mesh for s in map(concrete_sharding, leaves)
+            if isinstance(s, jax.sharding.NamedSharding)]
+  sharding = (jax.sharding.NamedSharding(meshes[0], jax.sharding.PartitionSpec())
+              if meshes else None)
+  made = {}
+  for i, x in enumerate(kind.shared):
+    shape = shapes[x.name]
+    if all(_is_abstract(leaf) for leaf in leaves):
+      made[x.name] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+      continue
+    bound = math.sqrt(6.0 / shape[0])
+    value = jax.random.uniform(jax.random.fold_in(key, i), shape, jnp.float32, -bound, bound)
+    value = value.astype(dtype)
+    made[x.name] = value if sharding is None else jax.device_put(value, sharding)
+  return made
 
 
 @functools.partial(jax.jit, static_argnames=("target", "dtype"))
@@ -167,12 +213,7 @@ def _norms(w: jax.Array, *, target: Target, dtype: str) -> jax.Array:
 
 def _magnitude(leaf: Any, target: Target, dtype: str, b_sharding: Any) -> Any:
   """DoRA's initial magnitude ``‖W‖`` (``stack + out``), sharded like B without its rank axis."""
-  sharding = None
-  if b_sharding is not None:
-    spec = tuple(b_sharding.spec)
-    rank_axis = len(target.stack_axes)
-    sharding = jax.sharding.NamedSharding(
-        b_sharding.mesh, jax.sharding.PartitionSpec(*spec[:rank_axis], *spec[rank_axis + 1:]))
+  sharding = _out_sharding(b_sharding, target)
   if _is_abstract(leaf):
     return jax.ShapeDtypeStruct(target.m_shape, dtype, sharding=sharding)
   m = _norms(leaf, target=target._replace(path=""), dtype=dtype)

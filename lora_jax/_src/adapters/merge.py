@@ -51,6 +51,7 @@ def check_adapters(targets: tuple[Target, ...], adapters: Mapping[str, Any] | No
   entries = []
   for target in targets:
     entry = lookup(adapters, target.path)
+    shared = kinds.shared_of(adapters, target.kind)
     names = set(target.entry_names)
     kind = kinds.kind_of(entry) if isinstance(entry, Mapping) else None
     if kind is None:
@@ -70,6 +71,7 @@ def check_adapters(targets: tuple[Target, ...], adapters: Mapping[str, Any] | No
           f"{sorted(names)}). Use the config the adapters were made with.")
       continue
     shapes = kinds.shapes(target)
+    before = len(errors)
     for name in target.entry_names:
       found = tuple(getattr(entry[name], "shape", ()))
       if found != shapes[name]:
@@ -77,7 +79,11 @@ def check_adapters(targets: tuple[Target, ...], adapters: Mapping[str, Any] | No
             f"{target.path}/{name}: shape {found} does not fit the base leaf of shape "
             f"{target.shape}; expected {shapes[name]} (stack {target.stack_shape}, input axes "
             f"{target.in_shape}, rank {target.rank}, output axes {target.out_shape}).")
-    entries.append((target, *kinds.lowrank(entry, target)))
+    wrong = kinds.shared_error(shared, kind, target.rank, target)
+    if len(errors) > before or wrong:
+      errors += [f"{target.path}: {wrong}."] if wrong else []
+      continue
+    entries.append((target, *kinds.lowrank(entry, target, shared)))
   if errors:
     raise ValueError(
         f"The {what} do not fit the base parameters under this LoraConfig (were they made "

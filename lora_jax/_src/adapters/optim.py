@@ -58,7 +58,9 @@ def labels(lp: LoraParams, config: LoraConfig) -> LoraParams:
         "Initialise the optimizer with the lifted parameters: tx.init(lp).")
   check_differentiable(lp.base)
   base = map_with_paths(lambda p, _: TRAINABLE if config.is_trainable(p) else FROZEN, lp.base)
-  return LoraParams(base, jax.tree.map(lambda _: LORA, lp.adapters))
+  # A kind's shared arrays (VeRA's projections) are frozen.
+  return LoraParams(base, None if lp.adapters is None else map_with_paths(
+      lambda p, _: FROZEN if kinds.is_shared_path(p) else LORA, lp.adapters))
 
 
 def _zero_update(update: Any, param: Any) -> Any:
@@ -140,7 +142,8 @@ def optimizer(tx: optax.GradientTransformation, config: LoraConfig, *,
   def factor_labels(lp: LoraParams) -> LoraParams:
     coarse = labels(lp, config)
     return LoraParams(coarse.base, map_with_paths(
-        lambda path, _: LORA_A if kinds.role(path.rsplit("/", 1)[-1], config.kind).side == "a"
+        lambda path, _: FROZEN if kinds.is_shared_path(path)
+        else LORA_A if kinds.role(path.rsplit("/", 1)[-1], config.kind).side == "a"
         else LORA_B,
         lp.adapters))
 

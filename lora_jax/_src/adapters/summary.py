@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from lora_jax._src.adapters.stack import refuse_stack
+from lora_jax._src.core import kinds
 from lora_jax._src.core.config import LoraConfig
 from lora_jax._src.core.params import LoraParams
 from lora_jax._src.core.plan import plan
@@ -72,6 +73,8 @@ class Summary:
     quantized_params: base parameters held as ``QuantizedArray`` values.
     quantized_bytes: their bytes (so ``8 * quantized_bytes / quantized_params`` is
       their bits per parameter).
+    shared_params: parameters in the kind's frozen shared arrays (VeRA's projections),
+      stored once for all adapted leaves; not trained, so not in ``trainable_params``.
   """
 
   rows: tuple[SummaryRow, ...]
@@ -84,6 +87,7 @@ class Summary:
   base_bytes: int = 0
   quantized_params: int = 0
   quantized_bytes: int = 0
+  shared_params: int = 0
 
   def __str__(self) -> str:
     dora = any(r.m_shape is not None for r in self.rows)
@@ -107,6 +111,8 @@ class Summary:
       lines.insert(-3, f"quantized base:        {self.quantized_params:,} parameters in "
                    f"{self.quantized_bytes:,} bytes "
                    f"({8 * self.quantized_bytes / self.quantized_params:.3f} bits each)")
+    if self.shared_params:
+      lines.insert(-2, f"shared (frozen):       {self.shared_params:,}")
     return "\n".join(lines)
 
 
@@ -145,11 +151,13 @@ def summary(lp: LoraParams | PyTree, config: LoraConfig) -> Summary:
   base_params = sum(_size(leaf) for _, leaf in leaves)
   full = sum(_size(leaf) for path, leaf in leaves if config.is_trainable(path))
   adapter_params = sum(r.adapter_params for r in rows)
+  shared = sum(math.prod(shape) for shape in
+               kinds.shared_shapes(kinds.of(config.kind), targets).values())
   if isinstance(lp, LoraParams) and lp.adapters is not None:
     refuse_stack(lp.adapters, "summary")
     adapter_bytes = sum(_size(x) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(lp.adapters))
   else:
-    adapter_bytes = adapter_params * np.dtype(config.dtype).itemsize
+    adapter_bytes = (adapter_params + shared) * np.dtype(config.dtype).itemsize
   trainable = adapter_params + full
   quantized = [leaf for _, leaf in leaves if is_quantized(leaf)]
   base_bytes = sum(leaf.nbytes if is_quantized(leaf)
@@ -157,4 +165,5 @@ def summary(lp: LoraParams | PyTree, config: LoraConfig) -> Summary:
                    for _, leaf in leaves if getattr(leaf, "dtype", None) is not None)
   return Summary(rows, base_params, adapter_params, full, trainable,
                  100.0 * trainable / base_params if base_params else 0.0, adapter_bytes,
-                 base_bytes, sum(q.size for q in quantized), sum(q.nbytes for q in quantized))
+                 base_bytes, sum(q.size for q in quantized), sum(q.nbytes for q in quantized),
+                 shared)

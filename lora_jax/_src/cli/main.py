@@ -169,6 +169,11 @@ def _inspect(args: argparse.Namespace) -> int:
   labels = [("DoRA m" if x is kinds.M else x.name.upper() if len(x.name) == 1 else x.name)
             + " shape" for x in columns]
   print(format_table(("path", "rank", *labels, "params", "scale"), rows, right_from=1))
+  shared = kinds.shared_of(adapters, config.kind) or {}
+  if shared:
+    print("\nshared (frozen, one for all adapted leaves): "
+          + ", ".join(f"{n} {tuple(x.shape)}" for n, x in shared.items())
+          + f", {sum(x.size for x in shared.values()):,} parameters")
   dtypes = sorted({str(np.dtype(x.dtype)) for x in jax.tree.leaves(adapters)})
   print(f"\n{len(rows)} adapted leaves, {total:,} adapter parameters, {nbytes:,} bytes "
         f"({', '.join(dtypes)})")

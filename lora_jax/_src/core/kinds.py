@@ -15,10 +15,14 @@ its shape and sharding and how PEFT stores it:
   ``stack + dims``, replicated, and stored by PEFT transposed; its side (``"a"``: rank last,
   ``"b"``: rank first, ``"k"``: no rank axis) says where its rank axis is.
 
-Every kind's update is ``scale * A' @ B'`` for factors it forms from its arrays
-(``Kind.factors``), so the factored interpreter, ``merge`` and the streaming merge run every
-kind through LoRA's product and formula (``lowrank.adapted_weight``); with ``m`` the adapted
-weight is DoRA's ``m ⊙ V / ‖V‖``.
+A kind may also have *shared* arrays (``Shared``): one frozen array for all of its entries
+(VeRA's random projections), stored once per adapter tree under ``adapters[SHARED][kind]``,
+of which each entry uses a prefix slice.
+
+Every kind's update is ``scale * A' @ B'`` for factors it forms from its arrays and its
+shared arrays (``Kind.factors``), so the factored interpreter, ``merge`` and the streaming
+merge run every kind through LoRA's product and formula (``lowrank.adapted_weight``); with
+``m`` the adapted weight is DoRA's ``m ⊙ V / ‖V‖``.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
+import jax
 import jax.numpy as jnp
 
 
@@ -56,21 +61,24 @@ class Array:
   Attributes:
     name: its key in the entry.
     side: ``"a"``, ``"b"``, ``"m"`` or ``"k"`` (see the module docstring).
-    init: how ``lift`` fills it: ``"lora"`` (``LoraConfig.init``: he-uniform over the input
-      axes, or normal with std ``1/r``), ``"zeros"``, ``"fan_in"`` (uniform in
+    init: how ``lift`` fills it: a number (that constant), ``"lora"`` (``LoraConfig.init``:
+      he-uniform over the input axes, or normal with std ``1/r``), ``"zeros"``, ``"fan_in"``
+      (uniform in
       ``±1/sqrt(rows)``, ``rows`` the first size of its per-layer 2-D view: PyTorch's
       ``kaiming_uniform_(a=sqrt(5))`` of PEFT's transposed tensor), or ``"norm"`` (``‖W‖``
       over the input axes, DoRA's magnitude).
     peft: the tensor's name after the module in PEFT's ``adapter_model.safetensors``.
-    dims: its per-layer 2-D shape, for an array not laid out over the weight's own axes;
-      None for the side's shape.
+    dims: its per-layer shape (``ndim`` sizes), for an array not laid out over the weight's
+      own axes; None for the side's shape.
+    ndim: the number of per-layer axes of an array with its own ``dims``.
   """
 
   name: str
   side: str
-  init: str
+  init: str | float
   peft: str
-  dims: Callable[[Geometry], tuple[int, int]] | None = None
+  dims: Callable[[Geometry], tuple[int, ...]] | None = None
+  ndim: int = 2
 
   def shape(self, target: Geometry) -> tuple[int, ...]:
     if self.dims is not None:
@@ -84,6 +92,11 @@ class Array:
     return math.prod(target.in_shape) if self.side == "a" else target.rank
 
   @property
+  def per_layer_ndim(self) -> int:
+    """The number of per-layer axes PEFT stores it with (2 for side a and b, 1 for side m)."""
+    return self.ndim if self.dims is not None else (1 if self.side == "m" else 2)
+
+  @property
   def follows_weight(self) -> bool:
     """Whether it lies over the weight's own axes (and so is sharded like them)."""
     return self.dims is None
@@ -91,6 +104,36 @@ class Array:
   def rank_axis(self, n_stack: int) -> int | None:
     """The position of the rank axis (after ``n_stack`` stack axes), None without one."""
     return {"a": -1, "b": n_stack}.get(self.side)
+
+
+SHARED = "~shared"
+"""The adapter tree's root key holding each kind's shared arrays (``{kind: {name: array}}``)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Shared:
+  """One frozen array all entries of a kind share, stored once per adapter tree.
+
+  Side ``"a"`` is ``(max_in, rank)`` and an entry uses its first ``in`` rows; side ``"b"`` is
+  ``(rank, max_out)`` and an entry uses its first ``out`` columns (``max_in``, ``max_out``: the
+  largest flattened input and output sizes among the kind's targets), as PEFT slices its
+  shared projections. ``lift`` draws it uniform in ``±sqrt(6 / rows)`` (PEFT's
+  ``_kaiming_init`` of its transposed layout); PEFT stores it transposed as
+  ``base_model.<peft>``. Execution stops its gradient, and ``lj.optimizer`` freezes it.
+  """
+
+  name: str
+  side: str
+  peft: str
+
+  def shape(self, rank: int, max_in: int, max_out: int) -> tuple[int, int]:
+    return (max_in, rank) if self.side == "a" else (rank, max_out)
+
+  def slice(self, value: Any, target: Geometry) -> Any:
+    """The part ``target``'s entry uses: ``(in, rank)`` or ``(rank, out)``."""
+    if self.side == "a":
+      return value[:math.prod(target.in_shape)]
+    return value[:, :math.prod(target.out_shape)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,10 +144,12 @@ class Kind:
     name: ``LoraConfig.kind``.
     arrays: the entry's arrays, in order.
     factors: ``(A', B')`` with the update ``scale * A' @ B'`` (side a and side b shaped,
-      of any rank), from the entry's arrays and the target; differentiable, so gradients
-      reach every array.
+      of any rank), from the entry's arrays, the target and the kind's shared arrays (by
+      name; empty without); differentiable, so gradients reach every array of the entry.
     peft_type: PEFT's ``peft_type``; ``peft_rank`` and ``peft_alpha`` name its rank and
-      alpha fields.
+      alpha fields. ``peft_alpha`` None: PEFT's config has no alpha, so an export multiplies
+      the array ``peft_scaled`` (the update is linear in it) by the scale, and an import
+      reads scale 1.
     peft_fields: the kind's own PEFT config fields, from what the export knows: ``dropout``,
       ``use_rslora``, ``use_dora``, ``target_parameters``, ``bias`` and ``fan_in_fan_out``.
     inits: the ``LoraConfig.init`` values it supports.
@@ -113,20 +158,24 @@ class Kind:
       PiSSA's conversion, fused and expert PEFT modules work on those).
     doc: one line for the README's table.
     peft_refuses: why a target has no PEFT module of this kind's layout, or None.
+    shared: the kind's shared arrays (``Shared``).
+    peft_scaled: see ``peft_alpha``.
   """
 
   name: str
   arrays: tuple[Array, ...]
-  factors: Callable[[Mapping[str, Any], Geometry], tuple[Any, Any]]
+  factors: Callable[[Mapping[str, Any], Geometry, Mapping[str, Any]], tuple[Any, Any]]
   peft_type: str
   peft_rank: str
-  peft_alpha: str
+  peft_alpha: str | None
   peft_fields: Callable[[Mapping[str, Any]], dict[str, Any]]
   inits: tuple[str, ...]
   dora: bool
   lora_like: bool
   doc: str
   peft_refuses: Callable[[Geometry], str | None] = lambda target: None
+  shared: tuple[Shared, ...] = ()
+  peft_scaled: str | None = None
 
   def names(self) -> tuple[str, ...]:
     return tuple(x.name for x in self.arrays)
@@ -144,8 +193,8 @@ def _lora_fields(known: Mapping[str, Any]) -> dict[str, Any]:
           "init_lora_weights": True}
 
 
-LORA = Kind("lora", (A, B), lambda e, target: (e[A.name], e[B.name]), "LORA", "r", "lora_alpha",
-            _lora_fields, inits=("default", "gaussian", "principal"), dora=True,
+LORA = Kind("lora", (A, B), lambda e, target, shared: (e[A.name], e[B.name]), "LORA", "r",
+            "lora_alpha", _lora_fields, inits=("default", "gaussian", "principal"), dora=True,
             lora_like=True, doc="LoRA: ΔW = s·A·B")
 
 
@@ -172,7 +221,7 @@ B2 = Array("b2", "b", "fan_in", "hada_w2_a")
 
 LOHA = Kind(
     "loha", (A1, B1, A2, B2),
-    lambda e, target: _khatri_rao(e[A1.name], e[A2.name], e[B1.name], e[B2.name], target),
+    lambda e, target, shared: _khatri_rao(e[A1.name], e[A2.name], e[B1.name], e[B2.name], target),
     "LOHA", "r", "alpha",
     lambda known: {"rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False,
                    "init_weights": True},
@@ -242,13 +291,15 @@ KB2 = Array("b2", "b", "fan_in", "lokr_w2_a", dims=lambda t: (t.rank, _lokr_dims
 
 LOKR = Kind(
     "lokr", (KA2, KB2, W1),
-    lambda e, target: _kronecker(e[W1.name], e[KA2.name], e[KB2.name], target),
+    lambda e, target, shared: _kronecker(e[W1.name], e[KA2.name], e[KB2.name], target),
     "LOKR", "r", "alpha",
     lambda known: {"rank_dropout": 0.0, "module_dropout": 0.0, "use_effective_conv2d": False,
                    "decompose_both": False, "decompose_factor": -1,
                    "rank_dropout_scale": False, "init_weights": True},
     inits=("default",), dora=False, lora_like=False,
     doc="LoKr: ΔW = s·W₁ ⊗ (A₂B₂)", peft_refuses=_lokr_peft_refuses)
+
+
 
 KINDS: dict[str, Kind] = {k.name: k for k in (LORA, LOHA, LOKR)}
 
@@ -302,14 +353,79 @@ def has_magnitude(entry: Mapping[str, Any]) -> bool:
   return M.name in entry
 
 
-def lowrank(entry: Mapping[str, Any], target: Geometry) -> tuple[Any, Any, Any]:
+def lowrank(entry: Mapping[str, Any], target: Geometry,
+            shared: Mapping[str, Any] | None = None) -> tuple[Any, Any, Any]:
   """``(A', B', m)``: the factors of any entry's update ``scale * A' @ B'`` and DoRA's ``m``
-  (None without DoRA), for ``target``'s geometry. What execution and merging use."""
+  (None without DoRA), for ``target``'s geometry, given the kind's shared arrays (``shared_of``;
+  their gradient is stopped). What execution and merging use."""
   kind = kind_of(entry)
   if kind is None:
     raise ValueError(f"not an adapter entry: keys {sorted(entry)}; expected {describe()}.")
-  a, b = kind.factors(entry, target)
+  if kind.shared:
+    wrong = shared_error(shared, kind, target.rank)
+    if wrong:
+      raise ValueError(f"{getattr(target, 'path', '')}: {wrong}")
+    shared = {x.name: jax.lax.stop_gradient(x.slice(shared[x.name], target)) for x in kind.shared}
+  a, b = kind.factors(entry, target, shared or {})
   return a, b, entry.get(M.name)
+
+
+def is_shared_path(path: str) -> bool:
+  """Whether ``path`` (of an adapter tree's leaf) lies under ``SHARED``."""
+  return path == SHARED or path.startswith(SHARED + "/")
+
+
+def shared_of(adapters: Any, kind: Kind | str) -> Mapping[str, Any] | None:
+  """The shared arrays of ``kind`` in an adapter tree, or None."""
+  name = kind if isinstance(kind, str) else kind.name
+  node = adapters.get(SHARED) if isinstance(adapters, Mapping) else None
+  found = node.get(name) if isinstance(node, Mapping) else None
+  return found if isinstance(found, Mapping) else None
+
+
+def with_shared(adapters: Mapping[str, Any], kind: Kind, arrays: Mapping[str, Any]
+                ) -> dict[str, Any]:
+  """``adapters`` holding ``arrays`` as ``kind``'s shared arrays."""
+  return {**adapters, SHARED: {kind.name: dict(arrays)}}
+
+
+def shared_shapes(kind: Kind, targets: Any) -> dict[str, tuple[int, int]]:
+  """The shape of each of ``kind``'s shared arrays for its ``targets`` (one rank for all, the
+  largest input and output sizes); a ``ValueError`` for several ranks."""
+  targets = [t for t in targets if t.kind == kind.name]
+  if not kind.shared or not targets:
+    return {}
+  ranks = sorted({t.rank for t in targets})
+  if len(ranks) > 1:
+    raise ValueError(f"{kind.name} adapters share one pair of projections, so every target needs "
+                     f"the same rank; found ranks {ranks} (rank_pattern). Use one rank.")
+  max_in = max(math.prod(t.in_shape) for t in targets)
+  max_out = max(math.prod(t.out_shape) for t in targets)
+  return {x.name: x.shape(ranks[0], max_in, max_out) for x in kind.shared}
+
+
+def shared_error(shared: Mapping[str, Any] | None, kind: Kind, rank: int,
+                 target: Geometry | None = None) -> str | None:
+  """What is wrong with ``kind``'s shared arrays for ``rank`` (and, given, ``target``'s sizes),
+  or None: each is 2-D with ``rank`` on its rank axis and covers the target."""
+  names = sorted(x.name for x in kind.shared)
+  if not kind.shared:
+    return None if not shared else (f"{kind.name} adapters have no shared arrays, but the tree "
+                                    f"holds {sorted(shared)} under {SHARED!r}")
+  if shared is None or sorted(shared) != names:
+    return (f"a {kind.name} adapter needs its shared arrays {names} at adapters[{SHARED!r}]"
+            f"[{kind.name!r}], found {None if shared is None else sorted(shared)}: keep the "
+            "whole adapter tree that lift (or load_peft) made")
+  for x in kind.shared:
+    shape = tuple(getattr(shared[x.name], "shape", ()))
+    need = (None if target is None else
+            math.prod(target.in_shape) if x.side == "a" else math.prod(target.out_shape))
+    if len(shape) != 2 or shape[1 if x.side == "a" else 0] != rank or (
+        need is not None and shape[0 if x.side == "a" else 1] < need):
+      want = ((need or "max_in", rank) if x.side == "a" else (rank, need or "max_out"))
+      return (f"the shared {kind.name} array {x.name!r} has shape {shape}, expected "
+              f"{want}{' or more' if need else ''} (rank {rank})")
+  return None
 
 
 def factors(entry: Mapping[str, Any], where: str = "") -> tuple[Any, Any, Any]:
@@ -362,12 +478,12 @@ def shape_error(entry: Mapping[str, Any], rank: int, n_stack: int) -> str | None
   for array in (*kind.arrays, *((M,) if has_magnitude(entry) else ())):
     shape = tuple(getattr(entry[array.name], "shape", ()))
     axis = array.rank_axis(n_stack)
-    if len(shape) < n_stack + (1 if axis is None else 2) or (
-        axis is not None and shape[axis] != rank):
+    least = array.ndim if not array.follows_weight else 1 if axis is None else 2
+    if len(shape) < n_stack + least or (axis is not None and shape[axis] != rank):
       break
     stacks.add(shape[:n_stack])
     if not array.follows_weight:  # its own dims: only its rank axis and stack are known
-      if len(shape) != n_stack + 2:
+      if len(shape) != n_stack + array.ndim:
         break
     elif array.side == "a":
       ins.add(shape[n_stack:-1])

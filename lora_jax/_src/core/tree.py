@@ -159,7 +159,8 @@ def lookup(tree: Mapping[str, Any] | None, path: str) -> Any:
 
 
 def adapter_paths(adapters: Mapping[str, Any] | None) -> list[str]:
-  """Paths of the entries (``kinds.is_entry``) of an adapter tree."""
+  """Paths of the entries (``kinds.is_entry``) of an adapter tree (not its shared arrays,
+  ``kinds.SHARED``)."""
   found: list[str] = []
 
   def visit(node: Any, prefix: str) -> None:
@@ -168,6 +169,8 @@ def adapter_paths(adapters: Mapping[str, Any] | None) -> list[str]:
         found.append(prefix)
         return
       for key, child in node.items():
+        if not prefix and key == kinds.SHARED:
+          continue
         visit(child, f"{prefix}/{key}" if prefix else str(key))
 
   visit(adapters, "")

@@ -50,6 +50,7 @@ from lora_jax._src.io.names import TORCH_PARAM, NameMap, Naming, Part, default_m
 from lora_jax._src.io.safetensors_io import SafetensorsFile, model_tensors
 
 PREFIX = "base_model.model."
+SHARED_PREFIX = "base_model."  # a kind's shared tensors (VeRA's base_model.vera_A)
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 MAGNITUDE = ".lora_magnitude_vector"
 LORA_SUFFIX = re.compile(r"\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
@@ -191,11 +192,15 @@ def save_peft(directory: str | os.PathLike[str], adapters: LoraParams | Mapping[
   kind = kinds.of(config.kind)
   for path in paths:
     entry = {name: np.asarray(x, np.float32) for name, x in lookup(adapter_tree, path).items()}
+    if kind.peft_scaled:  # PEFT's config has no alpha: the update carries the scale
+      entry[kind.peft_scaled] = entry[kind.peft_scaled] * np.float32(config.scale_for(path))
     target = targets.get(path)
     found = parts(module_name, path)
     if not kind.lora_like:
+      first = kind.arrays[0]  # on side a: as many axes as the kernel, if over its axes
       refused = _refused_for_kind(kind, path, found, target, conv_paths,
-                                  entry[kind.arrays[0].name].ndim)
+                                  entry[first.name].ndim if first.follows_weight or target is None
+                                  else len(target.shape) - len(target.stack_axes))
       if refused:
         errors.append(refused)
         continue
@@ -267,7 +272,7 @@ def save_peft(directory: str | os.PathLike[str], adapters: LoraParams | Mapping[
         arrays = {name: x if kinds.role(name, kind).side == "a" else np.take(
             x, part.index, axis=outs.index(part.axis) + (kinds.role(name, kind).side == "b"))
                   for name, x in arrays.items()}
-      modules[part.module] = (rank, config.alpha_for(path))
+      modules[part.module] = (rank, config.alpha_for(path) if kind.peft_alpha else config.alpha)
       a_ndim = arrays[kind.arrays[0].name].ndim  # every kind's first array is on side a
       conv = not _is_embedding(path) and _is_conv(path, a_ndim, conv_paths)
       _put_entry(PREFIX + part.module, path, kind, arrays, rank,
@@ -288,7 +293,8 @@ def save_peft(directory: str | os.PathLike[str], adapters: LoraParams | Mapping[
   if base is not None:
     bias_mode, to_save = _export_trained(base, config, targets, module_name, conv_paths, put,
                                          errors)
-  if config.use_rslora and "use_rslora" not in kind.peft_fields({}):
+  _export_shared(adapter_tree, kind, [t for p, t in targets.items() if p in paths], put, errors)
+  if config.use_rslora and kind.peft_alpha and "use_rslora" not in kind.peft_fields({}):
     errors.append(f"use_rslora: PEFT's {kind.peft_type} config has no rank-stabilized scale "
                   "(alpha / sqrt(r)); PEFT would scale by alpha / r. Export adapters trained "
                   "without use_rslora.")
@@ -310,7 +316,7 @@ def save_peft(directory: str | os.PathLike[str], adapters: LoraParams | Mapping[
         "LoraConfig(head_tied={pattern: False}) yourself.", stacklevel=2)
   peft_config = {
       "peft_type": kind.peft_type, "task_type": None, "base_model_name_or_path": None,
-      kind.peft_rank: config.rank, kind.peft_alpha: config.alpha,
+      kind.peft_rank: config.rank, **({kind.peft_alpha: config.alpha} if kind.peft_alpha else {}),
       **kind.peft_fields({
           # PEFT refuses dropout on target parameters; it changes training only.
           "dropout": 0.0 if target_parameters else config.dropout,
@@ -319,10 +325,12 @@ def save_peft(directory: str | os.PathLike[str], adapters: LoraParams | Mapping[
           "fan_in_fan_out": fan_in_fan_out}),
       "target_modules": sorted(modules), "inference_mode": True,
       "modules_to_save": to_save or None,
-      "rank_pattern": {re.escape(n): r for n, (r, _) in modules.items() if r != config.rank},
-      "alpha_pattern": {re.escape(n): al for n, (_, al) in modules.items()
-                        if al != config.alpha},
   }
+  if kind.peft_alpha:  # a kind without alpha (scale in the arrays) has one rank: no patterns
+    peft_config["rank_pattern"] = {re.escape(n): r for n, (r, _) in modules.items()
+                                   if r != config.rank}
+    peft_config["alpha_pattern"] = {re.escape(n): al for n, (_, al) in modules.items()
+                                    if al != config.alpha}
   with _output(directory, overwrite).staged() as stage:
     stage.path.mkdir()
     save_file(tensors, str(stage.path / WEIGHTS_FILE))
@@ -393,6 +401,27 @@ def _export_experts(path: str, a: np.ndarray, b: np.ndarray, dora: bool,
     return
   lora_a, lora_b = experts_to_peft(a, b, target.in_axes[0], part.transposed)
   out.setdefault(part.module, []).append((part.order, part.param, path, lora_a, lora_b))
+
+
+def _export_shared(adapter_tree: Mapping[str, Any], kind: kinds.Kind, targets: list[Target],
+                   put: Callable[[str, np.ndarray, str], None], errors: list[str]) -> None:
+  """A kind's shared arrays as PEFT's ``base_model.<name>`` tensors (transposed), cut to the
+  largest input and output sizes of the exported targets, which is the size PEFT makes them
+  for the same modules."""
+  if not kind.shared:
+    return
+  shared = kinds.shared_of(adapter_tree, kind)
+  wrong = kinds.shared_error(shared, kind, min((t.rank for t in targets), default=1)
+                             ) if targets else None
+  if shared is None or wrong:
+    errors.append(wrong or kinds.shared_error(shared, kind, 1))
+    return
+  sizes = kinds.shared_shapes(kind, targets)
+  for x in kind.shared:
+    value = np.asarray(shared[x.name], np.float32)
+    if x.name in sizes:
+      value = value[:sizes[x.name][0]] if x.side == "a" else value[:, :sizes[x.name][1]]
+    put(f"{SHARED_PREFIX}{x.peft}", value.T, f"{kinds.SHARED}/{kind.name}/{x.name}")
 
 
 def _naming_label(naming: Naming) -> str:
@@ -663,7 +692,7 @@ def _read_config(directory: pathlib.Path, target_parameters: bool = False,
                      "model, so merged into or loaded onto the original it gives other outputs. "
                      "Convert it to plain LoRA with PEFT (save_pretrained(..., "
                      "path_initial_model_for_weight_conversion=...)), then import that.")
-  for field in (kind.peft_rank, kind.peft_alpha):
+  for field in (kind.peft_rank, kind.peft_alpha or kind.peft_rank):
     if field not in peft_config:
       raise ValueError(f"{where}: the required field {field!r} is missing.")
   for field in _BOOLEANS:  # PEFT reads any truthy value as true; only true/false are clear
@@ -676,8 +705,10 @@ def _read_config(directory: pathlib.Path, target_parameters: bool = False,
   # The rank and alpha, under whatever names the kind gives them, as "r" and "lora_alpha".
   peft_config["r"] = _positive(str(where), kind.peft_rank, peft_config[kind.peft_rank],
                                integer=True)
-  peft_config["lora_alpha"] = _positive(str(where), kind.peft_alpha,
-                                        peft_config[kind.peft_alpha], integer=False)
+  # A kind without alpha keeps its scale in its arrays: scale 1 (alpha = r).
+  peft_config["lora_alpha"] = (_positive(str(where), kind.peft_alpha,
+                                         peft_config[kind.peft_alpha], integer=False)
+                               if kind.peft_alpha else float(peft_config["r"]))
   for field, integer in (("rank_pattern", True), ("alpha_pattern", False)):
     pattern = peft_config.get(field) or {}
     if not isinstance(pattern, dict):
@@ -889,8 +920,10 @@ def load_peft(directory: str | os.PathLike[str], *, params: PyTree,
       rank_pattern[f"^{re.escape(path)}$"] = joined[path].rank
     if joined[path].alpha != alpha:
       alpha_pattern[f"^{re.escape(path)}$"] = joined[path].alpha
+  shared = _import_shared(directory, kind, tensors)
   trained: dict[str, np.ndarray] = {}
-  for key in sorted(set(tensors) - lora_keys - magnitudes):
+  for key in sorted(set(tensors) - lora_keys - magnitudes
+                    - {SHARED_PREFIX + x.peft for x in kind.shared}):
     name = key[len(PREFIX):] if key.startswith(PREFIX) else key
     module, _, torch_param = name.rpartition(".")
     module = module.removesuffix(".base_layer").removesuffix(".modules_to_save")
@@ -939,6 +972,9 @@ def load_peft(directory: str | os.PathLike[str], *, params: PyTree,
       if errors:
         continue
     _fit_to_target(directory, target, flat, errors)
+    wrong = kinds.shared_error(shared, kind, target.rank, target) if kind.shared else None
+    if wrong:
+      errors.append(f"{target.path}: PEFT's {wrong}.")
   for path in list(trained):
     trained[path] = _torch_to_leaf(directory, path, trained[path], config, by_path, errors)
   if errors:
@@ -951,10 +987,29 @@ def load_peft(directory: str | os.PathLike[str], *, params: PyTree,
         "also uses a table as its output head (tied embeddings) would compute other logits "
         "than PEFT. Pass head_tied= (lj.infer_axes(...).head_tied finds it) to say which.",
         stacklevel=2)
-  adapters = jax.tree.map(jnp.asarray, nest(flat))
+  adapters = nest(flat)
+  if kind.shared:
+    adapters = kinds.with_shared(adapters, kind, shared)
+  adapters = jax.tree.map(jnp.asarray, adapters)
   if trained:
     return LoraParams(jax.tree.map(jnp.asarray, nest(trained)), adapters), config
   return adapters, config
+
+
+def _import_shared(directory: pathlib.Path, kind: kinds.Kind, tensors: Mapping[str, np.ndarray]
+                   ) -> dict[str, np.ndarray] | None:
+  """A kind's shared tensors (``base_model.<name>``) in our layout, or None for a kind
+  without; refuses a file saved without them."""
+  if not kind.shared:
+    return None
+  missing = [SHARED_PREFIX + x.peft for x in kind.shared if SHARED_PREFIX + x.peft not in tensors]
+  if missing:
+    raise ValueError(
+        f"{directory / WEIGHTS_FILE}: {missing[0]} is missing: the adapter was saved with "
+        f"save_projection=False, so PEFT redraws its shared projections from "
+        f"projection_prng_key with torch's generator, which lora_jax cannot reproduce. Save it "
+        f"again from PEFT with save_projection=True (the {kind.peft_type} default).")
+  return {x.name: np.asarray(tensors[SHARED_PREFIX + x.peft], np.float32).T for x in kind.shared}
 
 
 def _targeted(param: str, targets: Iterable[str]) -> bool:
@@ -1191,11 +1246,12 @@ def _kind_arrays(directory: pathlib.Path, kind: kinds.Kind, tensors: Mapping[str
          if by_name[n].side == "a" and by_name[n].follows_weight and v.ndim == 2}
   outs = {v.shape[0] for n, v in found.items()
           if by_name[n].side == "b" and by_name[n].follows_weight and v.ndim == 2}
-  if any(v.ndim != 2 for v in found.values()) or len(ranks) != 1 or len(ins) > 1 or len(
-      outs) > 1:
+  if any(v.ndim != by_name[n].per_layer_ndim for n, v in found.items()) or len(
+      ranks) != 1 or len(ins) > 1 or len(outs) > 1:
     shapes = ", ".join(f"{x.peft} {found[x.name].shape}" for x in kind.arrays)
     raise ValueError(f"{where}: {key}: {shapes} are not one Linear module's {kind.peft_type} "
-                     "tensors (side a (r, in), side b (out, r), one r, in and out); lora_jax "
+                     "tensors (side a (r, in), side b (out, r), side m (out,), one r, in and "
+                     "out); lora_jax "
                      f"reads {kind.name} adapters of Linear modules only.")
   return {n: v.T for n, v in found.items()}
 
@@ -1235,8 +1291,11 @@ def _fit_to_target(directory: pathlib.Path, target: Target, flat: dict[str, np.n
     want = array.shape(target)
     value = flat[kinds.key(target.path, array)]
     matrix = value.ndim == 2 + len(lead)  # per layer PEFT's 2-D (transposed) tensors
-    expected = (want if not array.follows_weight or not matrix
-                else lead + ((n_in, r) if array.side == "a" else (r, n_out)))
+    if array.follows_weight and array.side == "m":  # PEFT's (out,) vector
+      expected = lead + (n_out,)
+    else:
+      expected = (want if not array.follows_weight or not matrix
+                  else lead + ((n_in, r) if array.side == "a" else (r, n_out)))
     if value.shape != expected:
       torch_name = array.peft.split(".")[0]
       found = value.shape[len(lead):][::-1] if matrix else value.shape
