@@ -19,21 +19,33 @@ import lora_jax as lj
 from lora_jax._src.cli.main import main as cli
 
 
-def _lora(e):
+def _lora(e, shared):
   return e["a"] @ e["b"]
 
 
-def _loha(e):
+def _loha(e, shared):
   return (e["a1"] @ e["b1"]) * (e["a2"] @ e["b2"])
 
 
-def _lokr(e):
+def _lokr(e, shared):
   return jnp.kron(e["w1"], e["a2"] @ e["b2"])
 
 
-# ΔW / scale in the weight's (in, out) layout for one unstacked 2-D entry.
-REFERENCE = {"lora": _lora, "loha": _loha, "lokr": _lokr}
-KEYS = {"lora": {"a", "b"}, "loha": {"a1", "b1", "a2", "b2"}, "lokr": {"w1", "a2", "b2"}}
+def _vera(e, shared):
+  """PEFT's (λ_b ⊙ B[:out]) @ (λ_d ⊙ A[:, :in]) with A = projection_a.T, B = projection_b.T,
+  transposed to (in, out); the shared projections are frozen."""
+  a_t = jax.lax.stop_gradient(shared["projection_a"]).T  # PEFT's vera_A (r, max_in)
+  b_t = jax.lax.stop_gradient(shared["projection_b"]).T  # PEFT's vera_B (max_out, r)
+  n_out = e["lambda_b"].shape[0]
+  delta_t = (e["lambda_b"][:, None] * b_t[:n_out]) @ (e["lambda_d"][:, None] * a_t)
+  return delta_t.T  # (max_in, out): the caller cuts the rows to the weight's input size
+
+
+# ΔW / scale in the weight's (in, out) layout for one unstacked 2-D entry (rows beyond the
+# weight's input size, which VeRA's shared projection has, are cut by the caller).
+REFERENCE = {"lora": _lora, "loha": _loha, "lokr": _lokr, "vera": _vera}
+KEYS = {"lora": {"a", "b"}, "loha": {"a1", "b1", "a2", "b2"}, "lokr": {"w1", "a2", "b2"},
+        "vera": {"lambda_d", "lambda_b"}}
 KINDS = sorted(REFERENCE)
 
 
@@ -74,24 +86,34 @@ def _lifted(kind, stacked=False, seed=1):
   params, config = _params(stacked), _config(kind, stacked)
   lp = lj.lift(params, config, key=jax.random.key(seed))
   keys = iter(jax.random.split(jax.random.key(seed + 10), 64))
-  adapters = jax.tree.map(lambda a: 0.4 * jax.random.normal(next(keys), a.shape, a.dtype),
-                          lp.adapters)
+  adapters = {p: jax.tree.map(lambda a: 0.4 * jax.random.normal(next(keys), a.shape, a.dtype), e)
+              for p, e in lp.adapters.items() if p != SHARED}
+  if SHARED in lp.adapters:  # a kind's shared arrays stay as lift drew them
+    adapters[SHARED] = lp.adapters[SHARED]
   return params, config, lj.LoraParams(lp.base, adapters)
 
 
-def _reference_weight(w, entry, kind, scale):
+SHARED = "~shared"
+
+
+def _shared(adapters, kind):
+  return adapters.get(SHARED, {}).get(kind)
+
+
+def _reference_weight(w, entry, shared, kind, scale):
   """``W + scale · ΔW`` per layer of a stacked weight, by the explicit formula."""
   if w.ndim == 3:
-    return jnp.stack([_reference_weight(w[i], jax.tree.map(lambda x, i=i: x[i], entry), kind,
-                                        scale) for i in range(w.shape[0])])
-  return w + scale * REFERENCE[kind](entry)
+    return jnp.stack([_reference_weight(w[i], jax.tree.map(lambda x, i=i: x[i], entry), shared,
+                                        kind, scale) for i in range(w.shape[0])])
+  return w + scale * REFERENCE[kind](entry, shared)[:w.shape[0]]
 
 
 def _reference_params(params, lp, config):
   out = jax.tree.map(lambda x: x, params)
   for path in ("dense", "out"):
     out[path]["kernel"] = _reference_weight(params[path]["kernel"], lp.adapters[path]["kernel"],
-                                            config.kind, config.scale_for(f"{path}/kernel"))
+                                            _shared(lp.adapters, config.kind), config.kind,
+                                            config.scale_for(f"{path}/kernel"))
   return out
 
 
@@ -101,7 +123,8 @@ def test_lift_starts_at_the_base_and_names_the_kinds_arrays(kind):
   lp = lj.lift(params, config, key=jax.random.key(1))
   entry = lp.adapters["dense"]["kernel"]
   assert set(entry) == KEYS[kind]
-  np.testing.assert_array_equal(REFERENCE[kind](entry), np.zeros((12, 10), np.float32))
+  np.testing.assert_array_equal(REFERENCE[kind](entry, _shared(lp.adapters, kind))[:12],
+                                np.zeros((12, 10), np.float32))
   np.testing.assert_array_equal(lj.merge(lp, config)["dense"]["kernel"],
                                 params["dense"]["kernel"])
   # Not everything is zero: training has somewhere to start.
@@ -160,6 +183,13 @@ def test_trains_through_the_optimizer(kind):
       losses.append(float(loss))
   assert losses[-1] < 0.3 * losses[0]
   jax.tree.map(np.testing.assert_array_equal, lp.base, params)  # the base stays frozen
+  lifted = lj.lift(params, config, key=jax.random.key(1)).adapters
+  # A kind's shared arrays stay frozen too, and hold no optimizer state.
+  jax.tree.map(np.testing.assert_array_equal, _shared(lp.adapters, kind),
+               _shared(lifted, kind))
+  trained = sum(x.size for p, e in lp.adapters.items() if p != SHARED
+                for x in jax.tree.leaves(e))
+  assert 2 * trained <= sum(x.size for x in jax.tree.leaves(state)) <= 2 * trained + 4
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -203,3 +233,58 @@ def test_a_kind_is_checked_against_the_config():
     lj.LoraConfig(kind="loha", use_dora=True)
   with pytest.raises(ValueError, match="works on LoRA's A and B"):
     lj.stack_adapters({"x": (lp, config), "y": (lp, config)})
+
+
+def test_vera_shares_one_projection_pair_stored_once():
+  params, config = _params(), _config("vera")
+  lp = lj.lift(params, config, key=jax.random.key(1))
+  shared = lp.adapters[SHARED]["vera"]
+  # One pair for both kernels, as large as the largest input (12) and output (10) sizes.
+  assert shared["projection_a"].shape == (12, 3) and shared["projection_b"].shape == (3, 10)
+  # PEFT's kaiming init of its (r, max_in) and (max_out, r) layouts: ±sqrt(6 / fan_in).
+  assert float(jnp.abs(shared["projection_a"]).max()) <= np.sqrt(6 / 12)
+  assert float(jnp.abs(shared["projection_b"]).max()) <= np.sqrt(6 / 3)
+  np.testing.assert_array_equal(lp.adapters["out"]["kernel"]["lambda_d"],
+                                np.full(3, 0.1, np.float32))
+  report = lj.summary(lp, config)
+  assert report.shared_params == 3 * (12 + 10) and "shared (frozen):" in str(report)
+  assert report.trainable_params == 2 * 3 + 10 + 6  # lambda_d and lambda_b per kernel
+  # An abstract tree gives abstract shared arrays; the sharded lift replicates them.
+  abstract = lj.lift(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params),
+                     config, key=jax.random.key(1))
+  assert isinstance(abstract.adapters[SHARED]["vera"]["projection_a"], jax.ShapeDtypeStruct)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("model",))
+  spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "model"))
+  sharded = lj.lift(jax.tree.map(lambda x: jax.device_put(x, spec) if x.ndim == 2 else x,
+                                 params), config, key=jax.random.key(1))
+  placed = sharded.adapters[SHARED]["vera"]["projection_b"]
+  assert placed.sharding.is_fully_replicated and len(placed.sharding.device_set) == 2
+  np.testing.assert_array_equal(placed, shared["projection_b"])
+
+
+def test_vera_refuses_what_its_shared_projections_cannot_serve(tmp_path):
+  params, config, lp = _lifted("vera")
+  with pytest.raises(ValueError, match="share one pair of projections.*ranks \\[2, 3\\]"):
+    lj.lift(params, lj.LoraConfig(rank=3, kind="vera", targets="kernel$",
+                                  rank_pattern={"out": 2}), key=jax.random.key(0))
+  dropped = {p: e for p, e in lp.adapters.items() if p != SHARED}
+  with pytest.raises(ValueError, match="needs its shared arrays .*keep the whole adapter tree"):
+    lj.merge(lj.LoraParams(lp.base, dropped), config)
+  small = dict(lp.adapters, **{SHARED: {"vera": {
+      "projection_a": lp.adapters[SHARED]["vera"]["projection_a"][:10],
+      "projection_b": lp.adapters[SHARED]["vera"]["projection_b"]}}})
+  with pytest.raises(ValueError, match="dense/kernel: the shared vera array 'projection_a' has "
+                     "shape \\(10, 3\\), expected \\(12, 3\\) or more"):
+    jax.jit(lj.wrap(_apply, config))(lj.LoraParams(lp.base, small), jnp.ones((2, 12)))
+  wrong_rank = dict(lp.adapters, **{SHARED: {"vera": {
+      "projection_a": jnp.ones((12, 2)), "projection_b": jnp.ones((2, 10))}}})
+  with pytest.raises(ValueError, match="'projection_a' has shape \\(12, 2\\), expected"):
+    lj.save_adapters(tmp_path / "bad", lj.LoraParams(lp.base, wrong_rank), config)
+  assert not (tmp_path / "bad").exists()
+  with pytest.raises(ValueError, match="works on LoRA's A and B"):
+    lj.stack_adapters({"x": (lp, config), "y": (lp, config)})
+  # The shared arrays get no gradient (they are frozen), the per-layer vectors do.
+  grads = jax.grad(lambda a: jnp.sum(lj.wrap(_apply, config)(lj.LoraParams(lp.base, a),
+                                                            jnp.ones((2, 12))) ** 2))(lp.adapters)
+  assert not any(jnp.any(g != 0) for g in jax.tree.leaves(grads[SHARED]))
+  assert jnp.any(grads["out"]["kernel"]["lambda_b"] != 0)

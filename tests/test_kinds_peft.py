@@ -3,6 +3,7 @@ outputs (applied and after merge_and_unload), and PEFT-made adapters load here w
 outputs (factored and merged)."""
 
 import json
+import warnings
 
 import flax.linen as nn
 import jax
@@ -17,14 +18,14 @@ peft = pytest.importorskip("peft")
 
 pytestmark = pytest.mark.slow  # the real peft and torch
 
-# kind -> (PEFT config class, its alpha field), for PEFT-made adapters.
+# kind -> (PEFT config class, its alpha field or None), for PEFT-made adapters.
 PEFT_CONFIGS = {"lora": (peft.LoraConfig, "lora_alpha"), "loha": (peft.LoHaConfig, "alpha"),
-                "lokr": (peft.LoKrConfig, "alpha")}
+                "lokr": (peft.LoKrConfig, "alpha"), "vera": (peft.VeraConfig, None)}
 PEFT_RANDOM_INIT = {"lora": {"init_lora_weights": False}, "loha": {"init_weights": False},
-                    "lokr": {"init_weights": False}}
+                    "lokr": {"init_weights": False}, "vera": {"init_weights": False}}
 # (rank, Dense_1's rank): LoKr's ranks stay below half its second Kronecker factor, where
-# PEFT stores lokr_w2 as two factors.
-RANKS = {"lora": (4, 2), "loha": (4, 2), "lokr": (2, 1)}
+# PEFT stores lokr_w2 as two factors; VeRA's projections have one rank for all modules.
+RANKS = {"lora": (4, 2), "loha": (4, 2), "lokr": (2, 1), "vera": (4, 4)}
 
 
 class FlaxMLP(nn.Module):
@@ -72,7 +73,9 @@ def test_export_loads_in_peft_with_equal_outputs(tmp_path, kind):
   lj.save_peft(tmp_path / "peft", lp, config)
   written = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
   assert written["peft_type"] == kind.upper() and written["r"] == rank
-  peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "peft")).eval()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", UserWarning)  # PEFT warns on config fields it does not know
+    peft_model = peft.PeftModel.from_pretrained(torch_model, str(tmp_path / "peft")).eval()
   with torch.no_grad():
     got = peft_model(x_torch).numpy()
     with peft_model.disable_adapter():
@@ -90,15 +93,18 @@ def test_import_peft_made_adapter_gives_peft_outputs(tmp_path, kind):
   make, alpha_field = PEFT_CONFIGS[kind]
   torch.manual_seed(0)
   rank, last = RANKS[kind]
-  peft_config = make(r=rank, **{alpha_field: 8}, target_modules=["Dense_0", "Dense_1"],
-                     rank_pattern={"Dense_1": last}, alpha_pattern={"Dense_0": 5},
+  # VeRA has no alpha (its scale is in lambda_b) and one rank (its projections are shared).
+  patterns = {} if alpha_field is None else {
+      alpha_field: 8, "rank_pattern": {"Dense_1": last}, "alpha_pattern": {"Dense_0": 5}}
+  peft_config = make(r=rank, target_modules=["Dense_0", "Dense_1"], **patterns,
                      **PEFT_RANDOM_INIT[kind])
   peft_model = peft.get_peft_model(torch_model, peft_config).eval()
   with torch.no_grad():
     expected = peft_model(x_torch).numpy()
   peft_model.save_pretrained(str(tmp_path / "made_by_peft"))
   adapters, config = lj.load_peft(tmp_path / "made_by_peft", params=params)
-  assert config.kind == kind and config.rank == rank and config.alpha == 8.0
+  assert config.kind == kind and config.rank == rank
+  assert config.alpha == (8.0 if alpha_field else rank)  # VeRA: scale 1
   lp = lj.LoraParams(params, adapters)
   for mode in ("factored", "merge"):
     got = lj.wrap(FlaxMLP().apply, config, mode=mode)(lp, x)
@@ -131,3 +137,14 @@ def test_other_kinds_refuse_what_peft_cannot_hold(tmp_path):
     big = lj.LoraConfig(rank=3, kind="lokr")
     lj.save_peft(tmp_path / "r", lj.lift(params, big, key=jax.random.key(0)), big)
   assert not any((tmp_path / n).exists() for n in "pqr")
+
+
+def test_vera_saved_without_projections_is_refused(tmp_path):
+  params, _, torch_model, _ = _models()
+  with pytest.warns(UserWarning, match="not save vera_A and vera_B"):
+    peft_model = peft.get_peft_model(torch_model, peft.VeraConfig(
+        r=4, target_modules=["Dense_0", "Dense_1"], save_projection=False, init_weights=False))
+    peft_model.save_pretrained(str(tmp_path / "p"))
+  with pytest.raises(ValueError, match="base_model.vera_A is missing: .*save_projection=False.*"
+                     "torch's generator"):
+    lj.load_peft(tmp_path / "p", params=params)

@@ -301,7 +301,33 @@ LOKR = Kind(
 
 
 
-KINDS: dict[str, Kind] = {k.name: k for k in (LORA, LOHA, LOKR)}
+def _vera(e: Mapping[str, Any], target: Geometry, shared: Mapping[str, Any]) -> tuple[Any, Any]:
+  """Factors of ``ΔW = (P_a·diag(λ_d))·(P_b·diag(λ_b))`` with the frozen shared projections'
+  slices ``P_a`` ``(in, r)`` and ``P_b`` ``(r, out)``: rank r, like LoRA's."""
+  lambda_d, lambda_b = e[LD.name], e[LB.name]
+  lead, r = lambda_d.shape[:-1], lambda_d.shape[-1]
+  a = shared[VA.name] * lambda_d[..., None, :]
+  b = shared[VB.name] * lambda_b.reshape(*lead, 1, -1)
+  return (a.reshape(*lead, *target.in_shape, r).astype(lambda_d.dtype),
+          b.reshape(*lead, r, *target.out_shape).astype(lambda_b.dtype))
+
+
+LD = Array("lambda_d", "a", 0.1, "vera_lambda_d", dims=lambda t: (t.rank,), ndim=1)
+LB = Array("lambda_b", "m", "zeros", "vera_lambda_b")
+VA = Shared("projection_a", "a", "vera_A")
+VB = Shared("projection_b", "b", "vera_B")
+
+VERA = Kind(
+    "vera", (LD, LB), _vera, "VERA", "r", None,
+    lambda known: {"vera_dropout": known.get("dropout", 0.0), "d_initial": 0.1,
+                   "projection_prng_key": 0, "save_projection": True,
+                   "bias": known.get("bias", "none"), "fan_in_fan_out": False,
+                   "init_weights": True},
+    inits=("default",), dora=False, lora_like=False,
+    doc="VeRA: ΔW = s·(P_a·diag(λ_d))·(P_b·diag(λ_b)), P frozen and shared by all layers",
+    shared=(VA, VB), peft_scaled=LB.name)
+
+KINDS: dict[str, Kind] = {k.name: k for k in (LORA, LOHA, LOKR, VERA)}
 
 
 def of(kind: str) -> Kind:
