@@ -27,7 +27,7 @@ def reference_merge(params, adapters, config: lj.LoraConfig):
     entry = adapter_entry(adapters, name)
     a = np.asarray(entry["a"], np.float64)
     b = np.asarray(entry["b"], np.float64)
-    n_stack = config.stack_axes_for(name)
+    n_stack = len(config.stack_axes_for(name))
     stack = a.shape[:n_stack]
     s = int(np.prod(stack))
     r = a.shape[-1]

@@ -62,3 +62,19 @@ def test_axis_positions_survive_json_and_yaml_lists():
   assert config.stack_axes == ((r"kv/w$", (0,)),)  # a YAML/JSON list becomes a tuple
   assert lj.LoraConfig.from_json(config.to_json()) == config
   assert hash(config) == hash(lj.LoraConfig.from_dict(config.to_dict()))
+
+
+def test_stack_axes_hold_positions_only():
+  """A count of stacked axes is stored as the leading positions: one meaning per field, so
+  every reader takes positions (and an older record with a count reads as the same config)."""
+  config = lj.LoraConfig(stack_axes={r"layers/.*kernel$": 2, r"scan/w$": 0})
+  assert config.stack_axes == ((r"layers/.*kernel$", (0, 1)), (r"scan/w$", ()))
+  assert config == lj.LoraConfig(stack_axes={r"layers/.*kernel$": (0, 1), r"scan/w$": ()})
+  assert config.stack_axes_for("layers/0/kernel") == (0, 1)
+  assert config.stack_axes_for("scan/w") == () and config.stack_axes_for("other") == ()
+  record = {**config.to_dict(), "stack_axes": {r"layers/.*kernel$": 2, r"scan/w$": 0}}
+  assert lj.LoraConfig.from_dict(record) == config
+  with pytest.raises(ValueError, match=r"stack_axes gives axis positions \(0, 1, 2\), but the "
+                     r"leaf of shape \(2, 3\) has axes 0 to 1"):
+    lj.lift({"k": jnp.ones((2, 3))}, lj.LoraConfig(targets="k", stack_axes={"k": 3}),
+            key=jax.random.key(0))

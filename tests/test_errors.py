@@ -27,9 +27,8 @@ PARAMS = {"params": {
     (dict(rank_pattern={"[": 2}), r"rank_pattern: '\[' is not a valid regular expression"),
     (dict(rank_pattern={"q": 0}), r"rank_pattern\['q'\] must be a positive integer"),
     (dict(alpha_pattern={"q": -1.0}), r"alpha_pattern\['q'\] must be a positive"),
-    (dict(init="xavier"), r"init must be one of \('default', 'gaussian'\), 'pissa', "
-                          r"'pissa_niter_N' \(N >= 1 subspace iterations\) or 'olora', got "
-                          r"'xavier'"),
+    (dict(init="xavier"), r"init must be one of \('default', 'gaussian', 'pissa', 'olora'\), "
+                          r"got 'xavier' \('pissa' takes pissa_niter=N"),
     (dict(dtype="int8"), r"dtype must name a floating dtype .* got 'int8'"),
     (dict(in_axes={"k": -1}), r"in_axes\['k'\] must be a number of axes"),
     (dict(targets=()), r"targets is empty"),

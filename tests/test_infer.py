@@ -100,7 +100,7 @@ def test_python_loop_over_a_stacked_weight_and_numbered_layers():
 
   config = lj.infer_axes(apply, params, S((2, D), jnp.float32),
                          config=lj.LoraConfig(rank=2, targets=("stacked$", "kernel$")))
-  assert dict(config.stack_axes) == {"^stacked$": (0,), r"^layers_\d+/kernel$": 0}
+  assert dict(config.stack_axes) == {"^stacked$": (0,), r"^layers_\d+/kernel$": ()}
   assert dict(config.in_axes) == {"^stacked$": (1,), r"^layers_\d+/kernel$": (0,)}
 
 

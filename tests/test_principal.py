@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 import lora_jax as lj
 
-INITS = ["pissa", "pissa_niter_4", "olora"]
+INITS = [("pissa", 0), ("pissa", 4), ("olora", 0)]
 
 
 def _weight(shape, decay=True, seed=0):
@@ -38,7 +38,9 @@ LAYOUTS = {  # weight, config extras, function of (params, x)
 def test_lifted_model_equals_the_base_at_init(init, layout):
   make, extra, fn = LAYOUTS[layout]
   params = {"w": make()}
-  config = lj.LoraConfig(rank=4, alpha=8.0, targets=r"w$", init=init, **extra)
+  init, niter = init
+  config = lj.LoraConfig(rank=4, alpha=8.0, targets=r"w$", init=init, pissa_niter=niter,
+                         **extra)
   lp = lj.lift(params, config, key=jax.random.key(1))
   assert not np.allclose(lp.base["w"], params["w"])  # the base is the residual
   np.testing.assert_allclose(lj.merge(lp, config)["w"], params["w"], atol=2e-5)
@@ -71,12 +73,12 @@ def test_pissa_is_the_best_rank_r_approximation(layout):
 
 def test_randomized_pissa_is_close_to_exact_and_olora_is_orthonormal():
   params = {"w": _weight((64, 48))}
-  def lift(init):
-    return lj.lift(params, lj.LoraConfig(rank=4, alpha=8.0, targets=r"w$", init=init),
-                   key=jax.random.key(1))
+  def lift(init, niter=0):
+    return lj.lift(params, lj.LoraConfig(rank=4, alpha=8.0, targets=r"w$", init=init,
+                                         pissa_niter=niter), key=jax.random.key(1))
 
   exact = lift("pissa")
-  fast = lift("pissa_niter_2")
+  fast = lift("pissa", 2)
   d_exact = np.asarray(params["w"] - exact.base["w"])
   d_fast = np.asarray(params["w"] - fast.base["w"])
   assert np.abs(d_fast - d_exact).max() < 1e-3 * np.abs(d_exact).max()
@@ -113,8 +115,18 @@ def test_abstract_leaves_and_bad_names_are_refused():
   for bad in ("pissa_niter_0", "svd", "PiSSA"):
     with pytest.raises(ValueError, match=r"LoraConfig.init must be one of"):
       lj.LoraConfig(init=bad)
-  assert lj.LoraConfig.from_dict(lj.LoraConfig(init="pissa_niter_4").to_dict()).init == \
-      "pissa_niter_4"
+  config = lj.LoraConfig(init="pissa", pissa_niter=4)
+  assert lj.LoraConfig.from_dict(config.to_dict()) == config
+  # PEFT's spelling, and records written before pissa_niter, still read as that config.
+  with pytest.warns(DeprecationWarning, match="use init='pissa', pissa_niter=4"):
+    assert lj.LoraConfig(init="pissa_niter_4") == config
+  old = {k: v for k, v in config.to_dict().items() if k != "pissa_niter"}
+  assert lj.LoraConfig.from_dict({**old, "init": "pissa_niter_4"}) == config
+  for bad, match in ((dict(pissa_niter=2), "applies to init='pissa' only"),
+                     (dict(init="pissa", pissa_niter=-1), "integer >= 0"),
+                     (dict(init="pissa", pissa_niter=True), "integer >= 0")):
+    with pytest.raises(ValueError, match=match):
+      lj.LoraConfig(**bad)
 
 
 def test_peft_export_of_principal_adapters_is_refused(tmp_path):

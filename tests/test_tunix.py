@@ -512,7 +512,7 @@ def test_scanned_layers_export_per_layer_and_restack(tmp_path):
   back, back_config = lj.load_peft(tmp_path / "scanned", params=scanned.base,
                                    module_name=name_map, in_axes=in_axes,
                                    stack_axes={r"^layers/": 1})
-  assert back_config.stack_axes_for("layers/mlp/up_proj/kernel") == 1
+  assert back_config.stack_axes_for("layers/mlp/up_proj/kernel") == (0,)
   for k in kernels:
     for x in ("a", "b"):
       np.testing.assert_array_equal(np.asarray(leaf(back["layers"], k)[x]), adapters[k][x])

@@ -113,7 +113,7 @@ def lift(params: PyTree, config: LoraConfig, *, key: jax.Array) -> LoraParams:
     key: a PRNG key; one subkey per adapted leaf, in path order. The same key
       gives the same adapters.
 
-  With ``config.init`` ``"pissa"``, ``"pissa_niter_N"`` or ``"olora"`` the adapters
+  With ``config.init`` ``"pissa"`` or ``"olora"`` the adapters
   come from each weight instead (``principal.py``) and the base's adapted leaves
   become ``W − s·A·B`` (same shardings), so the lifted model still starts equal
   to ``params``; those need concrete leaves.
@@ -147,6 +147,7 @@ def lift(params: PyTree, config: LoraConfig, *, key: jax.Array) -> LoraParams:
     if is_principal(config.init):
       principal.check_concrete(leaf, target.path, config.init)
       a, b, residual = principal.principal_init(leaf, subkey, target=target, init=config.init,
+                                                niter=config.pissa_niter,
                                                 dtype=config.dtype)
       sharding = concrete_sharding(leaf)
       residuals[target.path] = (jax.device_put(residual, sharding)

@@ -6,7 +6,7 @@ lifted model still starts equal to the base: the base leaf becomes the residual
 
 * ``init="pissa"`` (Meng et al. 2024): ``s·A·B`` is the best rank-r approximation
   of ``W``, from its top-r singular vectors (``A = U_r·√(S_r/s)``,
-  ``B = √(S_r/s)·V_rᵀ``). ``"pissa_niter_N"`` finds them by a randomized SVD with
+  ``B = √(S_r/s)·V_rᵀ``). ``pissa_niter=N`` finds them by a randomized SVD with
   N subspace iterations (Halko et al.), far cheaper for large kernels.
 * ``init="olora"`` (Büyükakyüz 2024): ``W`` (as ``out × in``) is factored
   ``Q·R``; A is ``R``'s first r rows and B ``Q``'s first r columns (transposed to
@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 from typing import Any
 
 import jax
@@ -35,8 +34,6 @@ from lora_jax._src.core.params import LoraParams
 from lora_jax._src.core.plan import Target
 from lora_jax._src.core.tree import adapter_paths, lookup, nest
 from lora_jax._src.numerics.lowrank_dot import explicit_spec
-
-_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
 
 
 def _to_matrix(w: jax.Array, target: Target) -> jax.Array:
@@ -63,10 +60,11 @@ def _randomized_svd(m: jax.Array, rank: int, niter: int, key: jax.Array):
   return basis @ u, s, vt
 
 
-@functools.partial(jax.jit, static_argnames=("target", "init", "dtype"))
-def principal_init(w: jax.Array, key: jax.Array, *, target: Target, init: str, dtype: str
-                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(A, B, W − s·A·B)`` for one target; the residual in ``W``'s dtype."""
+@functools.partial(jax.jit, static_argnames=("target", "init", "niter", "dtype"))
+def principal_init(w: jax.Array, key: jax.Array, *, target: Target, init: str, niter: int,
+                   dtype: str) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(A, B, W − s·A·B)`` for one target; the residual in ``W``'s dtype. ``niter``: PiSSA's
+  subspace iterations (0: the exact SVD)."""
   explicit = explicit_spec(w)
   if explicit is not None:
     # Explicitly sharded: the decompositions need the whole matrix of this one leaf.
@@ -80,11 +78,10 @@ def principal_init(w: jax.Array, key: jax.Array, *, target: Target, init: str, d
       a = jnp.swapaxes(rr[..., :r, :], -1, -2)          # (in, r)
       b = jnp.swapaxes(q[..., :, :r], -1, -2)           # (r, out)
     else:
-      niter = _NITER.fullmatch(init)
-      if niter is None:
+      if niter == 0:
         u, sv, vt = jnp.linalg.svd(m, full_matrices=False)
       else:
-        u, sv, vt = _randomized_svd(m, r, int(niter.group(1)), key)
+        u, sv, vt = _randomized_svd(m, r, niter, key)
       root = jnp.sqrt(sv[..., :r] / s)
       a = u[..., :, :r] * root[..., None, :]
       b = root[..., :, None] * vt[..., :r, :]
@@ -141,8 +138,7 @@ def to_standard(adapters: Any, initial: Any, config: LoraConfig) -> tuple[Any, L
   flat = {}
   for p in paths:
     (a, b, m), (a0, b0, _) = (kinds.factors(lookup(t, p)) for t in (trained, first))
-    stack = config.stack_axes_for(p)
-    b_rank = stack if isinstance(stack, int) else len(stack)  # B: stack + (r,) + out
+    b_rank = len(config.stack_axes_for(p))  # B: stack + (r,) + out
     # DoRA: V, and so the magnitude's meaning, is unchanged.
     flat[p] = kinds.entry(jnp.concatenate([a, a0.astype(a.dtype)], axis=a.ndim - 1),
                           jnp.concatenate([b, -b0.astype(b.dtype)], axis=b_rank), m)

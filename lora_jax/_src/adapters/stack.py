@@ -173,8 +173,7 @@ def factors_of(name: str, adapters: Any, config: LoraConfig, where: str
       raise ValueError(f"{where}: adapter {name!r} is DoRA at {path}: a DoRA weight is "
                        "m ⊙ V / ‖V‖, not W + ΔW, so it is neither combined nor stacked as "
                        "factors. Use plain LoRA adapters here.")
-    stack = config.stack_axes_for(path)
-    n = stack if isinstance(stack, int) else len(stack)
+    n = len(config.stack_axes_for(path))
     a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
     s = math.prod(a.shape[:n])
     out[path] = (a.reshape(s, -1, a.shape[-1]), b.reshape(s, b.shape[n], -1), a.shape, b.shape,

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,15 +20,18 @@ from lora_jax._src.core.yaml_io import load_yaml
 
 _INITS = ("default", "gaussian")
 # Initializations that take the adapters from the weight (``principal.py``).
-_PRINCIPAL = re.compile(r"pissa|olora|pissa_niter_[1-9][0-9]*")
+_PRINCIPAL = ("pissa", "olora")
+# The previous spelling of init="pissa" with pissa_niter=N (PEFT's init_lora_weights name).
+_PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
 
 
 def is_principal(init: str) -> bool:
   """Whether ``init`` takes the adapters from the weight (and so changes the base)."""
-  return _PRINCIPAL.fullmatch(init) is not None
+  return init in _PRINCIPAL
 
 Axes = int | tuple[int, ...]
-"""A number of axes, or explicit axis positions in a kernel."""
+"""A number of axes, or explicit axis positions in a kernel (``in_axes``; ``stack_axes`` holds
+positions only: a number ``n`` given there is stored as the leading ``n`` positions)."""
 
 # Fields holding {regex: value} overrides, stored as tuples of pairs to stay hashable.
 _PATTERN_FIELDS = ("rank_pattern", "alpha_pattern", "dora_pattern", "in_axes", "stack_axes",
@@ -86,7 +90,8 @@ def _axes_value(field: str, pattern: str, value: Any) -> int | tuple[int, ...]:
   is_int = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, bool)  # noqa: E731
   if is_int(value) and value >= 0:
     return int(value)
-  if (isinstance(value, (tuple, list)) and value and all(is_int(v) for v in value)
+  if (isinstance(value, (tuple, list)) and (value or field == "stack_axes")
+      and all(is_int(v) for v in value)
       and len(set(value)) == len(value)):
     return tuple(int(v) for v in value)
   raise ValueError(
@@ -140,14 +145,16 @@ class LoraConfig:
     init: ``"default"`` (A he-uniform over its input axes) or ``"gaussian"``
       (A normal with standard deviation ``1 / r``), B zero in both; or, from the
       weight itself (the base leaf becomes ``W − s·A·B``, see ``principal.py``),
-      ``"pissa"`` (top-r singular vectors), ``"pissa_niter_N"`` (the same by a
-      randomized SVD with N subspace iterations) or ``"olora"`` (QR).
+      ``"pissa"`` (top-r singular vectors) or ``"olora"`` (QR).
+    pissa_niter: with ``init="pissa"``, 0 for the exact SVD or N ≥ 1 for a randomized SVD
+      with N subspace iterations (PEFT's ``init_lora_weights="pissa_niter_N"``; that string,
+      given as ``init``, still works with a ``DeprecationWarning``).
     in_axes: ``{regex: n}``, the number of input axes of matching kernels (the
       ``n`` axes after the stacked ones), or ``{regex: (i, ...)}``, their
       positions in the kernel: ``(1,)`` for a kernel stored ``(out, in)`` and
       used as ``x @ W.T``, or for Gemma's ``q_einsum/w`` ``(heads, embed, head_dim)``.
-    stack_axes: ``{regex: n}``, leading stacked-layer axes (1 for ``nn.scan``),
-      or ``{regex: (i, ...)}``, their positions.
+    stack_axes: ``{regex: (i, ...)}``, the positions of stacked-layer axes; ``{regex: n}``
+      gives the leading ``n`` (1 for ``nn.scan``) and is stored as ``(0, ..., n - 1)``.
     dtype: dtype of the adapter arrays.
     head_tied: ``{regex: bool}`` for embedding tables: whether the model also
       uses the table as its output head (``logits = x @ E.T``: tied embeddings,
@@ -177,6 +184,7 @@ class LoraConfig:
   dora_pattern: tuple[tuple[str, bool], ...] | Mapping[str, bool] = ()
   trainable: tuple[str, ...] | str = ()
   init: str = "default"
+  pissa_niter: int = 0
   in_axes: tuple[tuple[str, Axes], ...] | Mapping[str, Axes] = ()
   stack_axes: tuple[tuple[str, Axes], ...] | Mapping[str, Axes] = ()
   dtype: str = "float32"
@@ -199,6 +207,9 @@ class LoraConfig:
         (p, _positive_float("alpha_pattern", v, f"[{p!r}]")) for p, v in self.alpha_pattern))
     for name in ("in_axes", "stack_axes"):
       set_(name, tuple((p, _axes_value(name, p, v)) for p, v in getattr(self, name)))
+    # One meaning: stacked axes are positions (a count n is the leading n).
+    set_("stack_axes", tuple((p, tuple(range(v)) if isinstance(v, int) else v)
+                             for p, v in self.stack_axes))
     if (isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float, np.number))
         or not 0.0 <= self.dropout < 1.0):
       raise ValueError(
@@ -212,9 +223,22 @@ class LoraConfig:
       for p, v in getattr(self, name):
         if not isinstance(v, bool):
           raise TypeError(f"LoraConfig.{name}[{p!r}] must be True or False, got {v!r}.")
+    niter = _PISSA_NITER.fullmatch(self.init) if isinstance(self.init, str) else None
+    if niter is not None:
+      warnings.warn(f"LoraConfig(init={self.init!r}) is deprecated: use init='pissa', "
+                    f"pissa_niter={niter.group(1)}.", DeprecationWarning, stacklevel=3)
+      self._pissa_niter_from_init(niter)
     if not isinstance(self.init, str) or not (self.init in _INITS or is_principal(self.init)):
-      raise ValueError(f"LoraConfig.init must be one of {_INITS}, 'pissa', 'pissa_niter_N' "
-                       f"(N >= 1 subspace iterations) or 'olora', got {self.init!r}.")
+      raise ValueError(f"LoraConfig.init must be one of {_INITS + _PRINCIPAL}, got "
+                       f"{self.init!r} ('pissa' takes pissa_niter=N for a randomized SVD).")
+    if (isinstance(self.pissa_niter, bool) or not isinstance(self.pissa_niter, (int, np.integer))
+        or self.pissa_niter < 0):
+      raise ValueError(f"LoraConfig.pissa_niter must be an integer >= 0 (0: the exact SVD), got "
+                       f"{self.pissa_niter!r}.")
+    set_("pissa_niter", int(self.pissa_niter))
+    if self.pissa_niter and self.init != "pissa":
+      raise ValueError(f"LoraConfig.pissa_niter={self.pissa_niter} applies to init='pissa' only, "
+                       f"not init={self.init!r}; drop it or use init='pissa'.")
     try:  # jnp.dtype(None) is float64: None must not pass as a dtype
       dtype = None if self.dtype is None else jnp.dtype(self.dtype)
     except (TypeError, ValueError):
@@ -225,6 +249,14 @@ class LoraConfig:
           f"got {self.dtype!r}.")
     set_("dtype", dtype.name)
     self._check_kind()
+
+  def _pissa_niter_from_init(self, niter: re.Match[str]) -> None:
+    """``init="pissa_niter_N"`` (the previous spelling) as ``init="pissa"``, ``pissa_niter=N``."""
+    if self.pissa_niter not in (0, int(niter.group(1))):
+      raise ValueError(f"LoraConfig: init={self.init!r} and pissa_niter={self.pissa_niter} "
+                       "disagree; use init='pissa' with pissa_niter alone.")
+    object.__setattr__(self, "init", "pissa")
+    object.__setattr__(self, "pissa_niter", int(niter.group(1)))
 
   def _check_kind(self) -> None:
     if not isinstance(self.kind, str) or self.kind not in kinds.KINDS:
@@ -296,10 +328,10 @@ class LoraConfig:
     """The configured input axes at ``path`` (a count or positions), or None for the rule."""
     return _first_match(self.in_axes, path)
 
-  def stack_axes_for(self, path: str) -> Axes:
-    """The stacked-layer axes at ``path``: a count of leading axes (0 by default) or positions."""
+  def stack_axes_for(self, path: str) -> tuple[int, ...]:
+    """The positions of the stacked-layer axes at ``path`` (none by default)."""
     found = _first_match(self.stack_axes, path)
-    return 0 if found is None else found
+    return () if found is None else found
 
   # Serialization --------------------------------------------------------------------
 
@@ -329,7 +361,12 @@ class LoraConfig:
     if unknown:
       raise ValueError(
           f"Unknown LoraConfig key(s) {unknown}; allowed keys are {allowed}.")
-    return cls(**dict(data))
+    data = dict(data)
+    init = data.get("init")
+    niter = _PISSA_NITER.fullmatch(init) if isinstance(init, str) else None
+    if niter is not None and "pissa_niter" not in data:  # a record written before pissa_niter
+      data.update(init="pissa", pissa_niter=int(niter.group(1)))
+    return cls(**data)
 
   def to_json(self) -> str:
     """The config as a JSON string."""

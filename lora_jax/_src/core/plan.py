@@ -2,8 +2,8 @@
 
 The axis rule for a targeted leaf (``stack``, ``in`` and ``out`` axes):
 
-1. ``stack`` is ``config.stack_axes``: that many leading axes (0 unless
-   configured), or the given positions.
+1. ``stack`` is ``config.stack_axes``: the given positions (none unless configured; a
+   count ``n`` given there is stored as the leading ``n``).
 2. ``in`` is ``config.in_axes`` when a pattern matches the path: the given
    positions, or that many axes after the stacked ones;
 3. else, when a sibling ``bias`` leaf exists and the kernel's trailing shape
@@ -245,14 +245,7 @@ def _positions(path: str, field: str, value: tuple[int, ...], shape: tuple[int, 
 
 def _stack_axes(path: str, shape: tuple[int, ...], config: LoraConfig, errors: list[str]
                 ) -> tuple[int, ...] | None:
-  configured = config.stack_axes_for(path)
-  if isinstance(configured, tuple):
-    return _positions(path, "stack_axes", configured, shape, errors)
-  if configured > len(shape):
-    errors.append(f"{path}: LoraConfig.stack_axes gives {configured} stacked axes, but the leaf "
-                  f"has shape {shape}.")
-    return None
-  return tuple(range(configured))
+  return _positions(path, "stack_axes", config.stack_axes_for(path), shape, errors)
 
 
 def _input_axes(path: str, shape: tuple[int, ...], stack: tuple[int, ...], config: LoraConfig,

@@ -235,9 +235,7 @@ def check_fits_config(adapters: Any, trained: Any, config: LoraConfig, where: st
                     f"DoRA magnitude 'm', but the config says use_dora={config.dora_for(path)} "
                     "here")
       continue
-    stack = config.stack_axes_for(path)
-    wrong = kinds.shape_error(entry, config.rank_for(path),
-                              stack if isinstance(stack, int) else len(stack))
+    wrong = kinds.shape_error(entry, config.rank_for(path), len(config.stack_axes_for(path)))
     if wrong:
       errors.append(f"{path}: {wrong}")
   errors += [f"{p}: a trained leaf, but config.trainable does not name it"

@@ -814,7 +814,7 @@ def load_peft(directory: str | os.PathLike[str], *, params: PyTree,
     found = parts(module_name, path) or ()
     if found and found[0].stacked:  # one module per layer of the leaf's stack axis
       axes = stacking.stack_axes_for(path)
-      if axes not in (1, (0,)):
+      if axes != (0,):
         raise ValueError(f"{directory}: {_naming_label(module_name)} says {path} stacks layers "
                          f"along its first axis; pass load_peft(..., stack_axes="
                          f"{{{re.escape(path) + '$'!r}: 1}}) (found {axes!r}).")
