@@ -61,10 +61,25 @@ VERSION_SENSITIVE = ("test_factored.py", "test_conv.py", "test_experts.py", "tes
                      "test_merge.py", "test_kinds.py", "test_layers.py", "test_api.py")
 
 
+# The modules whose tests run longest (processes, whole jobs, Tunix and transformers models),
+# longest first. They start first: with pytest-xdist's `--dist load` each worker takes the next
+# test when it is free, so the short tests fill in around the long ones instead of one long
+# test starting last and holding up the end of the run.
+LONGEST_FIRST = ("test_multiprocess.py", "test_tunix.py", "test_third_party.py", "test_job.py")
+
+
 def pytest_collection_modifyitems(config, items):
   for item in items:
     if item.path.name in VERSION_SENSITIVE:
       item.add_marker(pytest.mark.oldest)
+
+  def order(item):
+    name = item.path.name
+    if name in LONGEST_FIRST:
+      return LONGEST_FIRST.index(name)
+    return len(LONGEST_FIRST) + (item.get_closest_marker("slow") is None)
+
+  items.sort(key=order)  # stable: the collection order within each group
 
 
 @pytest.fixture
