@@ -160,6 +160,8 @@ class Kind:
     peft_refuses: why a target has no PEFT module of this kind's layout, or None.
     shared: the kind's shared arrays (``Shared``).
     peft_scaled: see ``peft_alpha``.
+    peft_rslora: whether its PEFT config has a rank-stabilized scale (``use_rslora``).
+    peft_bias: whether its PEFT config trains biases (``bias``: ``"all"``, ...).
   """
 
   name: str
@@ -176,6 +178,8 @@ class Kind:
   peft_refuses: Callable[[Geometry], str | None] = lambda target: None
   shared: tuple[Shared, ...] = ()
   peft_scaled: str | None = None
+  peft_rslora: bool = False
+  peft_bias: bool = False
 
   def names(self) -> tuple[str, ...]:
     return tuple(x.name for x in self.arrays)
@@ -195,7 +199,7 @@ def _lora_fields(known: Mapping[str, Any]) -> dict[str, Any]:
 
 LORA = Kind("lora", (A, B), lambda e, target, shared: (e[A.name], e[B.name]), "LORA", "r",
             "lora_alpha", _lora_fields, inits=("default", "gaussian", "principal"), dora=True,
-            lora_like=True, doc="LoRA: ΔW = s·A·B")
+            lora_like=True, doc="LoRA: ΔW = s·A·B", peft_rslora=True, peft_bias=True)
 
 
 
@@ -325,7 +329,7 @@ VERA = Kind(
                    "init_weights": True},
     inits=("default",), dora=False, lora_like=False,
     doc="VeRA: ΔW = s·(P_a·diag(λ_d))·(P_b·diag(λ_b)), P frozen and shared by all layers",
-    shared=(VA, VB), peft_scaled=LB.name)
+    shared=(VA, VB), peft_scaled=LB.name, peft_bias=True)
 
 KINDS: dict[str, Kind] = {k.name: k for k in (LORA, LOHA, LOKR, VERA)}
 

@@ -294,11 +294,11 @@ def save_peft(directory: str | os.PathLike[str], adapters: LoraParams | Mapping[
     bias_mode, to_save = _export_trained(base, config, targets, module_name, conv_paths, put,
                                          errors)
   _export_shared(adapter_tree, kind, [t for p, t in targets.items() if p in paths], put, errors)
-  if config.use_rslora and kind.peft_alpha and "use_rslora" not in kind.peft_fields({}):
+  if config.use_rslora and kind.peft_alpha and not kind.peft_rslora:
     errors.append(f"use_rslora: PEFT's {kind.peft_type} config has no rank-stabilized scale "
                   "(alpha / sqrt(r)); PEFT would scale by alpha / r. Export adapters trained "
                   "without use_rslora.")
-  if bias_mode != "none" and "bias" not in kind.peft_fields({"bias": bias_mode}):
+  if bias_mode != "none" and not kind.peft_bias:
     errors.append(f"trained biases (bias={bias_mode!r}): PEFT's {kind.peft_type} config has no "
                   "bias option; train no biases with this kind, or use kind='lora'.")
   if errors:
