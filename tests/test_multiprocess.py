@@ -174,8 +174,9 @@ def test_hf_job_two_processes_resume_exactly(tmp_path):
   def start(name):
     config = {"model": {"hf": str(folder)}, "data": {"jsonl": str(data), "seq_len": 16,
                                                       "samples": 1, "max_new_tokens": 2},
+              # A state every 9 steps: each save writes the whole training state.
               "finetune": {"steps": 30, "batch_size": 4, "lr": 1e-2, "log_every": 3,
-                           "save_every": 3},
+                           "save_every": 9},
               "lora": {"rank": 4, "alpha": 8.0}, "mesh": {"data": 2, "model": 4},
               "run_dir": str(tmp_path / name)}
     (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config))
