@@ -193,12 +193,12 @@ def _shared(kind: kinds.Kind, targets: tuple[Target, ...], key: jax.Array, dtype
             if isinstance(s, jax.sharding.NamedSharding)]
   sharding = (jax.sharding.NamedSharding(meshes[0], jax.sharding.PartitionSpec())
               if meshes else None)
+  if all(_is_abstract(leaf) for leaf in leaves):
+    return {x.name: jax.ShapeDtypeStruct(shapes[x.name], dtype, sharding=sharding)
+            for x in kind.shared}
   made = {}
   for i, x in enumerate(kind.shared):
     shape = shapes[x.name]
-    if all(_is_abstract(leaf) for leaf in leaves):
-      made[x.name] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
-      continue
     bound = math.sqrt(6.0 / shape[0])
     value = jax.random.uniform(jax.random.fold_in(key, i), shape, jnp.float32, -bound, bound)
     value = value.astype(dtype)

@@ -25,6 +25,12 @@ _PRINCIPAL = ("pissa", "olora")
 _PISSA_NITER = re.compile(r"pissa_niter_([1-9][0-9]*)")
 
 
+def _old_pissa_niter(init: Any) -> int | None:
+  """N of ``init="pissa_niter_N"`` (the previous spelling), else None."""
+  found = _PISSA_NITER.fullmatch(init) if isinstance(init, str) else None
+  return None if found is None else int(found.group(1))
+
+
 def is_principal(init: str) -> bool:
   """Whether ``init`` takes the adapters from the weight (and so changes the base)."""
   return init in _PRINCIPAL
@@ -223,11 +229,15 @@ class LoraConfig:
       for p, v in getattr(self, name):
         if not isinstance(v, bool):
           raise TypeError(f"LoraConfig.{name}[{p!r}] must be True or False, got {v!r}.")
-    niter = _PISSA_NITER.fullmatch(self.init) if isinstance(self.init, str) else None
+    niter = _old_pissa_niter(self.init)
     if niter is not None:
       warnings.warn(f"LoraConfig(init={self.init!r}) is deprecated: use init='pissa', "
-                    f"pissa_niter={niter.group(1)}.", DeprecationWarning, stacklevel=3)
-      self._pissa_niter_from_init(niter)
+                    f"pissa_niter={niter}.", DeprecationWarning, stacklevel=3)
+      if self.pissa_niter not in (0, niter):
+        raise ValueError(f"LoraConfig: init={self.init!r} and pissa_niter={self.pissa_niter} "
+                         "disagree; use init='pissa' with pissa_niter alone.")
+      set_("init", "pissa")
+      set_("pissa_niter", niter)
     if not isinstance(self.init, str) or not (self.init in _INITS or is_principal(self.init)):
       raise ValueError(f"LoraConfig.init must be one of {_INITS + _PRINCIPAL}, got "
                        f"{self.init!r} ('pissa' takes pissa_niter=N for a randomized SVD).")
@@ -249,14 +259,6 @@ class LoraConfig:
           f"got {self.dtype!r}.")
     set_("dtype", dtype.name)
     self._check_kind()
-
-  def _pissa_niter_from_init(self, niter: re.Match[str]) -> None:
-    """``init="pissa_niter_N"`` (the previous spelling) as ``init="pissa"``, ``pissa_niter=N``."""
-    if self.pissa_niter not in (0, int(niter.group(1))):
-      raise ValueError(f"LoraConfig: init={self.init!r} and pissa_niter={self.pissa_niter} "
-                       "disagree; use init='pissa' with pissa_niter alone.")
-    object.__setattr__(self, "init", "pissa")
-    object.__setattr__(self, "pissa_niter", int(niter.group(1)))
 
   def _check_kind(self) -> None:
     if not isinstance(self.kind, str) or self.kind not in kinds.KINDS:
@@ -362,10 +364,9 @@ class LoraConfig:
       raise ValueError(
           f"Unknown LoraConfig key(s) {unknown}; allowed keys are {allowed}.")
     data = dict(data)
-    init = data.get("init")
-    niter = _PISSA_NITER.fullmatch(init) if isinstance(init, str) else None
+    niter = _old_pissa_niter(data.get("init"))
     if niter is not None and "pissa_niter" not in data:  # a record written before pissa_niter
-      data.update(init="pissa", pissa_niter=int(niter.group(1)))
+      data.update(init="pissa", pissa_niter=niter)
     return cls(**data)
 
   def to_json(self) -> str:

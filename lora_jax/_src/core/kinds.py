@@ -386,15 +386,13 @@ def has_magnitude(entry: Mapping[str, Any]) -> bool:
 def lowrank(entry: Mapping[str, Any], target: Geometry,
             shared: Mapping[str, Any] | None = None) -> tuple[Any, Any, Any]:
   """``(A', B', m)``: the factors of any entry's update ``scale * A' @ B'`` and DoRA's ``m``
-  (None without DoRA), for ``target``'s geometry, given the kind's shared arrays (``shared_of``;
-  their gradient is stopped). What execution and merging use."""
+  (None without DoRA), for ``target``'s geometry, given the kind's shared arrays (``shared_of``,
+  which the caller has checked with ``shared_error``; their gradient is stopped). What
+  execution and merging use (through ``merge.check_adapters``)."""
   kind = kind_of(entry)
   if kind is None:
     raise ValueError(f"not an adapter entry: keys {sorted(entry)}; expected {describe()}.")
   if kind.shared:
-    wrong = shared_error(shared, kind, target.rank)
-    if wrong:
-      raise ValueError(f"{getattr(target, 'path', '')}: {wrong}")
     shared = {x.name: jax.lax.stop_gradient(x.slice(shared[x.name], target)) for x in kind.shared}
   a, b = kind.factors(entry, target, shared or {})
   return a, b, entry.get(M.name)
@@ -434,10 +432,10 @@ def shared_shapes(kind: Kind, targets: Any) -> dict[str, tuple[int, int]]:
   return {x.name: x.shape(ranks[0], max_in, max_out) for x in kind.shared}
 
 
-def shared_error(shared: Mapping[str, Any] | None, kind: Kind, rank: int,
+def shared_error(shared: Mapping[str, Any] | None, kind: Kind, rank: int | None = None,
                  target: Geometry | None = None) -> str | None:
-  """What is wrong with ``kind``'s shared arrays for ``rank`` (and, given, ``target``'s sizes),
-  or None: each is 2-D with ``rank`` on its rank axis and covers the target."""
+  """What is wrong with ``kind``'s shared arrays, or None: they are the kind's names, each
+  2-D, with ``rank`` (when given) on its rank axis and covering ``target`` (when given)."""
   names = sorted(x.name for x in kind.shared)
   if not kind.shared:
     return None if not shared else (f"{kind.name} adapters have no shared arrays, but the tree "
@@ -450,11 +448,12 @@ def shared_error(shared: Mapping[str, Any] | None, kind: Kind, rank: int,
     shape = tuple(getattr(shared[x.name], "shape", ()))
     need = (None if target is None else
             math.prod(target.in_shape) if x.side == "a" else math.prod(target.out_shape))
-    if len(shape) != 2 or shape[1 if x.side == "a" else 0] != rank or (
+    if len(shape) != 2 or (rank is not None and shape[1 if x.side == "a" else 0] != rank) or (
         need is not None and shape[0 if x.side == "a" else 1] < need):
-      want = ((need or "max_in", rank) if x.side == "a" else (rank, need or "max_out"))
+      r = "r" if rank is None else rank
+      want = ((need or "max_in", r) if x.side == "a" else (r, need or "max_out"))
       return (f"the shared {kind.name} array {x.name!r} has shape {shape}, expected "
-              f"{want}{' or more' if need else ''} (rank {rank})")
+              f"{want}{' or more' if need else ''} (rank {r})")
   return None
 
 

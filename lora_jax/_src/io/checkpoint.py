@@ -211,16 +211,14 @@ def check_fits_config(adapters: Any, trained: Any, config: LoraConfig, where: st
   errors = []
   pairs = adapter_paths(adapters) if isinstance(adapters, Mapping) else []
   covered = {f"{p}/{n}" for p in pairs for n in lookup(adapters, p)}
-  kind = kinds.of(config.kind)
-  shared = kinds.shared_of(adapters, kind)
-  covered |= {f"{kinds.SHARED}/{kind.name}/{n}" for n in shared or {}}
+  configured = kinds.of(config.kind)
+  shared = kinds.shared_of(adapters, configured)
+  covered |= {f"{kinds.SHARED}/{configured.name}/{n}" for n in shared or {}}
   errors += [f"{p}: not part of an adapter entry {kinds.describe()}"
              for p, _ in leaves_with_paths(adapters) if p not in covered]
-  if pairs and (kind.shared or shared):
-    ranks = {config.rank_for(p) for p in pairs}
-    wrong = kinds.shared_error(shared, kind, min(ranks))
-    if wrong:
-      errors.append(wrong)
+  if pairs:  # the shared arrays against every rank the config gives (one, for VeRA)
+    errors += sorted({wrong for rank in {config.rank_for(p) for p in pairs}
+                      if (wrong := kinds.shared_error(shared, configured, rank))})
   for path in pairs:
     entry = lookup(adapters, path)
     if not config.is_target(path):

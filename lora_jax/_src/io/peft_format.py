@@ -272,7 +272,7 @@ def save_peft(directory: str | os.PathLike[str], adapters: LoraParams | Mapping[
         arrays = {name: x if kinds.role(name, kind).side == "a" else np.take(
             x, part.index, axis=outs.index(part.axis) + (kinds.role(name, kind).side == "b"))
                   for name, x in arrays.items()}
-      modules[part.module] = (rank, config.alpha_for(path) if kind.peft_alpha else config.alpha)
+      modules[part.module] = (rank, config.alpha_for(path))
       a_ndim = arrays[kind.arrays[0].name].ndim  # every kind's first array is on side a
       conv = not _is_embedding(path) and _is_conv(path, a_ndim, conv_paths)
       _put_entry(PREFIX + part.module, path, kind, arrays, rank,
@@ -411,10 +411,12 @@ def _export_shared(adapter_tree: Mapping[str, Any], kind: kinds.Kind, targets: l
   if not kind.shared:
     return
   shared = kinds.shared_of(adapter_tree, kind)
-  wrong = kinds.shared_error(shared, kind, min((t.rank for t in targets), default=1)
-                             ) if targets else None
-  if shared is None or wrong:
-    errors.append(wrong or kinds.shared_error(shared, kind, 1))
+  wrong = sorted({f"{t.path}: {w}" for t in targets
+                  if (w := kinds.shared_error(shared, kind, t.rank, t))})
+  if not targets and (w := kinds.shared_error(shared, kind)):
+    wrong.append(w)
+  if wrong:
+    errors += wrong
     return
   sizes = kinds.shared_shapes(kind, targets)
   for x in kind.shared:
@@ -692,7 +694,7 @@ def _read_config(directory: pathlib.Path, target_parameters: bool = False,
                      "model, so merged into or loaded onto the original it gives other outputs. "
                      "Convert it to plain LoRA with PEFT (save_pretrained(..., "
                      "path_initial_model_for_weight_conversion=...)), then import that.")
-  for field in (kind.peft_rank, kind.peft_alpha or kind.peft_rank):
+  for field in filter(None, (kind.peft_rank, kind.peft_alpha)):
     if field not in peft_config:
       raise ValueError(f"{where}: the required field {field!r} is missing.")
   for field in _BOOLEANS:  # PEFT reads any truthy value as true; only true/false are clear
@@ -972,7 +974,7 @@ def load_peft(directory: str | os.PathLike[str], *, params: PyTree,
       if errors:
         continue
     _fit_to_target(directory, target, flat, errors)
-    wrong = kinds.shared_error(shared, kind, target.rank, target) if kind.shared else None
+    wrong = kinds.shared_error(shared, kind, target.rank, target)
     if wrong:
       errors.append(f"{target.path}: PEFT's {wrong}.")
   for path in list(trained):
