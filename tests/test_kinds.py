@@ -8,6 +8,8 @@ gets every test. PEFT interop for each kind is in ``test_kinds_peft.py``.
 
 import warnings
 
+import hypothesis
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,7 @@ import pytest
 
 import lora_jax as lj
 from lora_jax._src.cli.main import main as cli
+from lora_jax._src.core import kinds
 
 
 def _lora(e, shared):
@@ -50,8 +53,6 @@ KINDS = sorted(REFERENCE)
 
 
 def test_every_kind_of_the_table_has_a_reference():
-  from lora_jax._src.core import kinds  # noqa: PLC0415
-
   assert sorted(kinds.KINDS) == KINDS
 
 
@@ -288,3 +289,81 @@ def test_vera_refuses_what_its_shared_projections_cannot_serve(tmp_path):
                                                             jnp.ones((2, 12))) ** 2))(lp.adapters)
   assert not any(jnp.any(g != 0) for g in jax.tree.leaves(grads[SHARED]))
   assert jnp.any(grads["out"]["kernel"]["lambda_b"] != 0)
+
+
+@pytest.mark.oldest  # numpy's stream is what a checkpoint relies on: both numpy ends of CI
+def test_vera_projections_are_drawn_from_the_configs_seed_the_same_everywhere():
+  drawn = kinds.draw_shared(kinds.of("vera"), {"projection_a": (4, 2), "projection_b": (2, 3)},
+                            0, np.float32)
+  # Pinned: numpy 1.26 and 2.4 give these bits; a change here would strand every checkpoint
+  # that holds its projections as a seed (its load refuses them, see the test below).
+  np.testing.assert_array_equal(drawn["projection_a"], np.array(
+      [[0.3354862630367279, -0.5639050602912903], [-1.1243805885314941, -1.184260606765747],
+       [0.7673522233963013, 1.0110405683517456], [0.26120322942733765, 0.5621494650840759]],
+      np.float32))
+  np.testing.assert_array_equal(drawn["projection_b"], np.array(
+      [[1.3500947952270508, 0.19793200492858887, 1.042376160621643],
+       [1.58141028881073, -1.5290019512176514, -0.913134753704071]], np.float32))
+  # lift draws them from config.shared_seed, whatever its key; another seed draws others.
+  params = _params()
+  one = lj.lift(params, _config("vera"), key=jax.random.key(1)).adapters[SHARED]["vera"]
+  two = lj.lift(params, _config("vera"), key=jax.random.key(2)).adapters[SHARED]["vera"]
+  jax.tree.map(np.testing.assert_array_equal, one, two)
+  other = lj.lift(params, lj.LoraConfig(rank=3, alpha=5.0, kind="vera", targets=r"kernel$",
+                                        shared_seed=7), key=jax.random.key(1))
+  assert not np.array_equal(other.adapters[SHARED]["vera"]["projection_a"], one["projection_a"])
+  with pytest.raises(ValueError, match="shared_seed=7 seeds the shared arrays of kinds that "
+                     "have them \\(\\['vera'\\]\\), not kind='lora'"):
+    lj.LoraConfig(shared_seed=7)
+  with pytest.raises(ValueError, match="shared_seed must be an integer >= 0, got -1"):
+    lj.LoraConfig(kind="vera", shared_seed=-1)
+
+
+@hypothesis.settings(max_examples=25, deadline=None)
+@hypothesis.given(rows=st.integers(1, 40), cols=st.integers(1, 40),
+                  seed=st.integers(0, 2**63), dtype=st.sampled_from(["float32", "bfloat16"]))
+def test_drawn_projections_keep_peft_bounds_and_depend_on_seed_and_shape_alone(rows, cols, seed,
+                                                                                dtype):
+  vera = kinds.of("vera")
+  shapes = {"projection_a": (rows, cols), "projection_b": (cols, rows)}
+  drawn = kinds.draw_shared(vera, shapes, seed, dtype)
+  again = kinds.draw_shared(vera, shapes, seed, dtype)
+  for name, shape in shapes.items():
+    value = drawn[name]
+    assert value.shape == shape and value.dtype == jnp.dtype(dtype)
+    assert value.tobytes() == again[name].tobytes()
+    bound = np.float32(np.sqrt(6.0 / shape[0])).astype(jnp.dtype(dtype))
+    assert np.all(np.abs(value.astype(np.float32)) <= np.float32(bound))
+
+
+def test_vera_checkpoint_holds_the_seed_not_the_projections(tmp_path, monkeypatch):
+  params, config, lp = _lifted("vera")
+  lj.save_adapters(tmp_path / "seeded", lp, config)
+  saved = ocp.PyTreeCheckpointHandler().metadata(tmp_path / "seeded" / "adapters")
+  assert SHARED not in getattr(saved, "tree", saved)  # no projection is written
+  loaded, _ = lj.load_adapters(tmp_path / "seeded")
+  jax.tree.map(np.testing.assert_array_equal, loaded, lp.adapters)
+  # Restored onto a target's shardings, the drawn ones too.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("model",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                        lp.adapters)
+  onto, _ = lj.load_adapters(tmp_path / "seeded", target=target)
+  assert onto[SHARED]["vera"]["projection_b"].sharding == replicated
+  wrong = dict(target, **{SHARED: {"vera": dict(target[SHARED]["vera"], projection_a=
+                                                jax.ShapeDtypeStruct((12, 4), jnp.float32))}})
+  with pytest.raises(ValueError, match="projection_a: shape \\(12, 3\\) in the checkpoint, "
+                     "expected \\(12, 4\\)"):
+    lj.load_adapters(tmp_path / "seeded", target=wrong)
+  # Projections the seed does not draw (changed, or made by PEFT) are written as arrays.
+  changed = dict(lp.adapters, **{SHARED: {"vera": dict(
+      lp.adapters[SHARED]["vera"], projection_a=lp.adapters[SHARED]["vera"]["projection_a"] * 2)}})
+  lj.save_adapters(tmp_path / "stored", lj.LoraParams(lp.base, changed), config)
+  assert not (tmp_path / "stored" / "shared_drawn").exists()
+  jax.tree.map(np.testing.assert_array_equal, lj.load_adapters(tmp_path / "stored")[0], changed)
+  # A draw that comes out different where it is loaded is refused, never used.
+  real = kinds.draw_shared
+  monkeypatch.setattr(kinds, "draw_shared", lambda *a: {
+      n: v + np.float32(1e-3) for n, v in real(*a).items()})
+  with pytest.raises(lj.ChecksumError, match="drawn here with numpy .* come out different"):
+    lj.load_adapters(tmp_path / "seeded")

@@ -113,6 +113,11 @@ def test_import_peft_made_adapter_gives_peft_outputs(tmp_path, kind):
     merged = peft_model.merge_and_unload()(x_torch).numpy()
   np.testing.assert_allclose(FlaxMLP().apply(lj.merge(lp, config), x), merged, rtol=1e-4,
                              atol=1e-4)
+  # Saved and loaded: PEFT's torch-drawn projections are not what config.shared_seed draws,
+  # so the checkpoint keeps them as arrays.
+  lj.save_adapters(tmp_path / "ckpt", adapters, config)
+  assert not (tmp_path / "ckpt" / "shared_drawn").exists()
+  jax.tree.map(np.testing.assert_array_equal, lj.load_adapters(tmp_path / "ckpt")[0], adapters)
   # Exported again, PEFT reads back the same adapter.
   lj.save_peft(tmp_path / "again", lp, config)
   again = peft.PeftModel.from_pretrained(_models()[2], str(tmp_path / "again")).eval()

@@ -176,18 +176,15 @@ def lift(params: PyTree, config: LoraConfig, *, key: jax.Array) -> LoraParams:
   kind = kinds.of(config.kind)
   if kind.shared and targets:
     adapters = kinds.with_shared(adapters, kind, _shared(
-        kind, targets, jax.random.fold_in(key, _SHARED_STREAM), config.dtype,
-        [leaves[t.path] for t in targets]))
+        kind, targets, config.shared_seed, config.dtype, [leaves[t.path] for t in targets]))
   return LoraParams(base=params, adapters=adapters)
 
 
-_SHARED_STREAM = 0x5EED  # the shared arrays draw from the lift key folded with this
-
-
-def _shared(kind: kinds.Kind, targets: tuple[Target, ...], key: jax.Array, dtype: str,
+def _shared(kind: kinds.Kind, targets: tuple[Target, ...], seed: int, dtype: str,
             leaves: list[Any]) -> dict[str, Any]:
-  """A kind's shared arrays (``kinds.Shared``): uniform in ``±sqrt(6 / rows)``, replicated on
-  the targets' mesh; ``ShapeDtypeStruct`` when the targets are abstract."""
+  """A kind's shared arrays (``kinds.Shared``) drawn from ``seed`` (``kinds.draw_shared``, not
+  from the lift key: a checkpoint redraws them from the seed its config records), replicated
+  on the targets' mesh; ``ShapeDtypeStruct`` when the targets are abstract."""
   shapes = kinds.shared_shapes(kind, targets)
   meshes = [s.mesh for s in map(concrete_sharding, leaves)
             if isinstance(s, jax.sharding.NamedSharding)]
@@ -196,14 +193,9 @@ def _shared(kind: kinds.Kind, targets: tuple[Target, ...], key: jax.Array, dtype
   if all(_is_abstract(leaf) for leaf in leaves):
     return {x.name: jax.ShapeDtypeStruct(shapes[x.name], dtype, sharding=sharding)
             for x in kind.shared}
-  made = {}
-  for i, x in enumerate(kind.shared):
-    shape = shapes[x.name]
-    bound = math.sqrt(6.0 / shape[0])
-    value = jax.random.uniform(jax.random.fold_in(key, i), shape, jnp.float32, -bound, bound)
-    value = value.astype(dtype)
-    made[x.name] = value if sharding is None else jax.device_put(value, sharding)
-  return made
+  drawn = kinds.draw_shared(kind, shapes, seed, dtype)
+  return {name: jnp.asarray(value) if sharding is None else jax.device_put(value, sharding)
+          for name, value in drawn.items()}
 
 
 @functools.partial(jax.jit, static_argnames=("target", "dtype"))

@@ -169,6 +169,10 @@ class LoraConfig:
       embedding adapter cannot express, so ``save_peft`` refuses such a table.
     kind: the adapter kind, one of ``kinds.KINDS``: ``"lora"`` (``A``, ``B``) by default;
       each kind's arrays, update and PEFT names are one entry of that table.
+    shared_seed: for a kind with frozen shared arrays (VeRA's projections), the integer
+      ``>= 0`` they are drawn from (``kinds.draw_shared``; PEFT's ``projection_prng_key``);
+      recorded with the config, so an adapter checkpoint holds the seed instead of the arrays
+      whenever they are still the ones it draws.
 
   Example:
     >>> import lora_jax as lj
@@ -196,6 +200,7 @@ class LoraConfig:
   dtype: str = "float32"
   head_tied: tuple[tuple[str, bool], ...] | Mapping[str, bool] = ()
   kind: str = "lora"
+  shared_seed: int = 0
 
   def __post_init__(self):
     set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -270,6 +275,15 @@ class LoraConfig:
       raise ValueError(f"LoraConfig.init={self.init!r} does not apply to kind={self.kind!r} "
                        f"adapters (its initializations: {list(kind.inits)}); use "
                        f"init={kind.inits[0]!r} or kind='lora'.")
+    if (isinstance(self.shared_seed, bool) or not isinstance(self.shared_seed, (int, np.integer))
+        or self.shared_seed < 0):
+      raise ValueError(f"LoraConfig.shared_seed must be an integer >= 0, got "
+                       f"{self.shared_seed!r}.")
+    object.__setattr__(self, "shared_seed", int(self.shared_seed))
+    if self.shared_seed and not kind.shared:
+      seeded = sorted(k for k, v in kinds.KINDS.items() if v.shared)
+      raise ValueError(f"LoraConfig.shared_seed={self.shared_seed} seeds the shared arrays of "
+                       f"kinds that have them ({seeded}), not kind={self.kind!r}; drop it.")
     if not kind.dora and (self.use_dora or any(v for _, v in self.dora_pattern)):
       raise ValueError(f"LoraConfig.use_dora / dora_pattern: DoRA's magnitude applies to LoRA "
                        f"adapters, not to kind={self.kind!r}; drop use_dora or use kind='lora'.")

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Geometry(Protocol):
@@ -117,8 +118,8 @@ class Shared:
   Side ``"a"`` is ``(max_in, rank)`` and an entry uses its first ``in`` rows; side ``"b"`` is
   ``(rank, max_out)`` and an entry uses its first ``out`` columns (``max_in``, ``max_out``: the
   largest flattened input and output sizes among the kind's targets), as PEFT slices its
-  shared projections. ``lift`` draws it uniform in ``±sqrt(6 / rows)`` (PEFT's
-  ``_kaiming_init`` of its transposed layout); PEFT stores it transposed as
+  shared projections. ``lift`` draws it from ``LoraConfig.shared_seed`` (``draw_shared``), so
+  an adapter checkpoint records the seed, not the array; PEFT stores it transposed as
   ``base_model.<peft>``. Execution stops its gradient, and ``lj.optimizer`` freezes it.
   """
 
@@ -430,6 +431,31 @@ def shared_shapes(kind: Kind, targets: Any) -> dict[str, tuple[int, int]]:
   max_in = max(math.prod(t.in_shape) for t in targets)
   max_out = max(math.prod(t.out_shape) for t in targets)
   return {x.name: x.shape(ranks[0], max_in, max_out) for x in kind.shared}
+
+
+def draw_shared(kind: Kind, shapes: Mapping[str, tuple[int, ...]], seed: int, dtype: Any
+                ) -> dict[str, np.ndarray]:
+  """``kind``'s shared arrays of ``shapes`` drawn from ``seed``, on the host.
+
+  Each is uniform in ``±sqrt(6 / rows)`` (PEFT's ``_kaiming_init`` of its transposed layout),
+  from the raw 64-bit stream of numpy's ``PCG64`` seeded by ``SeedSequence([seed, i])`` for
+  the kind's ``i``-th shared array, turned into a float64 in ``[0, 1)`` from its top 53 bits,
+  scaled in float64 and rounded once to float32, then to ``dtype``. Integer bits and exact
+  IEEE arithmetic: no JAX setting (PRNG implementation, ``jax_threefry_partitionable``) and no
+  platform's rounding enters, and numpy does not change its bit generators' algorithms
+  between releases (numpy 1.26 and 2.4 draw the same bits; ``tests/test_kinds.py`` pins
+  them). So a checkpoint can hold the seed alone; it also records the drawn arrays'
+  checksums, which every load checks (``io/drawn.py``).
+  """
+  made = {}
+  for i, x in enumerate(kind.shared):
+    shape = tuple(shapes[x.name])
+    bits = np.random.PCG64(np.random.SeedSequence([int(seed), i])).random_raw(math.prod(shape))
+    unit = (np.asarray(bits, np.uint64) >> np.uint64(11)).astype(np.float64) * 2.0 ** -53
+    bound = math.sqrt(6.0 / shape[0])
+    value = ((2.0 * unit - 1.0) * bound).astype(np.float32).reshape(shape)
+    made[x.name] = value.astype(jnp.dtype(dtype))
+  return made
 
 
 def shared_error(shared: Mapping[str, Any] | None, kind: Kind, rank: int | None = None,

@@ -29,13 +29,14 @@ from lora_jax._src.core import kinds
 from lora_jax._src.core.config import LoraConfig
 from lora_jax._src.core.params import LoraParams
 from lora_jax._src.core.tree import PyTree, adapter_paths, leaves_with_paths, lookup, trained_leaves
-from lora_jax._src.io import atomic, lineage, multihost
+from lora_jax._src.io import atomic, drawn, lineage, multihost
 from lora_jax._src.io.checksums import ChecksumError, check_record, record
 from lora_jax._src.io.lineage import fingerprint
 
 _ADAPTERS, _CONFIG, _TRAINED, _CHECKSUMS = "adapters", "config", "trained", "checksums"
 _BASE = "base_fingerprint"  # JSON: the adapted base leaves' shapes, dtypes, sampled values
 _STACK = "adapter_stack"  # JSON: {"names": [...]} for an AdapterStack (stack.py)
+_DRAWN = "shared_drawn"  # JSON: a kind's shared arrays, left out as their seed (drawn.py)
 # In the checksum record: {JSON item: SHA-256 of its canonical JSON} (config, names, lineage).
 JSON_DIGESTS = "__json_items__"
 
@@ -181,6 +182,10 @@ def save_adapters(directory: str | os.PathLike[str], adapters: LoraParams | Mapp
     adapters = adapters.adapters
     one = _one_of_stack(adapters, json_items[_STACK]["names"], "save_adapters")
   check_fits_config(one, items.get(_TRAINED, {}), config, "save_adapters")
+  if isinstance(adapters, Mapping):  # shared arrays that config.shared_seed draws: the seed
+    adapters, seeded = drawn.split(adapters, config)
+    if seeded is not None:
+      json_items[_DRAWN] = seeded
   items[_ADAPTERS] = adapters
   return write(final, items, config, overwrite=overwrite, what="adapter checkpoint",
                lock=None if step is None else directory, json_items=json_items)
@@ -501,12 +506,17 @@ def load_with_lineage(directory: str | os.PathLike[str], *, target: PyTree | Non
         "it without a target, or with a target of its kind.")
   if isinstance(target_adapters, AdapterStack):
     target_adapters = target_adapters.adapters
+  target_shared = None
+  if (path / _DRAWN).is_dir() and isinstance(target_adapters, Mapping):  # drawn, not read
+    target_shared = target_adapters.get(kinds.SHARED)
+    target_adapters = {k: v for k, v in target_adapters.items() if k != kinds.SHARED}
   targets: dict[str, Any] = {_ADAPTERS: target_adapters}
   if has_trained:  # the trained leaves' target follows from the saved config
     targets[_TRAINED] = ((lambda config: trained_leaves(target.base, config.is_trainable))
                          if is_lp else None)
-  config, restored = read(path, targets, "Adapter checkpoint", json_names=(_BASE, _STACK))
-  record, stack_record = restored.pop(_BASE), restored.pop(_STACK)
+  config, restored = read(path, targets, "Adapter checkpoint",
+                          json_names=(_BASE, _STACK, _DRAWN))
+  record, stack_record, seeded = restored.pop(_BASE), restored.pop(_STACK), restored.pop(_DRAWN)
   if record is not None and not isinstance(record, Mapping):
     raise ChecksumError(f"{where}: its base fingerprint is damaged.")
   if is_lp and not has_trained and config.trainable:
@@ -514,6 +524,21 @@ def load_with_lineage(directory: str | os.PathLike[str], *, target: PyTree | Non
         f"{where} holds no trained leaves, but its config trains "
         f"{list(config.trainable)} in full.")
   adapters = restored[_ADAPTERS]
+  if seeded is not None:
+    kind = kinds.of(config.kind)
+    if not isinstance(adapters, Mapping) or is_stack:
+      raise ChecksumError(f"{where}: a record of drawn shared arrays beside "
+                          f"{'a stack' if is_stack else 'no adapter tree'}; it is damaged.")
+    shared = drawn.redraw(seeded, config, where)
+    if target_shared is None:  # like the rest: whole, on this process's first device
+      here = jax.local_devices()[0]
+      placed = {n: jax.device_put(v, here) for n, v in shared.items()}
+    else:
+      check_tree_matches(_shapes_and_dtypes({kind.name: shared}),
+                         _shapes_and_dtypes(target_shared), f"{where} ({kinds.SHARED})")
+      placed = {n: jax.device_put(v, getattr(target_shared[kind.name][n], "sharding", None))
+                for n, v in shared.items()}
+    adapters = kinds.with_shared(adapters, kind, placed)
   if is_stack:
     names = stack_record.get("names") if isinstance(stack_record, Mapping) else None
     check_fits_config(_one_of_stack(adapters, names, where), restored.get(_TRAINED, {}), config,
