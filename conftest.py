@@ -1,5 +1,6 @@
 """Test setup: 8 fake CPU devices and strict dtype promotion, set before JAX starts."""
 
+import gc
 import os
 import pathlib
 import sys
@@ -85,3 +86,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def key():
   return jax.random.key(0)
+
+
+@pytest.fixture
+def collect_orbax_leftovers():
+  """Collects, after the test, what reads of damaged checkpoints leave: orbax coroutines that
+  fail when garbage collected (orbax's clean-up, not ours; modules using this ignore
+  ``PytestUnraisableExceptionWarning``), so that no later test reports them.
+
+  What is alive after the collection is then frozen (``gc.freeze``): the next collection
+  scans only what later tests made, not the whole heap of a long session (JAX's caches and
+  compiled programs), which took about 2 s per test.
+  """
+  yield
+  gc.collect()
+  gc.freeze()

@@ -3,7 +3,6 @@ PEFT folders, job configs and damaged checkpoints. Each property is the guarante
 a clean ``ValueError`` (or ``OSError``) naming the problem, or the exact right result;
 never a traceback, a hang or a silently different value."""
 
-import gc
 import json
 import shutil
 import struct
@@ -24,13 +23,8 @@ from lora_jax._src.io.safetensors_io import SafetensorsError, SafetensorsFile  #
 
 # Reads of damaged checkpoints leave orbax coroutines that fail when garbage collected
 # (orbax's clean-up, not ours), reported by pytest as unraisable: collected here.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-
-@pytest.fixture(autouse=True)
-def _collect_orbax_leftovers():
-  yield
-  gc.collect()
+pytestmark = [pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+              pytest.mark.usefixtures("collect_orbax_leftovers")]
 
 
 FAST = settings(max_examples=100, deadline=None,

@@ -7,7 +7,6 @@ bad value or bad config below must either raise a clear error naming the
 input, or give back exactly what was saved.
 """
 
-import gc
 import json
 import os
 import pathlib
@@ -33,13 +32,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 # Reads of damaged checkpoints leave orbax coroutines that fail when garbage collected
 # ("Exception ignored in ... _read_array_index_and_device_put"): orbax's clean-up, reported
 # by pytest as unraisable. Collect them here, under this filter, not in a later test.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-
-
-@pytest.fixture(autouse=True)
-def _collect_orbax_leftovers():
-  yield
-  gc.collect()
+pytestmark = [pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+              pytest.mark.usefixtures("collect_orbax_leftovers")]
 
 
 def _model(seed=0):
