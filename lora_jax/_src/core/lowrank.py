@@ -61,7 +61,8 @@ def adapted_weight(w: Any, delta: Any, m: Any, *, stack: tuple[int, ...],
 
 @dataclasses.dataclass(frozen=True)
 class LowRank:
-  """The value ``W + scale * A @ B`` (DoRA-normalized with ``m``), kept as its factors."""
+  """The value ``W + scale * A @ B`` (DoRA-normalized with ``m``; one adapter per example with
+  ``ids``), kept as its factors."""
 
   w: jax.Array
   a: jax.Array
@@ -73,13 +74,16 @@ class LowRank:
   path: str
   m: jax.Array | None = None
   layout_guessed: bool = False  # input axes from the shape rule, not stated or inferred
+  # A mixed batch (``stack.py``): each example's adapter index (-1: the base alone), with A
+  # and B carrying a leading adapter axis; the update is per example.
+  ids: jax.Array | None = None
 
   @classmethod
   def from_target(cls, target: Target, w: jax.Array, a: jax.Array, b: jax.Array,
-                  m: jax.Array | None = None) -> LowRank:
+                  m: jax.Array | None = None, ids: jax.Array | None = None) -> LowRank:
     stack, ins, outs = target.axes
     return cls(w, a, b, ins=ins, outs=outs, stack=stack, scale=target.scale, path=target.path,
-               m=m, layout_guessed=not target.layout_certain)
+               m=m, layout_guessed=not target.layout_certain, ids=ids)
 
   @property
   def arrays(self) -> tuple[jax.Array, ...]:
@@ -121,7 +125,8 @@ class LowRank:
       if w is None:
         return None
     return LowRank(w, self.a, self.b, shift(self.ins), shift(self.outs),
-                   shift(self.stack[1:]), self.scale, self.path, self.m, self.layout_guessed)
+                   shift(self.stack[1:]), self.scale, self.path, self.m, self.layout_guessed,
+                   self.ids)
 
 
 def transpose_apply(lr: LowRank, permutation: tuple[int, ...]) -> LowRank:

@@ -61,16 +61,13 @@ class Context:
   # Per adapted path, how the function used it: "in" (x @ W), "out" (x @ W.T) or the
   # primitive's name; read by wrap to catch a kernel whose input axes were guessed wrong.
   seen: dict[str, set[str]] = dataclasses.field(default_factory=dict)
-  # Mixed batches (stack.py): each example's adapter index; A and B carry a leading
-  # adapter axis.
-  adapter_ids: Any = None
 
   def with_rng(self, rng: jax.Array | None) -> Context:
-    return Context(self.warned, rng, self.rate, seen=self.seen, adapter_ids=self.adapter_ids)
+    return Context(self.warned, rng, self.rate, seen=self.seen)
 
   def refuse_mixed(self, value: Any, primitive: str) -> None:
-    """Mixed batches run only through ``dot_general``: anything else is refused."""
-    if self.adapter_ids is not None and isinstance(value, LowRank):
+    """A mixed batch's weight (``LowRank.ids``) runs only where a rule has a ``mixed`` form."""
+    if isinstance(value, LowRank) and value.ids is not None:
       raise ValueError(
           f"lora_jax: {value.path} is used by `{primitive}`, which has no mixed-batch rule; "
           "adapter_ids supports adapted weights used as x @ W (Dense, DenseGeneral, einsum "
@@ -80,8 +77,7 @@ class Context:
     self.seen.setdefault(lr.path, set()).add(use)
 
   def with_mask(self, mask: Any) -> Context:
-    """This context for the rule of one equation whose adapter-branch mask was drawn already
-    (and whose mixed batch, if any, was handled)."""
+    """This context for the rule of one equation whose adapter-branch mask was drawn already."""
     return Context(self.warned, None, self.rate, seen=self.seen, mask=mask)
 
   def dropout_mask(self, x: jax.Array) -> jax.Array | None:
@@ -254,8 +250,8 @@ def _dequantized_eqn(eqn: Any, invals: list[Any], ctx: Context,
   return dequantized.apply(fn, weights, others, max(sizes)[1] if sizes else None)
 
 
-def _mixed_dot(eqn: Any, invals: list[Any], ctx: Context) -> jax.Array:
-  """``x·W`` with each example's own adapter (``stack.mixed_product``)."""
+def _mixed_dot(eqn: Any, invals: list[Any], ctx: Context) -> list[jax.Array]:
+  """``x·W`` with each example's own adapter (``LowRank.ids``, ``stack.mixed_product``)."""
   x, w = invals
   rhs = isinstance(w, LowRank)
   lr, x = (w, x) if rhs else (x, w)
@@ -276,9 +272,9 @@ def _mixed_dot(eqn: Any, invals: list[Any], ctx: Context) -> jax.Array:
   n_x, n_w = x.ndim - len(x_c), len(lr.outs)
   if not rhs:  # W @ x (jnp.einsum picks the order): x's free axes first, and back after
     base = jnp.transpose(base, [*range(n_w, n_w + n_x), *range(n_w)])
-  out = stack.mixed_product(x, base, lr.a, lr.b, ctx.adapter_ids, x_contract=x_contract,
+  out = stack.mixed_product(x, base, lr.a, lr.b, lr.ids, x_contract=x_contract,
                             ins=lr.ins, outs=lr.outs, path=lr.path)
-  return out if rhs else jnp.transpose(out, [*range(n_x, n_x + n_w), *range(n_x)])
+  return [out if rhs else jnp.transpose(out, [*range(n_x, n_x + n_w), *range(n_x)])]
 
 
 RecomputeOf = Callable[[Any, float], Any]
@@ -291,28 +287,31 @@ class Rule:
   ``passes_through``: the primitive moves or restructures its inputs without computing with
   them (a transpose, a cast, a call, a loop), so a quantized base and a mixed batch's weight
   go through it as values; any other use computes with the weight.
+  ``mixed``: the use with a mixed batch's weight (``LowRank.ids``: one adapter per example);
+  None refuses such a weight here.
   """
 
   apply: Callable[[Any, list[Any], Context, RecomputeOf], list[Any]]
   passes_through: bool = False
+  mixed: Callable[[Any, list[Any], Context], list[Any]] | None = None
 
 
 def _lowrank_eqn(eqn: Any, invals: list[Any], ctx: Context, recompute_of: RecomputeOf
                  ) -> list[Any]:
   """Runs one equation with a structured input by its rule in ``RULES``, or forms the weight.
 
-  A use that computes with a weight (a rule that does not pass it through, or no rule) takes
-  a mixed batch's per-example update (``x @ W`` only) and decodes a quantized base inside the
-  use (``dequantized.py``); the rule itself then sees float weights.
+  A use that computes with a weight (a rule that does not pass it through, or no rule) runs
+  a mixed batch's weight by the rule's ``mixed`` form (refused without one), and decodes a
+  quantized base inside the use (``dequantized.py``); the rule itself then sees float weights.
   """
   name = eqn.primitive.name
   rule = RULES.get(name)
   if rule is None or not rule.passes_through:
-    if ctx.adapter_ids is not None:  # mixed batches: x @ W only
-      if name == "dot_general" and any(isinstance(v, LowRank) for v in invals):
-        return [_mixed_dot(eqn, invals, ctx)]
-      for v in invals:
-        ctx.refuse_mixed(v, name)
+    if any(isinstance(v, LowRank) and v.ids is not None for v in invals):
+      if rule is None or rule.mixed is None:
+        for v in invals:
+          ctx.refuse_mixed(v, name)
+      return rule.mixed(eqn, invals, ctx)
     if any(_quantized(v) is not None for v in invals):
       return _dequantized_eqn(eqn, invals, ctx, recompute_of)
   if rule is None:
@@ -520,7 +519,7 @@ def _control(run: Callable[[Any, list[Any], Context], list[Any]]) -> Rule:
 
 # One rule per primitive; any other primitive forms the weight for that use (FallbackWarning).
 RULES: dict[str, Rule] = {
-    "dot_general": Rule(_dot_general),
+    "dot_general": Rule(_dot_general, mixed=_mixed_dot),
     "conv_general_dilated": Rule(_conv),
     "gather": Rule(_gather),
     "ragged_dot_general": Rule(_ragged_dot),

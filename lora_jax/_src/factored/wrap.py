@@ -158,13 +158,15 @@ def wrap(apply_fn: Callable[..., Any], config: LoraConfig, *, mode: str = "facto
       entries = {t.path: lookup(lp.adapters.adapters, t.path) for t, *_ in pairs}
       # A stack (of LoRA adapters, whose factors are their arrays) keeps its adapter axis.
       pairs = [(t, *kinds.lowrank(entries[t.path], t)) for t, *_ in pairs]
-    lowranks = {t.path: LowRank.from_target(t, by_path[t.path], a, b, m) for t, a, b, m in pairs}
-    paths = [p for p, _ in leaves]
-    ctx = Context(warned, lora_rng, config.dropout, adapter_ids=None if not stacked else
-                  check_ids(adapter_ids, len(lp.adapters), "wrap"))
     if stacked and lora_rng is not None and config.dropout > 0:
       raise ValueError("LoRA dropout is not supported with adapter_ids (mixed batches are for "
                        "inference and per-adapter evaluation); drop lora_rng.")
+    # A mixed batch is a property of each adapted weight: its per-example adapter ids.
+    ids = check_ids(adapter_ids, len(lp.adapters), "wrap") if stacked else None
+    lowranks = {t.path: LowRank.from_target(t, by_path[t.path], a, b, m, ids)
+                for t, a, b, m in pairs}
+    paths = [p for p, _ in leaves]
+    ctx = Context(warned, lora_rng, config.dropout)
     out = run_factored(call, base, lowranks, paths, args, kwargs, ctx)
     _check_layouts({t.path: t for t, *_ in pairs}, ctx.seen)
     return out
