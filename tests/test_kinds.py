@@ -355,6 +355,9 @@ def test_vera_checkpoint_holds_the_seed_not_the_projections(tmp_path, monkeypatc
   with pytest.raises(ValueError, match="projection_a: shape \\(12, 3\\) in the checkpoint, "
                      "expected \\(12, 4\\)"):
     lj.load_adapters(tmp_path / "seeded", target=wrong)
+  without = {p: e for p, e in target.items() if p != SHARED}
+  with pytest.raises(ValueError, match="unexpected vera/projection_a"):
+    lj.load_adapters(tmp_path / "seeded", target=without)
   # Projections the seed does not draw (changed, or made by PEFT) are written as arrays.
   changed = dict(lp.adapters, **{SHARED: {"vera": dict(
       lp.adapters[SHARED]["vera"], projection_a=lp.adapters[SHARED]["vera"]["projection_a"] * 2)}})

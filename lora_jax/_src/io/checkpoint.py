@@ -508,7 +508,7 @@ def load_with_lineage(directory: str | os.PathLike[str], *, target: PyTree | Non
     target_adapters = target_adapters.adapters
   target_shared = None
   if (path / _DRAWN).is_dir() and isinstance(target_adapters, Mapping):  # drawn, not read
-    target_shared = target_adapters.get(kinds.SHARED)
+    target_shared = target_adapters.get(kinds.SHARED, {})  # {}: none expected, none allowed
     target_adapters = {k: v for k, v in target_adapters.items() if k != kinds.SHARED}
   targets: dict[str, Any] = {_ADAPTERS: target_adapters}
   if has_trained:  # the trained leaves' target follows from the saved config
