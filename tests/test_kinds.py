@@ -336,7 +336,7 @@ def test_drawn_projections_keep_peft_bounds_and_depend_on_seed_and_shape_alone(r
     assert np.all(np.abs(value.astype(np.float32)) <= np.float32(bound))
 
 
-def test_vera_checkpoint_holds_the_seed_not_the_projections(tmp_path, monkeypatch):
+def test_vera_checkpoint_holds_the_seed_not_the_projections(tmp_path, monkeypatch, capsys):
   params, config, lp = _lifted("vera")
   lj.save_adapters(tmp_path / "seeded", lp, config)
   saved = ocp.PyTreeCheckpointHandler().metadata(tmp_path / "seeded" / "adapters")
@@ -364,6 +364,11 @@ def test_vera_checkpoint_holds_the_seed_not_the_projections(tmp_path, monkeypatc
   lj.save_adapters(tmp_path / "stored", lj.LoraParams(lp.base, changed), config)
   assert not (tmp_path / "stored" / "shared_drawn").exists()
   jax.tree.map(np.testing.assert_array_equal, lj.load_adapters(tmp_path / "stored")[0], changed)
+  capsys.readouterr()
+  assert cli(["inspect", str(tmp_path / "seeded")]) == 0
+  assert "(drawn from shared_seed=0: the checkpoint holds the seed)" in capsys.readouterr().out
+  assert cli(["inspect", str(tmp_path / "stored")]) == 0
+  assert "parameters (stored in the checkpoint)" in capsys.readouterr().out
   # A draw that comes out different where it is loaded is refused, never used.
   real = kinds.draw_shared
   monkeypatch.setattr(kinds, "draw_shared", lambda *a: {

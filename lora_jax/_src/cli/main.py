@@ -140,6 +140,7 @@ def _inspect(args: argparse.Namespace) -> int:
     leaves_with_paths,
     lookup,
   )
+  from lora_jax._src.io import drawn  # pylint: disable=import-outside-toplevel
   from lora_jax._src.io.checkpoint import (  # pylint: disable=import-outside-toplevel
     load_with_lineage,
   )
@@ -171,9 +172,11 @@ def _inspect(args: argparse.Namespace) -> int:
   print(format_table(("path", "rank", *labels, "params", "scale"), rows, right_from=1))
   shared = kinds.shared_of(adapters, config.kind) or {}
   if shared:
+    kept = (f"drawn from shared_seed={config.shared_seed}: the checkpoint holds the seed"
+            if drawn.seeded(adapters, config) else "stored in the checkpoint")
     print("\nshared (frozen, one for all adapted leaves): "
           + ", ".join(f"{n} {tuple(x.shape)}" for n, x in shared.items())
-          + f", {sum(x.size for x in shared.values()):,} parameters")
+          + f", {sum(x.size for x in shared.values()):,} parameters ({kept})")
   dtypes = sorted({str(np.dtype(x.dtype)) for x in jax.tree.leaves(adapters)})
   print(f"\n{len(rows)} adapted leaves, {total:,} adapter parameters, {nbytes:,} bytes "
         f"({', '.join(dtypes)})")

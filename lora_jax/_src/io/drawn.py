@@ -35,25 +35,33 @@ def _host(value: Any) -> np.ndarray | None:
   return None
 
 
-def split(adapters: Mapping[str, Any], config: LoraConfig
-          ) -> tuple[Mapping[str, Any], dict[str, Any] | None]:
-  """``(adapters to write, record)``: without the kind's shared arrays and with their record
-  when ``config.shared_seed`` draws exactly them; else ``(adapters, None)``."""
+def seeded(adapters: Mapping[str, Any], config: LoraConfig) -> dict[str, Any] | None:
+  """The record standing for the kind's shared arrays in ``adapters`` when
+  ``config.shared_seed`` draws exactly them (bit for bit), else None."""
   kind = kinds.of(config.kind)
   shared = kinds.shared_of(adapters, kind)
   if not kind.shared or not shared:
-    return adapters, None
+    return None
   found = {name: _host(value) for name, value in shared.items()}
   dtypes = {None if v is None else v.dtype for v in found.values()}
   if None in dtypes or len(dtypes) != 1:
-    return adapters, None
+    return None
   drawn = kinds.draw_shared(kind, {n: v.shape for n, v in found.items()}, config.shared_seed,
                             dtypes.pop())
   if any(found[n].tobytes() != drawn[n].tobytes() for n in drawn):
+    return None
+  return {"kind": kind.name, "seed": config.shared_seed, "arrays": record(drawn),
+          "numpy": np.__version__}
+
+
+def split(adapters: Mapping[str, Any], config: LoraConfig
+          ) -> tuple[Mapping[str, Any], dict[str, Any] | None]:
+  """``(adapters to write, record)``: without the kind's shared arrays and with their record
+  (``seeded``) when the config's seed draws them; else ``(adapters, None)``."""
+  found = seeded(adapters, config)
+  if found is None:
     return adapters, None
-  rest = {k: v for k, v in adapters.items() if k != kinds.SHARED}
-  return rest, {"kind": kind.name, "seed": config.shared_seed, "arrays": record(drawn),
-                "numpy": np.__version__}
+  return {k: v for k, v in adapters.items() if k != kinds.SHARED}, found
 
 
 def redraw(saved: Any, config: LoraConfig, where: str) -> dict[str, np.ndarray]:
