@@ -105,6 +105,16 @@ def main(process: int) -> None:
   trained["bias"] = lp.base["l1"]["bias"]
   gathered = {k: np.asarray(multihost_utils.process_allgather(v, tiled=True))
               for k, v in trained.items()}
+  # VeRA across processes: lift replicates its projections over the global mesh, the
+  # checkpoint holds their seed, and a load onto the sharded target draws them again.
+  vera = lj.LoraConfig(rank=4, kind="vera", targets=r"kernel$")
+  lifted = lj.lift(params, vera, key=jax.random.key(5)).adapters
+  lj.save_adapters(f"{ckpt}-vera", lifted, vera, overwrite=True)
+  back, _ = lj.load_adapters(f"{ckpt}-vera", target=lifted)
+  same = all(np.array_equal(np.asarray(x.addressable_data(0)), np.asarray(y.addressable_data(0)))
+             and x.sharding == y.sharding
+             for x, y in zip(jax.tree.leaves(back), jax.tree.leaves(lifted)))
+  print(f"vera seed {os.path.isdir(f'{ckpt}-vera/shared_drawn')} {same}", flush=True)
   if process == 0:
     np.savez(out, **gathered)
     if len(times) > 2:  # the first steps compile

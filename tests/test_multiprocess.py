@@ -61,7 +61,10 @@ def _two(ckpt, out, pause=0.0):
 @pytest.mark.oldest
 def test_killed_two_process_run_resumes_exactly(tmp_path):
   _finish([_start(0, 1, 0, tmp_path / "one", tmp_path / "one.npz")])
-  _finish(_two(tmp_path / "two", tmp_path / "two.npz"))
+  # Each process also saves and loads VeRA adapters: the shared projections, replicated over
+  # both processes' devices, are kept as their seed and drawn again onto their sharding.
+  assert all("vera seed True True" in out
+             for out in _finish(_two(tmp_path / "two", tmp_path / "two.npz")))
 
   procs = _two(tmp_path / "killed", tmp_path / "killed.npz", pause=0.3)
   deadline = time.monotonic() + 180
