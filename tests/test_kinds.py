@@ -358,6 +358,12 @@ def test_vera_checkpoint_holds_the_seed_not_the_projections(tmp_path, monkeypatc
   without = {p: e for p, e in target.items() if p != SHARED}
   with pytest.raises(ValueError, match="unexpected vera/projection_a"):
     lj.load_adapters(tmp_path / "seeded", target=without)
+  # bfloat16 projections too (the record names the dtype the draw is rounded to).
+  half = lj.LoraConfig(rank=3, alpha=5.0, kind="vera", targets=r"kernel$", dtype="bfloat16")
+  lifted = lj.lift(params, half, key=jax.random.key(1)).adapters
+  lj.save_adapters(tmp_path / "half", lifted, half)
+  assert (tmp_path / "half" / "shared_drawn").is_dir()
+  jax.tree.map(np.testing.assert_array_equal, lj.load_adapters(tmp_path / "half")[0], lifted)
   # Projections the seed does not draw (changed, or made by PEFT) are written as arrays.
   changed = dict(lp.adapters, **{SHARED: {"vera": dict(
       lp.adapters[SHARED]["vera"], projection_a=lp.adapters[SHARED]["vera"]["projection_a"] * 2)}})
